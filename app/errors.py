@@ -1,0 +1,123 @@
+"""Every failure leaves the server as an OpenAI error envelope:
+``{"error": {"message", "type", "param", "code"}}``. Errors are raised where the fact is
+known and turned into responses here, in one place."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from steering.engine import DeadlineExceededError, EngineError, QueueFullError
+from steering.registry import VectorNotFoundError
+from steering.steer import SteeringError
+from steering.vector import VectorFormatError, VectorModelMismatchError
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE = 500
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI envelope fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+def envelope(message: str, type: str, param: str | None = None, code: str | None = None, **extra) -> dict:
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
+    return {"error": {"message": message, "type": type, "param": param, "code": code, **extra}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(
+        envelope(exc.message, exc.type, exc.param, exc.code, **exc.extra), status_code=exc.status, headers=exc.headers
+    )
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """Map a domain exception to its HTTP meaning."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, VectorNotFoundError):
+        return APIError(404, str(exc), param=getattr(exc, "param", None), code="vector_not_found")
+    if isinstance(exc, VectorModelMismatchError):
+        return APIError(409, str(exc), code="vector_model_mismatch")
+    if isinstance(exc, SteeringError):
+        return APIError(400, str(exc), param=exc.param, code="invalid_steering")
+    if isinstance(exc, VectorFormatError):
+        return APIError(400, str(exc), code="invalid_vector")
+    if isinstance(exc, QueueFullError):
+        return APIError(
+            429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(exc.retry_after)}
+        )
+    if isinstance(exc, DeadlineExceededError):
+        return APIError(504, str(exc), type="timeout_error", code="deadline_exceeded")
+    if isinstance(exc, EngineError):
+        return APIError(500, str(exc), type="server_error", code="engine_error")
+    log.exception("unhandled error", exc_info=exc)
+    return APIError(500, "internal server error", type="server_error", code="internal_error")
+
+
+def _loc_to_param(loc: tuple) -> str | None:
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    # pydantic adds the union member's type name to the location; it means nothing to a client.
+    parts = [p for p in parts if not (isinstance(p, str) and (p.startswith(("list[", "dict[", "function-")) or p in ("str", "int", "float", "bool")))]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out or None
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
+    if errors[0].get("type") == "json_invalid":
+        detail = errors[0].get("ctx", {}).get("error", "")
+        return APIError(400, f"request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
+    # A field typed as a union reports one error per member; the deepest location is the
+    # member the client meant (e.g. steering.optimistic rather than "steering: not a list").
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    param = _loc_to_param(tuple(first.get("loc", ())))
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every exception into the envelope."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError):
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(exc.status_code, str(exc.detail), type=kind, headers=getattr(exc, "headers", None)))
+
+    async def _domain(_req: Request, exc: Exception):
+        return error_response(as_api_error(exc))
+
+    for kind in (APIError, VectorNotFoundError, VectorModelMismatchError, SteeringError, VectorFormatError, EngineError):
+        app.add_exception_handler(kind, _domain)
+    # Anything else is a bug: answer with the envelope (Starlette still logs the traceback).
+    app.add_exception_handler(Exception, _domain)

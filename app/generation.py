@@ -1,0 +1,232 @@
+"""From a validated OpenAI request to engine events and back to an OpenAI response.
+
+Shared by ``/v1/chat/completions`` and ``/v1/completions``; each supplies a
+:class:`Renderer` for its response shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.deps import ServerState
+from app.errors import APIError, as_api_error, envelope
+from app.schemas import _GenerationFields, steering_entries
+from steering.engine import Finished, GenerationRequest, PrefillDone, TokenDelta
+from steering.sampling import SamplingParams
+from steering.steer import SteeringSpec, resolve_steering
+
+
+@dataclass
+class Renderer:
+    """Response shapes of one endpoint."""
+
+    object_final: str
+    object_chunk: str
+    id_prefix: str
+    final_choice: Callable[[str, str], dict]  # (text, finish_reason) -> choice
+    chunk_choice: Callable[[str | None, str | None, bool], dict]  # (text, finish, first) -> choice
+
+
+def check_model(state: ServerState, name: str) -> None:
+    if name not in (state.lm.name, "default"):
+        raise APIError(
+            404, f"model '{name}' is not served here; use '{state.lm.name}'", type="not_found_error",
+            param="model", code="model_not_found",
+        )
+
+
+def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[int], prompt_param: str) -> GenerationRequest:
+    """Apply the checks that need the model and registry; return what the engine runs."""
+    settings, lm = state.settings, state.lm
+    check_model(state, body.model)
+    entries = steering_entries(body.steering)
+    if len(entries) > settings.max_steering_entries:
+        raise APIError(400, f"at most {settings.max_steering_entries} steering entries are allowed", param="steering")
+    for i, entry in enumerate(entries):
+        if abs(entry.coefficient) > settings.max_abs_coefficient:
+            raise APIError(
+                400, f"|coefficient| must be at most {settings.max_abs_coefficient:g}", param=f"steering[{i}].coefficient"
+            )
+    specs = [
+        SteeringSpec(e.vector, e.coefficient, tuple(e.layers) if e.layers else None, e.positions, e.unit) for e in entries
+    ]
+    steering = resolve_steering(specs, state.registry) if specs else None
+
+    n_prompt = len(prompt_ids)
+    if n_prompt == 0:
+        raise APIError(400, "the prompt is empty", param=prompt_param)
+    room = lm.context_length - n_prompt
+    if room < 1:
+        raise APIError(
+            400,
+            f"the prompt has {n_prompt} tokens; the model's context is {lm.context_length} tokens "
+            "and at least one must remain for the answer",
+            param=prompt_param, code="context_length_exceeded",
+        )
+    asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    if asked is None:
+        max_new = min(settings.default_max_tokens, room)
+    else:
+        if asked > settings.max_tokens_limit:
+            raise APIError(400, f"{field} must be at most {settings.max_tokens_limit}", param=field)
+        if asked > room:
+            raise APIError(
+                400,
+                f"{field} is {asked}, but the prompt has {n_prompt} tokens and the context is "
+                f"{lm.context_length}: at most {room} tokens can be generated",
+                param=field, code="context_length_exceeded",
+            )
+        max_new = asked
+    if body.min_tokens > max_new:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) exceeds max tokens ({max_new})", param="min_tokens")
+    sampling = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+    )
+    for name in steering.vectors if steering else ():
+        state.metrics.steering.labels(vector=name).inc()
+    return GenerationRequest(
+        prompt_ids=prompt_ids,
+        sampling=sampling,
+        steering=steering,
+        timeout_s=settings.request_timeout_s,
+        request_id=uuid.uuid4().hex,
+    )
+
+
+class _Timing:
+    """Per-request latency bookkeeping for the token histograms."""
+
+    def __init__(self, state: ServerState, endpoint: str):
+        self.state, self.endpoint = state, endpoint
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def on_prefill(self, event: PrefillDone) -> None:
+        self.state.metrics.queue_wait.observe(event.queue_wait_s)
+
+    def on_token(self) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            self.state.metrics.ttft.labels(self.endpoint).observe(now - self.start)
+        self.last = now
+
+    def on_finish(self, done: Finished) -> None:
+        m = self.state.metrics
+        m.prompt_tokens.inc(done.prompt_tokens)
+        m.generation_tokens.inc(done.completion_tokens)
+        if self.first is not None and done.completion_tokens > 1:
+            m.inter_token.labels(self.endpoint).observe((self.last - self.first) / (done.completion_tokens - 1))
+
+
+def _usage(done: Finished) -> dict:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+async def respond(
+    state: ServerState,
+    http: Request,
+    body: _GenerationFields,
+    gen: GenerationRequest,
+    renderer: Renderer,
+    endpoint: str,
+):
+    """Run ``gen`` on the engine and answer as JSON or as an SSE stream."""
+    timing = _Timing(state, endpoint)
+    events = state.engine.generate(gen)
+    # Wait for the prefill before answering, so queue-full and other refusals are real
+    # HTTP statuses rather than errors inside a 200 stream.
+    try:
+        first = await anext(events)
+    except Exception as exc:
+        await events.aclose()
+        raise as_api_error(exc) from exc
+    timing.on_prefill(first)
+    meta = {"id": f"{renderer.id_prefix}-{gen.request_id}", "created": int(time.time()), "model": state.lm.name}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(events, meta, renderer, timing, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    collector = asyncio.ensure_future(_collect(events, timing))
+    try:
+        while True:
+            done, _ = await asyncio.wait({collector}, timeout=0.5)
+            if done:
+                break
+            if await http.is_disconnected():
+                collector.cancel()
+                raise APIError(499, "client disconnected", code="client_closed_request")
+        result = collector.result()
+    except Exception as exc:
+        collector.cancel()
+        raise as_api_error(exc) from exc
+    return JSONResponse(
+        {
+            **meta,
+            "object": renderer.object_final,
+            "choices": [renderer.final_choice(result.text, result.finish_reason)],
+            "usage": _usage(result),
+        }
+    )
+
+
+async def _collect(events: AsyncIterator, timing: _Timing) -> Finished:
+    try:
+        async for event in events:
+            if isinstance(event, TokenDelta):
+                timing.on_token()
+            elif isinstance(event, Finished):
+                timing.on_finish(event)
+                return event
+    finally:
+        await events.aclose()
+    raise APIError(500, "generation ended without a result", type="server_error")
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _sse(events: AsyncIterator, meta: dict, renderer: Renderer, timing: _Timing, include_usage: bool):
+    chunk = {**meta, "object": renderer.object_chunk}
+    first = True
+    try:
+        async for event in events:
+            if isinstance(event, TokenDelta):
+                timing.on_token()
+                yield _data({**chunk, "choices": [renderer.chunk_choice(event.text, None, first)]})
+                first = False
+            elif isinstance(event, Finished):
+                timing.on_finish(event)
+                yield _data({**chunk, "choices": [renderer.chunk_choice(None if not first else "", event.finish_reason, first)]})
+                if include_usage:
+                    yield _data({**chunk, "choices": [], "usage": _usage(event)})
+                break
+    except Exception as exc:  # the status line is gone: report the error inside the stream
+        err = as_api_error(exc)
+        yield _data(envelope(err.message, err.type, err.param, err.code))
+    finally:
+        await events.aclose()
+    yield "data: [DONE]\n\n"

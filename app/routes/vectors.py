@@ -1,0 +1,107 @@
+"""``/v1/vectors``: list, read, upload (safetensors or JSON) and delete persona vectors."""
+
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from app.deps import State
+from app.errors import APIError
+from app.schemas import VectorUpload
+from steering.vector import ModelRef, PersonaVector, VectorFormatError, validate_name
+
+router = APIRouter()
+
+
+def summary(v: PersonaVector) -> dict:
+    return {
+        "id": v.name,
+        "object": "vector",
+        **{k: val for k, val in v.metadata().items() if k not in ("name", "extra")},
+        "layer_norms": [round(float(x), 4) for x in v.directions.norm(dim=-1)],
+    }
+
+
+def _name(name: str) -> str:
+    try:
+        return validate_name(name)
+    except VectorFormatError as exc:
+        raise APIError(400, str(exc), param="name", code="invalid_name") from exc
+
+
+@router.get("/v1/vectors")
+async def list_vectors(state: State):
+    return {"object": "list", "data": [summary(v) for v in state.registry.list()]}
+
+
+@router.get("/v1/vectors/{name}")
+async def get_vector(name: str, state: State, format: str = "json"):
+    vector = state.registry.get(_name(name))
+    if format == "safetensors":
+        return Response(
+            vector.to_bytes(),
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{vector.name}.safetensors"'},
+        )
+    if format != "json":
+        raise APIError(400, "format must be 'json' or 'safetensors'", param="format")
+    return summary(vector)
+
+
+async def _read_limited(http: Request, limit: int) -> bytes:
+    declared = http.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"upload is larger than {limit} bytes", code="payload_too_large")
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"upload is larger than {limit} bytes", code="payload_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.put(
+    "/v1/vectors/{name}",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": VectorUpload.model_json_schema()},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            }
+        }
+    },
+)
+async def put_vector(name: str, state: State, http: Request):
+    """Upload a vector as a safetensors file (``application/octet-stream``, metadata in the
+    header as written by this server) or as JSON (``directions`` for the loaded model)."""
+    name = _name(name)
+    data = await _read_limited(http, state.settings.max_upload_bytes)
+    if http.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+        try:
+            upload = VectorUpload.model_validate_json(data)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+        lm = state.lm
+        vector = PersonaVector(
+            name=name,
+            directions=torch.tensor(upload.directions, dtype=torch.float32),
+            model=ModelRef(lm.name, lm.fingerprint, lm.num_layers, lm.hidden_size),
+            description=upload.description,
+            method=upload.method,
+            recommended_layer=upload.recommended_layer,
+            coefficient_range=upload.coefficient_range,
+        )
+    else:
+        vector = PersonaVector.from_bytes(data, name=name)
+    created = state.registry.put(vector)
+    return JSONResponse(summary(vector), status_code=201 if created else 200)
+
+
+@router.delete("/v1/vectors/{name}")
+async def delete_vector(name: str, state: State):
+    state.registry.delete(_name(name))
+    return {"id": name, "object": "vector", "deleted": True}

@@ -1,0 +1,158 @@
+"""Wire schemas: the OpenAI request and response shapes, field for field, plus our additive
+fields (``steering`` on requests). Validation of single fields lives here; checks that need
+the model or the registry live in the routes."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+
+from steering.vector import NAME_PATTERN
+
+VectorName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+Coefficient = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SteeringEntry(_Strict):
+    """Add ``coefficient`` x ``vector`` at ``layers`` (default: the vector's recommended layer)."""
+
+    vector: VectorName
+    coefficient: Coefficient
+    layers: list[StrictInt] | None = Field(None, min_length=1, max_length=256)
+    positions: Literal["all", "prompt", "response"] = "all"
+    unit: Literal["raw", "unit", "residual"] = "raw"
+
+
+# Either the full list, or the shorthand {"optimistic": 1.5}.
+SteeringField = list[SteeringEntry] | dict[VectorName, Coefficient] | None
+
+
+def steering_entries(value: SteeringField) -> list[SteeringEntry]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [SteeringEntry(vector=k, coefficient=v) for k, v in value.items()]
+    return list(value)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _GenerationFields(BaseModel):
+    """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: StrictInt | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt = Field(1, ge=1, le=1, description="only n=1 is supported")
+    user: str | None = None
+    # vLLM's extras, for benchmarks and load tests that need fixed output lengths.
+    ignore_eos: bool = False
+    min_tokens: StrictInt = Field(0, ge=0)
+    steering: SteeringField = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+
+
+class CompletionRequest(_GenerationFields):
+    prompt: str | list[StrictInt] | list[str] = Field(...)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be empty")
+            if isinstance(v[0], str):
+                if len(v) != 1:
+                    raise ValueError("only one prompt per request is supported")
+                return v[0]
+        elif not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "persona-server"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class VectorUpload(_Strict):
+    """JSON form of a vector upload (the other form is a safetensors file)."""
+
+    directions: list[list[float]]
+    description: str = ""
+    method: str = "uploaded"
+    recommended_layer: StrictInt | None = None
+    coefficient_range: tuple[float, float] | None = None
+
+    @field_validator("directions")
+    @classmethod
+    def _finite(cls, v):
+        if not v or len({len(row) for row in v}) != 1:
+            raise ValueError("directions must be a non-empty matrix [num_layers + 1][hidden]")
+        if any(not math.isfinite(x) for row in v for x in row):
+            raise ValueError("directions must be finite numbers")
+        return v
+
+
+def jsonable(obj: Any) -> Any:
+    return obj.model_dump(exclude_none=True) if isinstance(obj, BaseModel) else obj

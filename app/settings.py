@@ -1,0 +1,43 @@
+"""All configuration in one place: CLI flags override ``PERSONA_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+
+
+class Settings(BaseSettings):
+    """Server settings; each field reads ``PERSONA_<FIELD>`` from the environment.
+
+    Example::
+
+        PERSONA_PORT=9000 PERSONA_DATA_DIR=/var/lib/persona persona-server serve
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PERSONA_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model: str = "default"
+    served_model_name: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    data_dir: Path = Path("data")
+    cache_dir: Path = Path.home() / ".cache" / "persona-server"
+    shipped_vectors_dir: Path = REPO_VECTORS
+    log_level: str = "info"
+
+    max_batch_size: int = Field(32, ge=1)
+    max_waiting: int = Field(256, ge=0)
+    request_timeout_s: float | None = Field(600.0, gt=0)
+    default_max_tokens: int = Field(512, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1)
+    max_steering_entries: int = Field(16, ge=1)
+    max_abs_coefficient: float = Field(100.0, gt=0)
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    retry_after_s: int = Field(1, ge=1)

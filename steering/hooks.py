@@ -1,0 +1,62 @@
+"""Forward hooks on the decoder blocks: add per-row steering deltas, capture prefill states.
+
+The hooks are installed once for the life of the model. Before each forward the engine
+sets :attr:`SteeringHooks.deltas` (``layer -> [batch, 1, hidden]``) and
+:attr:`SteeringHooks.capture_layers`; the hooks only read those. Nothing here is
+thread-safe on purpose: only the engine's worker thread runs the model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class SteeringHooks:
+    """Hooks on every block of a model that read the engine's per-batch steering state.
+
+    Example::
+
+        hooks = SteeringHooks(lm.blocks)
+        hooks.deltas = {15: torch.zeros(batch, 1, hidden)}
+        hooks.capture_layers = frozenset({15})
+        model(**inputs)
+        hooks.captured[15]        # [batch, hidden]: last-position state before steering
+
+    Mutates the outputs of the hooked blocks in place while a delta is set for them.
+    """
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.deltas: dict[int, torch.Tensor] = {}
+        self.capture_layers: frozenset[int] = frozenset()
+        self.captured: dict[int, torch.Tensor] = {}
+        self._handles = [block.register_forward_hook(self._make_hook(i + 1)) for i, block in enumerate(blocks)]
+
+    def _make_hook(self, layer: int):
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if layer in self.capture_layers:
+                # Read before this layer's delta, so monitors see the unsteered residual here.
+                self.captured[layer] = hidden[:, -1, :].detach().to(torch.float32, copy=True)
+            delta = self.deltas.get(layer)
+            if delta is not None:
+                hidden.add_(delta)
+            return None
+
+        return hook
+
+    @contextmanager
+    def state(self, deltas: dict[int, torch.Tensor], capture: frozenset[int] = frozenset()):
+        """Set deltas and capture layers for the forwards inside the block, then clear them."""
+        self.deltas, self.capture_layers, self.captured = deltas, capture, {}
+        try:
+            yield self.captured
+        finally:
+            self.deltas, self.capture_layers = {}, frozenset()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
