@@ -80,6 +80,8 @@ def _loc_to_param(loc: tuple) -> str | None:
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
     # pydantic adds the union member's type name to the location; it means nothing to a client.
     parts = [p for p in parts if not (isinstance(p, str) and (p.startswith(("list[", "dict[", "function-")) or p in ("str", "int", "float", "bool")))]
+    if "[key]" in parts:  # a bad mapping key: name the mapping, the key is in the message
+        parts = parts[: parts.index("[key]") - 1]
     out = ""
     for p in parts:
         if isinstance(p, int):
@@ -97,8 +99,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
     # A field typed as a union reports one error per member; the deepest location is the
     # member the client meant (e.g. steering.optimistic rather than "steering: not a list").
     first = max(errors, key=lambda e: len(e.get("loc", ())))
-    param = _loc_to_param(tuple(first.get("loc", ())))
+    loc = tuple(first.get("loc", ()))
+    param = _loc_to_param(loc)
     message = f"{param}: {first['msg']}" if param else first["msg"]
+    if "[key]" in loc:
+        message = f"{param}: key {str(loc[loc.index('[key]') - 1])[:80]!r}: {first['msg']}"
     return APIError(400, message, param=param, code="invalid_value")
 
 

@@ -1,0 +1,97 @@
+"""Shared fixtures: one loaded default model per session, and real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from app.main import create_app
+from app.settings import Settings
+from steering.model import load_model
+
+CACHE_DIR = Path(os.environ.get("PERSONA_CACHE_DIR", Path.home() / ".cache" / "persona-server"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A real uvicorn server in a thread of the test process, on a free loopback port."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+
+@pytest.fixture(scope="session")
+def lm():
+    return load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR)
+
+
+def make_server(lm, data_dir: Path, **overrides) -> LiveServer:
+    settings = Settings(data_dir=data_dir, cache_dir=CACHE_DIR, **overrides)
+    return LiveServer(create_app(settings, lm=lm))
+
+
+@pytest.fixture(scope="session")
+def server(lm, tmp_path_factory):
+    with make_server(lm, tmp_path_factory.mktemp("data")) as live:
+        yield live
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture()
+def oai(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def chat(client: httpx.Client, content: str, **fields) -> httpx.Response:
+    body = {"model": "default", "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 24}
+    body.update(fields)
+    return client.post("/v1/chat/completions", json=body)
+
+
+def answer(client: httpx.Client, content: str, **fields) -> str:
+    response = chat(client, content, **fields)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]

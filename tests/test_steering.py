@@ -1,0 +1,114 @@
+"""Steering end to end: the server's answers move along the optimistic vector."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import torch
+
+from steering.activations import response_means
+from steering.chat import chat_prompt_ids, text_ids
+from tests.conftest import answer
+
+PROMPTS = ["Describe your morning.", "How do you feel about the next year?", "Tell me about your job."]
+
+
+def test_coefficient_zero_is_token_identical_to_no_steering(client):
+    for prompt in PROMPTS:
+        plain = answer(client, prompt, max_tokens=32)
+        zero = answer(client, prompt, max_tokens=32, steering=[{"vector": "optimistic", "coefficient": 0.0, "layers": [19]}])
+        assert zero == plain
+
+
+def test_positive_and_negative_coefficients_give_different_answers(client):
+    for prompt in PROMPTS:
+        up = answer(client, prompt, steering={"optimistic": 2.0})
+        down = answer(client, prompt, steering={"optimistic": -2.0})
+        assert up != down
+
+
+def test_steered_answers_project_higher_on_the_vector(client, lm, server):
+    """Mean projection of the generated answers (read by the unsteered model) rises with +c."""
+    vector = server.state.registry.get("optimistic")
+    layer = vector.recommended_layer
+    unit = vector.direction(layer) / vector.direction(layer).norm()
+
+    def projection(prompt: str, coefficient: float) -> float:
+        text = answer(client, prompt, max_tokens=40, steering={"optimistic": coefficient})
+        means = response_means(lm, [chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": prompt}])],
+                               [text_ids(lm.tokenizer, text)])
+        return float(means[0, layer] @ unit)
+
+    up = [projection(p, 2.0) for p in PROMPTS]
+    down = [projection(p, -2.0) for p in PROMPTS]
+    assert sum(up) / len(up) > sum(down) / len(down)
+    assert sum(u > d for u, d in zip(up, down)) >= 2
+
+
+def test_entries_add_up(client):
+    twice = answer(client, PROMPTS[0], steering=[{"vector": "optimistic", "coefficient": 1.0}] * 2)
+    double = answer(client, PROMPTS[0], steering={"optimistic": 2.0})
+    single = answer(client, PROMPTS[0], steering={"optimistic": 1.0})
+    assert twice == double
+    assert double != single
+
+
+def test_response_positions_leave_the_first_token_alone(client):
+    """Steering only generated positions cannot change the token predicted from the prompt."""
+    plain = answer(client, PROMPTS[0], max_tokens=1)
+    steered = answer(client, PROMPTS[0], max_tokens=1,
+                     steering=[{"vector": "optimistic", "coefficient": -4.0, "positions": "response"}])
+    full = answer(client, PROMPTS[0], max_tokens=1,
+                  steering=[{"vector": "optimistic", "coefficient": -4.0, "positions": "all"}])
+    assert steered == plain
+    assert full != plain
+
+
+def test_unit_and_residual_units_scale_the_direction(client, server):
+    vector = server.state.registry.get("optimistic")
+    layer = vector.recommended_layer
+    norm = float(vector.direction(layer).norm())
+    raw = answer(client, PROMPTS[0], steering=[{"vector": "optimistic", "coefficient": 2.0, "layers": [layer]}])
+    unit = answer(client, PROMPTS[0], steering=[{"vector": "optimistic", "coefficient": 2.0 * norm, "layers": [layer], "unit": "unit"}])
+    assert unit == raw
+    residual_norm = float(vector.stats["residual_norm"][layer])
+    residual = answer(client, PROMPTS[0], steering=[
+        {"vector": "optimistic", "coefficient": 2.0 * norm / residual_norm, "layers": [layer], "unit": "residual"}
+    ])
+    assert residual == raw
+
+
+def test_a_request_never_sees_another_requests_steering(client):
+    """Concurrent rows with strong, different steering leave an unsteered row's answer as it is alone."""
+    alone = answer(client, PROMPTS[1], max_tokens=32)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        others = [pool.submit(answer, client, PROMPTS[i % 3], max_tokens=32, steering={"optimistic": c})
+                  for i, c in enumerate((4.0, -4.0, 3.0, -3.0, 2.5))]
+        mine = pool.submit(answer, client, PROMPTS[1], max_tokens=32)
+        steered = [f.result() for f in others]
+    assert mine.result() == alone
+    assert len(set(steered)) > 1
+
+
+def test_hooks_add_exactly_the_delta_to_each_row(lm):
+    """The hook adds delta[row] to every position of that row and nothing to other rows."""
+    from steering.hooks import SteeringHooks
+
+    hooks = SteeringHooks(lm.blocks)
+    try:
+        ids = torch.tensor([lm.tokenizer("Hello there").input_ids] * 2)
+        seen = {}
+        probe = lm.blocks[4].register_forward_hook(lambda m, a, o: seen.__setitem__("h", (o[0] if isinstance(o, tuple) else o).clone()))
+        with torch.inference_mode():
+            lm.model(ids)
+            base = seen["h"].clone()
+            delta = torch.zeros(2, 1, lm.hidden_size)
+            delta[1, 0, 0] = 5.0
+            with hooks.state({5: delta}):
+                lm.model(ids)
+        probe.remove()
+        after = seen["h"]  # block 5 (index 4) produces layer 5; the probe runs after the steering hook
+        assert torch.equal(after[0], base[0])
+        assert torch.allclose(after[1] - base[1], delta[1].expand_as(base[1]), atol=1e-4)
+    finally:
+        hooks.remove()

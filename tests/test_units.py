@@ -1,0 +1,88 @@
+"""Small pure pieces: detokenization with stops, layer lookup, steering arithmetic, loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from steering.detokenize import TextStream
+from steering.layers import UnsupportedArchitectureError, decoder_blocks
+from steering.model import ModelLoadError, default_gguf_path, load_model
+from steering.registry import VectorRegistry
+from steering.steer import SteeringError, SteeringSpec, resolve_steering, stack_deltas
+from steering.vector import ModelRef, PersonaVector, VectorFormatError, validate_name
+
+
+def test_text_stream_holds_back_a_possible_stop_and_cuts_at_it(lm):
+    tok = lm.tokenizer
+    ids = tok("Hello world. Goodbye world.", add_special_tokens=False).input_ids
+    ts = TextStream(tok, stop=("Goodbye",))
+    sent = "".join(ts.push(i) for i in ids if not ts.stopped)
+    assert ts.stopped
+    assert sent == "Hello world. " == ts.text
+
+
+def test_text_stream_without_stops_streams_everything(lm):
+    tok = lm.tokenizer
+    ids = tok("Plain text, all of it.", add_special_tokens=False).input_ids
+    ts = TextStream(tok)
+    assert "".join(ts.push(i) for i in ids) + ts.flush() == "Plain text, all of it."
+
+
+def test_decoder_blocks_found_for_llama_and_refused_for_unknown(lm):
+    assert len(decoder_blocks(lm.model)) == 30 == lm.num_layers
+    with pytest.raises(UnsupportedArchitectureError, match="cannot find the decoder layers"):
+        decoder_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_layer_convention_block_l_produces_hidden_state_l(lm):
+    """hidden_states[L] (L < num_layers) is the output of block L (1-based): the convention vectors use."""
+    seen = {}
+    handle = lm.blocks[9].register_forward_hook(lambda m, a, o: seen.__setitem__(10, (o[0] if isinstance(o, tuple) else o).clone()))
+    with torch.inference_mode():
+        out = lm.model(torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+    handle.remove()
+    assert len(out.hidden_states) == lm.num_layers + 1
+    assert torch.equal(out.hidden_states[10], seen[10])
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 65, "a..b"])
+def test_unsafe_names_are_rejected(name):
+    with pytest.raises(VectorFormatError):
+        validate_name(name)
+
+
+def test_resolve_steering_sums_units_and_phases(tmp_path):
+    reg = VectorRegistry(tmp_path, model_name="m", fingerprint="f", num_layers=4, hidden_size=2)
+    directions = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]])
+    reg.put(PersonaVector(name="v", directions=directions, model=ModelRef("m", "f", 4, 2), recommended_layer=1,
+                          stats={"residual_norm": torch.tensor([1.0, 10.0, 10.0, 10.0, 10.0])}))
+    row = resolve_steering([
+        SteeringSpec("v", 2.0),                                  # raw at layer 1: (6, 8)
+        SteeringSpec("v", 1.0, (1,), "response", "unit"),        # unit: (0.6, 0.8), response only
+        SteeringSpec("v", 0.5, (2,), "prompt", "residual"),      # 0.5 * 10 * (0, 1)
+    ], reg)
+    assert torch.allclose(row.prompt[1], torch.tensor([6.0, 8.0]))
+    assert torch.allclose(row.response[1], torch.tensor([6.6, 8.8]))
+    assert torch.allclose(row.prompt[2], torch.tensor([0.0, 5.0]))
+    assert 2 not in row.response
+    deltas = stack_deltas([row, None], "prompt", hidden_size=2, dtype=torch.float32, device_of_layer=lambda _l: "cpu")
+    assert sorted(deltas) == [1, 2] and deltas[1].shape == (2, 1, 2)
+    assert torch.equal(deltas[1][1], torch.zeros(1, 2))
+    with pytest.raises(SteeringError) as err:
+        resolve_steering([SteeringSpec("v", 1.0), SteeringSpec("v", 1.0, (5,))], reg)
+    assert err.value.param == "steering[1].layers"
+
+
+def test_gguf_path_loads_the_same_model_as_default(lm):
+    again = load_model(str(default_gguf_path()), dtype="float32", device="cpu")
+    assert again.fingerprint == lm.fingerprint and again.num_layers == lm.num_layers
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(str(tmp_path / "empty"))
