@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) -m pytest -q tests/bench -s
+	$(PY) -m pytest -q -s -o addopts="" tests/bench
 
 # Rebuild the shipped vectors for the default model from their trait definitions.
 vectors: install

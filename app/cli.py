@@ -1,4 +1,4 @@
-"""``persona-server`` command line: ``serve`` and ``extract``."""
+"""``persona-server`` command line: ``serve``, ``extract`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from app.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="persona-server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     extract.add_argument("--coef-min", type=float, default=0.5)
     extract.add_argument("--coef-max", type=float, default=2.5)
     extract.set_defaults(func=_extract)
+
+    bench = sub.add_parser("bench", help="load-test a running server (like vllm bench serve)")
+    bench.add_argument("--url", default="http://127.0.0.1:8000")
+    bench.add_argument("--requests", type=int, default=64)
+    bench.add_argument("--concurrency", type=int, default=32)
+    bench.add_argument("--prompt-words", type=int, default=16)
+    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--steering", choices=["none", "mixed"], default="mixed")
+    bench.add_argument("--vectors", help="comma-separated vectors for the mix (default: all on the server)")
+    bench.add_argument("--api-key")
+    bench.add_argument("--json", action="store_true", help="print the summary as JSON")
+    bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     return args.func(args)

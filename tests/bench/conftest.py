@@ -1,0 +1,26 @@
+"""Benchmarks share one model and print a Markdown row each; `make bench` runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(os.environ.get("PERSONA_BENCH_OUT", "tests/bench/results.json"))
+_rows: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def record():
+    def add(row: dict) -> None:
+        _rows.append(row)
+        print("\n" + json.dumps(row))
+
+    yield add
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count()}
+    RESULTS.write_text(json.dumps({"meta": meta, "rows": _rows}, indent=2))

@@ -1,0 +1,260 @@
+"""Engine benchmarks R1-R5 (issue: continuous batching). Ratios are measured side by side in
+one run: this machine is shared and noisy, so absolute numbers are informational.
+
+Workload: 32 prompts of different lengths, 64 new tokens each, EOS ignored, greedy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import torch
+
+from app.bench import make_prompt, run_load, steering_mix
+from steering.chat import chat_prompt_ids
+from steering.engine import Engine, Finished, GenerationRequest, TokenDelta
+from steering.model import load_model
+from steering.registry import VectorRegistry
+from steering.sampling import SamplingParams
+from steering.steer import SteeringSpec, resolve_steering
+from app.settings import REPO_VECTORS
+from tests.conftest import CACHE_DIR, free_port
+
+N, NEW = 32, 64
+REPS = int(os.environ.get("PERSONA_BENCH_REPS", "3"))
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR)
+
+
+@pytest.fixture(scope="module")
+def registry(lm, tmp_path_factory):
+    reg = VectorRegistry(tmp_path_factory.mktemp("reg"), model_name=lm.name, fingerprint=lm.fingerprint,
+                         num_layers=lm.num_layers, hidden_size=lm.hidden_size)
+    reg.seed_from(REPO_VECTORS)
+    return reg
+
+
+def prompts(lm, n=N):
+    return [chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": make_prompt(i, 6 + i % 12)}]) for i in range(n)]
+
+
+def specs_for(i: int, vectors: list[str]) -> list[SteeringSpec]:
+    mix = steering_mix(i, vectors)
+    if mix is None:
+        return []
+    if isinstance(mix, dict):
+        return [SteeringSpec(k, v) for k, v in mix.items()]
+    return [SteeringSpec(e["vector"], e["coefficient"], tuple(e["layers"]) if "layers" in e else None) for e in mix]
+
+
+def engine_run(engine: Engine, ids: list[list[int]], steering: list, *, new=NEW) -> float:
+    """Submit all at once; return output tokens/s."""
+
+    async def one(p, s):
+        req = GenerationRequest(prompt_ids=p, steering=s,
+                                sampling=SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True))
+        async for ev in engine.generate(req):
+            if isinstance(ev, Finished):
+                return ev.completion_tokens
+
+    async def all_():
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(p, s) for p, s in zip(ids, steering)))
+        return sum(counts) / (time.perf_counter() - start)
+
+    return asyncio.run(all_())
+
+
+def static_generate(lm, ids: list[list[int]], *, new=NEW) -> float:
+    """Plain ``model.generate`` on one left-padded static batch, unsteered."""
+    pad = lm.tokenizer.pad_token_id
+    width = max(map(len, ids))
+    x = torch.full((len(ids), width), pad)
+    mask = torch.zeros_like(x)
+    for i, p in enumerate(ids):
+        x[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False, pad_token_id=pad)
+    assert out.shape[1] - width == new
+    return len(ids) * new / (time.perf_counter() - start)
+
+
+@contextmanager
+def global_hook(lm, row):
+    """How hook libraries serve: one steering for the whole model while one request runs."""
+    handles = []
+    for layer, delta in (row.prompt if row else {}).items():
+        def hook(_m, _a, out, d=delta):
+            h = out[0] if isinstance(out, tuple) else out
+            h.add_(d)
+        handles.append(lm.blocks[layer - 1].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def serial_hooked(lm, ids, rows, *, new=NEW) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for p, row in zip(ids, rows):
+            with global_hook(lm, row):
+                lm.model.generate(input_ids=torch.tensor([p]), max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    return len(ids) * new / (time.perf_counter() - start)
+
+
+def best(fn, reps=REPS):
+    return max(fn() for _ in range(reps))
+
+
+def test_r1_r2_r3_engine_vs_static_vs_serial(lm, registry, record):
+    ids = prompts(lm)
+    vectors = registry.names()
+    rows = [resolve_steering(specs_for(i, vectors), registry) if specs_for(i, vectors) else None for i in range(N)]
+    engine = Engine(lm, max_batch_size=64)
+    engine.start()
+    try:
+        engine_run(engine, ids[:4], [None] * 4, new=4)  # warm-up
+        static, steered, plain = [], [], []
+        for _ in range(REPS):  # interleaved, so drift hits all three alike
+            static.append(static_generate(lm, ids))
+            steered.append(engine_run(engine, ids, rows))
+            plain.append(engine_run(engine, ids, [None] * N))
+        serial = serial_hooked(lm, ids[:8], rows[:8])  # 8 is enough for its rate
+    finally:
+        engine.shutdown()
+    r1 = max(steered) / max(static)
+    r2 = max(steered) / serial
+    r3 = statistics.median(steered) / statistics.median(plain)
+    record({"row": "R1", "engine_mixed_steering_tok_s": round(max(steered), 1), "static_generate_tok_s": round(max(static), 1), "ratio": round(r1, 3), "target": ">= 1.0"})
+    record({"row": "R2", "engine_tok_s": round(max(steered), 1), "serial_global_hook_tok_s": round(serial, 1), "ratio": round(r2, 2), "target": ">= 8"})
+    record({"row": "R3", "steered_tok_s": round(statistics.median(steered), 1), "unsteered_tok_s": round(statistics.median(plain), 1), "ratio": round(r3, 3), "target": ">= 0.97"})
+    assert r1 >= 1.0
+    assert r2 >= 8
+    assert r3 >= 0.97
+
+
+def test_r4_ttft_under_load(lm, record):
+    ids = prompts(lm, 17)
+    engine = Engine(lm, max_batch_size=64)
+    engine.start()
+
+    async def ttft(p):
+        start = time.perf_counter()
+        req = GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
+        async for ev in engine.generate(req):
+            if isinstance(ev, TokenDelta):
+                return time.perf_counter() - start  # leaving the stream cancels the rest
+
+    async def background(p):
+        req = GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_new_tokens=400, temperature=0, ignore_eos=True))
+        async for _ in engine.generate(req):
+            pass
+
+    async def loaded():
+        tasks = [asyncio.create_task(background(p)) for p in ids[:16]]
+        while engine.running < 16:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # mid-generation
+        values = []
+        for _ in range(5):
+            values.append(await ttft(ids[16]))
+            await asyncio.sleep(0.05)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return statistics.median(values)
+
+    async def idle():
+        values = [await ttft(ids[16]) for _ in range(5)]
+        return statistics.median(values)
+
+    try:
+        asyncio.run(idle())
+        idle_t = asyncio.run(idle())
+        loaded_t = asyncio.run(loaded())
+    finally:
+        engine.shutdown()
+    ratio = loaded_t / idle_t
+    record({"row": "R4", "ttft_idle_ms": round(idle_t * 1000, 1), "ttft_amid_16_ms": round(loaded_t * 1000, 1), "ratio": round(ratio, 2), "target": "<= 3"})
+    assert ratio <= 3
+
+
+def _bandwidth_gb_s() -> float:
+    src = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / min(times) / 1e9  # read + write
+
+
+def test_r5_batch1_decode_by_dtype(lm, record):
+    ids = prompts(lm, 1)
+    bw = _bandwidth_gb_s()
+    for dtype in ("float32", "bfloat16"):
+        model = lm if dtype == "float32" else load_model("default", dtype=dtype, device="cpu", cache_dir=CACHE_DIR)
+        engine = Engine(model, max_batch_size=4)
+        engine.start()
+        try:
+            engine_run(engine, ids, [None], new=8)
+            rate = best(lambda: engine_run(engine, ids, [None], new=128))
+        finally:
+            engine.shutdown()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
+        record({"row": "R5", "dtype": dtype, "batch1_decode_tok_s": round(rate, 1),
+                "weights_mb": round(weight_bytes / 1e6, 1), "bandwidth_gb_s": round(bw, 1),
+                "roofline_tok_s": round(bw * 1e9 / weight_bytes, 1)})
+
+
+def test_r1_http_bench_vs_static(lm, record, tmp_path):
+    """R1 through the HTTP server (a separate process) with the ``persona-server bench`` client."""
+    ids = prompts(lm)
+    port = free_port()
+    env = {**os.environ, "PERSONA_DATA_DIR": str(tmp_path), "PERSONA_CACHE_DIR": str(CACHE_DIR),
+           "PERSONA_DTYPE": "float32", "PERSONA_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        vectors = [v["id"] for v in httpx.get(f"{url}/v1/vectors").json()["data"]]
+        asyncio.run(run_load(url, requests=4, concurrency=4, max_tokens=4, vectors=vectors))  # warm-up
+        http, static = [], []
+        for _ in range(REPS):
+            summary = asyncio.run(run_load(url, requests=N, concurrency=N, max_tokens=NEW, vectors=vectors))
+            assert summary.ok == N
+            http.append(summary.output_tokens_per_s)
+            static.append(static_generate(lm, ids))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    ratio = max(http) / max(static)
+    record({"row": "R1-http", "http_bench_tok_s": round(max(http), 1), "static_generate_tok_s": round(max(static), 1),
+            "ratio": round(ratio, 3), "ttft_p50_ms": summary.ttft_ms.get("p50"), "itl_p50_ms": summary.itl_ms.get("p50"), "target": ">= 0.85"})
+    assert ratio >= 0.85
