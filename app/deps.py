@@ -11,6 +11,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from steering.engine import Engine
 from steering.model import LoadedModel
+from steering.monitor import MonitorSet
 from steering.registry import VectorRegistry
 
 
@@ -21,6 +22,7 @@ class ServerState:
     registry: VectorRegistry
     engine: Engine
     metrics: Metrics
+    monitors: MonitorSet
     ready: bool = False
     created: int = 0
 

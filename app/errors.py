@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steering.engine import DeadlineExceededError, EngineError, QueueFullError
+from steering.monitor import MonitorConfigError, SteeringPolicyError
 from steering.registry import VectorNotFoundError
 from steering.steer import SteeringError
 from steering.vector import VectorFormatError, VectorModelMismatchError
@@ -62,6 +63,10 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(409, str(exc), code="vector_model_mismatch")
     if isinstance(exc, SteeringError):
         return APIError(400, str(exc), param=exc.param, code="invalid_steering")
+    if isinstance(exc, SteeringPolicyError):
+        return APIError(403, str(exc), type="permission_error", param=exc.param, code="steering_not_allowed")
+    if isinstance(exc, MonitorConfigError):
+        return APIError(400, str(exc), param=exc.param, code="invalid_monitor")
     if isinstance(exc, VectorFormatError):
         return APIError(400, str(exc), code="invalid_vector")
     if isinstance(exc, QueueFullError):
@@ -122,7 +127,8 @@ def install(app: FastAPI) -> None:
     async def _domain(_req: Request, exc: Exception):
         return error_response(as_api_error(exc))
 
-    for kind in (APIError, VectorNotFoundError, VectorModelMismatchError, SteeringError, VectorFormatError, EngineError):
+    for kind in (APIError, VectorNotFoundError, VectorModelMismatchError, SteeringError, VectorFormatError, EngineError,
+                 SteeringPolicyError, MonitorConfigError):
         app.add_exception_handler(kind, _domain)
     # Anything else is a bug: answer with the envelope (Starlette still logs the traceback).
     app.add_exception_handler(Exception, _domain)

@@ -19,6 +19,7 @@ from app.deps import ServerState
 from app.errors import APIError, as_api_error, envelope
 from app.schemas import _GenerationFields, steering_entries
 from steering.engine import Finished, GenerationRequest, PrefillDone, TokenDelta
+from steering.monitor import Reading, ResponseWatch, check_steering_caps
 from steering.sampling import SamplingParams
 from steering.steer import SteeringSpec, resolve_steering
 
@@ -42,7 +43,36 @@ def check_model(state: ServerState, name: str) -> None:
         )
 
 
-def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[int], prompt_param: str) -> GenerationRequest:
+@dataclass
+class MonitorContext:
+    """What the monitors saw for one request; filled in by the engine's worker."""
+
+    return_scores: bool
+    readings: list[Reading] | None = None
+    watch: ResponseWatch | None = None
+
+    def flagged(self) -> list[str]:
+        return [r.vector for r in self.readings or () if r.action != "allow"]
+
+    def blocked(self) -> bool:
+        return any(r.action == "block" and r.mode == "enforce" for r in self.readings or ())
+
+    def payload(self) -> dict | None:
+        """The ``persona_monitor`` field, when the request was flagged or asked for scores."""
+        if not self.readings or not (self.return_scores or self.flagged()):
+            return None
+        out = {
+            "read_at": "last prompt token, residual stream before this request's steering at the monitored layer",
+            "scores": {r.vector: r.public() for r in self.readings},
+        }
+        if self.watch is not None and self.watch.count:
+            out["response_means"] = self.watch.means()
+            if self.watch.tripped:
+                out["stopped_by"] = self.watch.tripped
+        return out
+
+
+def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[int], prompt_param: str) -> tuple[GenerationRequest, MonitorContext]:
     """Apply the checks that need the model and registry; return what the engine runs."""
     settings, lm = state.settings, state.lm
     check_model(state, body.model)
@@ -58,6 +88,8 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
         SteeringSpec(e.vector, e.coefficient, tuple(e.layers) if e.layers else None, e.positions, e.unit) for e in entries
     ]
     steering = resolve_steering(specs, state.registry) if specs else None
+    if specs:
+        check_steering_caps(specs, state.registry, state.monitors)
 
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
@@ -98,13 +130,29 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
     )
     for name in steering.vectors if steering else ():
         state.metrics.steering.labels(vector=name).inc()
-    return GenerationRequest(
+    monitor = MonitorContext(return_scores=bool(body.monitor and body.monitor.return_scores))
+    monitors = state.monitors
+    steered_layers = frozenset(steering.prompt) if steering else frozenset()
+
+    def prefill_check(states):
+        monitor.readings = monitors.score(states, steered_layers)
+        return monitor.readings if monitor.blocked() else None
+
+    watched = [c.vector for c in monitors.active() if c.response_threshold is not None]
+    if watched:
+        monitor.watch = ResponseWatch(monitors, watched)
+    gen = GenerationRequest(
         prompt_ids=prompt_ids,
         sampling=sampling,
         steering=steering,
         timeout_s=settings.request_timeout_s,
         request_id=uuid.uuid4().hex,
+        capture_layers=monitors.layers(),
+        prefill_check=prefill_check if monitors.active() else None,
+        response_layers=monitors.response_layers() if watched else frozenset(),
+        response_check=monitor.watch.update if watched else None,
     )
+    return gen, monitor
 
 
 class _Timing:
@@ -147,6 +195,7 @@ async def respond(
     http: Request,
     body: _GenerationFields,
     gen: GenerationRequest,
+    monitor: MonitorContext,
     renderer: Renderer,
     endpoint: str,
 ):
@@ -161,13 +210,23 @@ async def respond(
         await events.aclose()
         raise as_api_error(exc) from exc
     timing.on_prefill(first)
+    record_readings(state, monitor)
+    if first.blocked is not None:
+        await events.aclose()
+        raise APIError(
+            400, "the request was blocked by the persona monitor: " + ", ".join(
+                r.vector for r in monitor.readings if r.action == "block" and r.mode == "enforce"),
+            type="content_filter", code="persona_blocked",
+            extra={"persona_monitor": {"scores": {r.vector: r.public() for r in monitor.readings}}},
+        )
+    headers = {"X-Persona-Flagged": ",".join(monitor.flagged())} if monitor.flagged() else {}
     meta = {"id": f"{renderer.id_prefix}-{gen.request_id}", "created": int(time.time()), "model": state.lm.name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(events, meta, renderer, timing, include_usage),
+            _sse(events, meta, renderer, timing, include_usage, monitor, state),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
     collector = asyncio.ensure_future(_collect(events, timing))
     try:
@@ -182,14 +241,28 @@ async def respond(
     except Exception as exc:
         collector.cancel()
         raise as_api_error(exc) from exc
-    return JSONResponse(
-        {
-            **meta,
-            "object": renderer.object_final,
-            "choices": [renderer.final_choice(result.text, result.finish_reason)],
-            "usage": _usage(result),
-        }
-    )
+    record_response_stop(state, monitor, result)
+    body_out = {
+        **meta,
+        "object": renderer.object_final,
+        "choices": [renderer.final_choice(result.text, result.finish_reason)],
+        "usage": _usage(result),
+    }
+    if (payload := monitor.payload()) is not None:
+        body_out["persona_monitor"] = payload
+    return JSONResponse(body_out, headers=headers)
+
+
+def record_readings(state: ServerState, monitor: MonitorContext) -> None:
+    m = state.metrics
+    for r in monitor.readings or ():
+        m.monitor_score.labels(r.vector).observe(r.z if r.z is not None else r.score)
+        m.monitor_decisions.labels(r.vector, r.action, r.mode).inc()
+
+
+def record_response_stop(state: ServerState, monitor: MonitorContext, done: Finished) -> None:
+    if done.finish_reason == "content_filter" and monitor.watch is not None and monitor.watch.tripped:
+        state.metrics.response_stops.labels(monitor.watch.tripped).inc()
 
 
 async def _collect(events: AsyncIterator, timing: _Timing) -> Finished:
@@ -209,7 +282,8 @@ def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(events: AsyncIterator, meta: dict, renderer: Renderer, timing: _Timing, include_usage: bool):
+async def _sse(events: AsyncIterator, meta: dict, renderer: Renderer, timing: _Timing, include_usage: bool,
+               monitor: MonitorContext, state: ServerState):
     chunk = {**meta, "object": renderer.object_chunk}
     first = True
     try:
@@ -220,7 +294,11 @@ async def _sse(events: AsyncIterator, meta: dict, renderer: Renderer, timing: _T
                 first = False
             elif isinstance(event, Finished):
                 timing.on_finish(event)
-                yield _data({**chunk, "choices": [renderer.chunk_choice(None if not first else "", event.finish_reason, first)]})
+                record_response_stop(state, monitor, event)
+                last = {**chunk, "choices": [renderer.chunk_choice(None if not first else "", event.finish_reason, first)]}
+                if (payload := monitor.payload()) is not None:
+                    last["persona_monitor"] = payload
+                yield _data(last)
                 if include_usage:
                     yield _data({**chunk, "choices": [], "usage": _usage(event)})
                 break

@@ -11,10 +11,11 @@ from fastapi import FastAPI
 from app import errors
 from app.deps import ServerState
 from app.metrics import Metrics
-from app.routes import chat, completions, health, models, vectors
+from app.routes import chat, completions, health, models, monitors, vectors
 from app.settings import Settings
 from steering.engine import Engine
 from steering.model import LoadedModel, load_model
+from steering.monitor import MonitorSet
 from steering.registry import VectorRegistry
 
 log = logging.getLogger("persona_server")
@@ -34,11 +35,14 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
     seeded = registry.seed_from(settings.shipped_vectors_dir)
     if seeded:
         log.info("seeded vectors from %s: %s", settings.shipped_vectors_dir, ", ".join(seeded))
+    monitor_set = MonitorSet(settings.data_dir / "monitors.json", registry, num_layers=lm.num_layers)
     engine = Engine(lm, max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting)
     metrics = Metrics()
     metrics.bind_engine(engine)
     metrics.model_info.info({"model": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch.")})
-    return ServerState(settings=settings, lm=lm, registry=registry, engine=engine, metrics=metrics, created=int(time.time()))
+    metrics.set_thresholds(monitor_set.configs())
+    return ServerState(settings=settings, lm=lm, registry=registry, engine=engine, metrics=metrics,
+                       monitors=monitor_set, created=int(time.time()))
 
 
 class _RequestMetrics:
@@ -121,7 +125,7 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
 
     app = FastAPI(title="persona-server", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for module in (chat, completions, models, vectors, health):
+    for module in (chat, completions, models, vectors, monitors, health):
         app.include_router(module.router)
     app.add_middleware(_JsonByDefault)
     app.add_middleware(_RequestMetrics, fastapi_app=app)

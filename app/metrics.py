@@ -6,6 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+# A fixed z ladder, so score histograms of all vectors (and of all servers) aggregate.
+Z_LADDER = (-4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 8, 10)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -41,8 +43,36 @@ class Metrics:
         )
         self.running = Gauge("persona_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("persona_requests_waiting", "Requests queued for prefill.", registry=r)
+        self.queue_capacity = Gauge("persona_queue_capacity", "Configured queue length (PERSONA_MAX_WAITING).", registry=r)
+        self.batch_capacity = Gauge("persona_batch_capacity", "Configured running batch size (PERSONA_MAX_BATCH_SIZE).", registry=r)
         self.model_info = Info("persona_model", "The loaded model.", registry=r)
+        self.monitor_score = Histogram(
+            "persona_monitor_score", "Monitor z-score of the last prompt token, per vector (fixed z ladder).",
+            ["vector"], buckets=Z_LADDER, registry=r,
+        )
+        self.monitor_decisions = Counter(
+            "persona_monitor_decisions", "Monitor verdicts by vector, action (allow, flag, block) and mode "
+            "(enforce, annotate); action=block with mode=annotate counts would-be blocks.",
+            ["vector", "action", "mode"], registry=r,
+        )
+        self.monitor_threshold = Gauge(
+            "persona_monitor_threshold", "Current monitor thresholds, by vector and level (flag, block, response).",
+            ["vector", "level"], registry=r,
+        )
+        self.response_stops = Counter(
+            "persona_monitor_response_stops", "Generations stopped by a response-phase monitor.", ["vector"], registry=r,
+        )
+
+    def set_thresholds(self, configs: dict) -> None:
+        """Mirror the monitor configuration into the threshold gauge."""
+        self.monitor_threshold.clear()
+        for name, cfg in configs.items():
+            for level, value in (("flag", cfg.flag_threshold), ("block", cfg.block_threshold), ("response", cfg.response_threshold)):
+                if value is not None and cfg.mode != "off":
+                    self.monitor_threshold.labels(name, level).set(value)
 
     def bind_engine(self, engine) -> None:
         self.running.set_function(lambda: engine.running)
         self.waiting.set_function(lambda: engine.waiting)
+        self.queue_capacity.set(engine.max_waiting)
+        self.batch_capacity.set(engine.max_batch_size)

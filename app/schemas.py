@@ -41,6 +41,12 @@ def steering_entries(value: SteeringField) -> list[SteeringEntry]:
     return list(value)
 
 
+class MonitorRequestOptions(_Strict):
+    """Per-request monitor options (``"monitor": {"return_scores": true}``)."""
+
+    return_scores: bool = False
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -64,6 +70,7 @@ class _GenerationFields(BaseModel):
     ignore_eos: bool = False
     min_tokens: StrictInt = Field(0, ge=0)
     steering: SteeringField = None
+    monitor: MonitorRequestOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -156,3 +163,26 @@ class VectorUpload(_Strict):
 
 def jsonable(obj: Any) -> Any:
     return obj.model_dump(exclude_none=True) if isinstance(obj, BaseModel) else obj
+
+
+class MonitorPut(_Strict):
+    """Body of ``PUT /v1/monitors/{vector}``; see :class:`steering.monitor.MonitorConfig`."""
+
+    layer: StrictInt | None = None
+    score: Literal["projection", "z"] = "z"
+    flag_threshold: float | None = Field(None, allow_inf_nan=False)
+    block_threshold: float | None = Field(None, allow_inf_nan=False)
+    mode: Literal["enforce", "annotate", "off"] = "annotate"
+    response_threshold: float | None = Field(None, allow_inf_nan=False)
+    response_min_tokens: StrictInt = Field(4, ge=1, le=4096)
+    steering_min: float | None = Field(None, allow_inf_nan=False)
+    steering_max: float | None = Field(None, allow_inf_nan=False)
+
+
+class CalibrateRequest(_Strict):
+    """Body of ``POST /v1/monitors/{vector}/calibrate``."""
+
+    prompts: list[Annotated[str, Field(min_length=1, max_length=20_000)]] | None = Field(None, min_length=2, max_length=5000)
+    target_flag_rate: float = Field(0.05, gt=0.0, lt=1.0)
+    target_block_rate: float = Field(0.01, gt=0.0, lt=1.0)
+    apply: bool = True

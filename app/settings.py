@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 
@@ -41,3 +42,14 @@ class Settings(BaseSettings):
     max_abs_coefficient: float = Field(100.0, gt=0)
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     retry_after_s: int = Field(1, ge=1)
+
+    # Comma-separated in the environment: PERSONA_API_KEYS=k1,k2
+    api_keys: Annotated[list[str], NoDecode] = []
+    admin_keys: Annotated[list[str], NoDecode] = []
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split(cls, value):
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value

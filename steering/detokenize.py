@@ -26,10 +26,26 @@ class TextStream:
         self.text = ""
         self._sent = 0
         self.stopped = False
+        # Decode only a short window: the text of ids[_prefix:] minus that of ids[_prefix:_read]
+        # is what the newest tokens add (tokenizers merge across token boundaries, so the
+        # window keeps one already-read chunk as context). _committed is the text of ids[:_read].
+        self._prefix = 0
+        self._read = 0
+        self._committed = ""
+
+    def _decoded(self) -> str:
+        ids = self.token_ids
+        before = self._tok.decode(ids[self._prefix : self._read], skip_special_tokens=True)
+        after = self._tok.decode(ids[self._prefix :], skip_special_tokens=True)
+        full = self._committed + after[len(before) :]
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._committed = full
+            self._prefix, self._read = self._read, len(ids)
+        return full
 
     def push(self, token_id: int) -> str:
         self.token_ids.append(token_id)
-        text = self._tok.decode(self.token_ids, skip_special_tokens=True)
+        text = self._decoded()
         if self._stop:
             start = max(0, len(self.text) - self._hold)
             hits = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -24,7 +25,7 @@ from transformers import DynamicCache
 from steering.detokenize import TextStream
 from steering.hooks import SteeringHooks
 from steering.model import LoadedModel
-from steering.sampling import SamplingParams, make_generator, pick_token
+from steering.sampling import SamplingParams, make_generator, pick_tokens
 from steering.steer import RowSteering, stack_deltas
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ class GenerationRequest:
     capture_layers: frozenset[int] = frozenset()
     timeout_s: float | None = None
     request_id: str = ""
+    # Called in the worker with the prefill states; a non-None result blocks the request
+    # before any token is sampled and is reported in PrefillDone.blocked.
+    prefill_check: Callable[[dict[int, torch.Tensor]], object | None] | None = None
+    # Called in the worker with each generated token's states at these layers; True stops
+    # the request with finish_reason "content_filter".
+    response_layers: frozenset[int] = frozenset()
+    response_check: Callable[[dict[int, torch.Tensor]], bool] | None = None
 
 
 @dataclass
@@ -64,6 +72,7 @@ class PrefillDone:
 
     prompt_states: dict[int, torch.Tensor]
     queue_wait_s: float
+    blocked: object | None = None
 
 
 @dataclass
@@ -74,7 +83,7 @@ class TokenDelta:
 
 @dataclass
 class Finished:
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "content_filter"
     text: str
     prompt_tokens: int
     completion_tokens: int
@@ -241,7 +250,14 @@ class Engine:
         started = time.monotonic()
         for i, row in enumerate(new):
             states = {layer: captured[layer][i] for layer in row.request.capture_layers}
-            row.handle.emit(PrefillDone(prompt_states=states, queue_wait_s=started - row.submitted))
+            check = row.request.prefill_check
+            blocked = check(states) if check is not None else None
+            row.handle.emit(PrefillDone(prompt_states=states, queue_wait_s=started - row.submitted, blocked=blocked))
+            if blocked is not None:
+                row.done = True
+            elif row.request.sampling.max_new_tokens == 0:  # prefill only (monitor calibration)
+                row.done = True
+                row.handle.emit(Finished("length", "", len(row.request.prompt_ids), 0))
         self._advance(new, out.logits[:, -1, :].float())
         self._merge(new, out.past_key_values, mask)
 
@@ -249,10 +265,26 @@ class Engine:
         ids = torch.tensor([[r.next_token] for r in self._rows], dtype=torch.long)
         positions = self._mask.sum(-1, keepdim=True)
         self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=-1)
-        with self.hooks.state(self._decode_deltas):
+        watch = frozenset().union(*(r.request.response_layers for r in self._rows))
+        with self.hooks.state(self._decode_deltas, watch) as captured:
             out = self._forward(ids, self._mask, positions, self._cache)
         self._cache = out.past_key_values
+        if watch:
+            self._watch_responses(captured)
         self._advance(self._rows, out.logits[:, -1, :].float())
+
+    def _watch_responses(self, captured: dict[int, torch.Tensor]) -> None:
+        for i, row in enumerate(self._rows):
+            check = row.request.response_check
+            if check is None or row.done:
+                continue
+            if check({layer: captured[layer][i] for layer in row.request.response_layers}):
+                row.done = True
+                tail = row.text.flush()
+                if tail:
+                    row.handle.emit(TokenDelta(text=tail, token_ids=[]))
+                row.handle.emit(Finished("content_filter", row.text.text, len(row.request.prompt_ids),
+                                         len(row.text.token_ids)))
 
     def _forward(self, ids, mask, positions, cache):
         self.forward_passes += 1
@@ -268,8 +300,14 @@ class Engine:
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         eos = self.lm.eos_token_ids
-        logits = logits.cpu()
         now = time.monotonic()
+        tokens = pick_tokens(
+            logits.cpu(),
+            [r.request.sampling for r in rows],
+            [r.generator for r in rows],
+            block_eos=[r.request.sampling.ignore_eos or len(r.text.token_ids) < r.request.sampling.min_tokens for r in rows],
+            eos_ids=sorted(eos),
+        )
         for i, row in enumerate(rows):
             if row.done:
                 continue
@@ -277,9 +315,7 @@ class Engine:
                 row.done = True
                 continue
             params = row.request.sampling
-            produced = len(row.text.token_ids)
-            blocked = list(eos) if (params.ignore_eos or produced < params.min_tokens) else []
-            token = pick_token(logits[i], params, row.generator, blocked=blocked)
+            token = tokens[i]
             row.next_token = token
             finish = None
             if token in eos and not params.ignore_eos:

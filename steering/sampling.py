@@ -42,16 +42,8 @@ def pick_token(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None,
-    *,
-    blocked: list[int] = (),
 ) -> int:
-    """Choose the next token from one row's ``logits`` [vocab] (float32).
-
-    ``blocked`` token ids get zero probability (EOS before ``min_tokens``).
-    """
-    if blocked:
-        logits = logits.clone()
-        logits[list(blocked)] = float("-inf")
+    """Choose the next token from one row's ``logits`` [vocab] (float32)."""
     if params.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -64,3 +56,26 @@ def pick_token(
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    *,
+    block_eos: list[bool],
+    eos_ids: list[int],
+) -> list[int]:
+    """Choose one token per row of ``logits`` [batch, vocab] (float32; modified in place).
+
+    Greedy rows share one batched argmax; sampled rows draw with their own generator. Rows
+    with ``block_eos`` cannot pick an EOS token.
+    """
+    blocked_rows = [i for i, b in enumerate(block_eos) if b]
+    if blocked_rows and eos_ids:
+        logits[torch.tensor(blocked_rows)[:, None], torch.tensor(eos_ids)[None, :]] = float("-inf")
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, p in enumerate(params):
+        if not p.greedy:
+            tokens[i] = pick_token(logits[i], p, generators[i])
+    return tokens

@@ -23,11 +23,14 @@ def test_text_stream_holds_back_a_possible_stop_and_cuts_at_it(lm):
     assert sent == "Hello world. " == ts.text
 
 
-def test_text_stream_without_stops_streams_everything(lm):
+@pytest.mark.parametrize("text", ["Plain text, all of it.", "Ünïcödé — emoji 🎉🎉 and 日本語のテキスト!  two  spaces\n\nlines"])
+def test_text_stream_without_stops_streams_everything(lm, text):
     tok = lm.tokenizer
-    ids = tok("Plain text, all of it.", add_special_tokens=False).input_ids
+    ids = tok(text, add_special_tokens=False).input_ids
     ts = TextStream(tok)
-    assert "".join(ts.push(i) for i in ids) + ts.flush() == "Plain text, all of it."
+    streamed = [ts.push(i) for i in ids]
+    assert "".join(streamed) + ts.flush() == tok.decode(ids) == text
+    assert not any("\ufffd" in piece for piece in streamed)  # partial characters are held back
 
 
 def test_decoder_blocks_found_for_llama_and_refused_for_unknown(lm):

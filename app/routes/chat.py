@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from app.auth import User
 from app.deps import State
 from app.errors import APIError
 from app.generation import Renderer, build_request, respond
@@ -30,7 +31,7 @@ CHAT = Renderer("chat.completion", "chat.completion.chunk", "chatcmpl", _final, 
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, state: State, http: Request):
+async def chat_completions(body: ChatCompletionRequest, state: State, http: Request, _user: User):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     if messages[-1]["role"] == "assistant":
         raise APIError(400, "the last message must not be from the assistant", param="messages")
@@ -38,5 +39,5 @@ async def chat_completions(body: ChatCompletionRequest, state: State, http: Requ
         prompt_ids = chat_prompt_ids(state.lm.tokenizer, messages)
     except Exception as exc:  # the template itself refuses some role orders
         raise APIError(400, f"the model's chat template rejected the messages: {exc}", param="messages") from exc
-    gen = build_request(state, body, prompt_ids, "messages")
-    return await respond(state, http, body, gen, CHAT, "/v1/chat/completions")
+    gen, monitor = build_request(state, body, prompt_ids, "messages")
+    return await respond(state, http, body, gen, monitor, CHAT, "/v1/chat/completions")

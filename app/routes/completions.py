@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from app.auth import User
 from app.deps import State
 from app.errors import APIError
 from app.generation import Renderer, build_request, respond
@@ -25,7 +26,7 @@ COMPLETION = Renderer("text_completion", "text_completion", "cmpl", _final, _chu
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, state: State, http: Request):
+async def completions(body: CompletionRequest, state: State, http: Request, _user: User):
     if isinstance(body.prompt, str):
         prompt_ids = text_ids(state.lm.tokenizer, body.prompt)
     else:
@@ -33,5 +34,5 @@ async def completions(body: CompletionRequest, state: State, http: Request):
         if any(not 0 <= t < vocab for t in body.prompt):
             raise APIError(400, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
         prompt_ids = list(body.prompt)
-    gen = build_request(state, body, prompt_ids, "prompt")
-    return await respond(state, http, body, gen, COMPLETION, "/v1/completions")
+    gen, monitor = build_request(state, body, prompt_ids, "prompt")
+    return await respond(state, http, body, gen, monitor, COMPLETION, "/v1/completions")

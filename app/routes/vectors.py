@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from app.auth import Admin, User
 from app.deps import State
 from app.errors import APIError
 from app.schemas import VectorUpload
@@ -33,12 +34,12 @@ def _name(name: str) -> str:
 
 
 @router.get("/v1/vectors")
-async def list_vectors(state: State):
+async def list_vectors(state: State, _user: User):
     return {"object": "list", "data": [summary(v) for v in state.registry.list()]}
 
 
 @router.get("/v1/vectors/{name}")
-async def get_vector(name: str, state: State, format: str = "json"):
+async def get_vector(name: str, state: State, _user: User, format: str = "json"):
     vector = state.registry.get(_name(name))
     if format == "safetensors":
         return Response(
@@ -75,7 +76,7 @@ async def _read_limited(http: Request, limit: int) -> bytes:
         }
     },
 )
-async def put_vector(name: str, state: State, http: Request):
+async def put_vector(name: str, state: State, http: Request, _admin: Admin):
     """Upload a vector as a safetensors file (``application/octet-stream``, metadata in the
     header as written by this server) or as JSON (``directions`` for the loaded model)."""
     name = _name(name)
@@ -98,10 +99,12 @@ async def put_vector(name: str, state: State, http: Request):
     else:
         vector = PersonaVector.from_bytes(data, name=name)
     created = state.registry.put(vector)
+    state.monitors.refresh()
     return JSONResponse(summary(vector), status_code=201 if created else 200)
 
 
 @router.delete("/v1/vectors/{name}")
-async def delete_vector(name: str, state: State):
+async def delete_vector(name: str, state: State, _admin: Admin):
     state.registry.delete(_name(name))
+    state.monitors.refresh()
     return {"id": name, "object": "vector", "deleted": True}

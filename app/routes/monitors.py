@@ -1,0 +1,105 @@
+"""``/v1/monitors``: per-vector monitors (admin), and threshold calibration on benign prompts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict
+
+from fastapi import APIRouter
+
+from app.auth import Admin
+from app.deps import ServerState, State
+from app.errors import APIError
+from app.schemas import CalibrateRequest, MonitorPut
+from app.settings import REPO_VECTORS
+from steering.chat import chat_prompt_ids
+from steering.engine import GenerationRequest, PrefillDone
+from steering.monitor import MonitorConfig, calibrate_thresholds, percentiles, scalar_projection, z_score
+from steering.sampling import SamplingParams
+
+router = APIRouter()
+NEUTRAL_PROMPTS = REPO_VECTORS / "neutral_prompts.json"
+
+
+def _view(cfg: MonitorConfig) -> dict:
+    return {"object": "monitor", **asdict(cfg)}
+
+
+@router.get("/v1/monitors")
+async def list_monitors(state: State, _admin: Admin):
+    return {"object": "list", "data": [_view(c) for _, c in sorted(state.monitors.configs().items())]}
+
+
+@router.put("/v1/monitors/{vector}")
+async def put_monitor(vector: str, body: MonitorPut, state: State, who: Admin):
+    config = state.monitors.put(MonitorConfig(vector=vector, **body.model_dump()), who=who)
+    state.metrics.set_thresholds(state.monitors.configs())
+    return _view(config)
+
+
+@router.delete("/v1/monitors/{vector}")
+async def delete_monitor(vector: str, state: State, who: Admin):
+    try:
+        state.monitors.delete(vector, who=who)
+    except KeyError:
+        raise APIError(404, f"no monitor for vector '{vector}'", type="not_found_error", code="monitor_not_found") from None
+    state.metrics.set_thresholds(state.monitors.configs())
+    return {"id": vector, "object": "monitor", "deleted": True}
+
+
+async def prompt_scores(state: ServerState, vector_name: str, layer: int, kind: str, prompts: list[str]) -> list[float]:
+    """Score each prompt's last token through the engine (prefill only, batched)."""
+    vector = state.registry.get(vector_name)
+    direction = vector.direction(layer)
+    mean = float(vector.stats["neutral_mean"][layer]) if "neutral_mean" in vector.stats else None
+    std = float(vector.stats["neutral_std"][layer]) if "neutral_std" in vector.stats else None
+
+    async def one(text: str) -> float:
+        ids = chat_prompt_ids(state.lm.tokenizer, [{"role": "user", "content": text}])
+        req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), capture_layers=frozenset({layer}))
+        async for event in state.engine.generate(req):
+            if isinstance(event, PrefillDone):
+                proj = scalar_projection(event.prompt_states[layer], direction)
+                return z_score(proj, mean, std) if kind == "z" else proj
+        raise APIError(500, "prefill produced no state", type="server_error")
+
+    scores: list[float] = []
+    step = max(1, state.settings.max_batch_size)
+    for start in range(0, len(prompts), step):  # stay within the queue bound
+        scores += await asyncio.gather(*(one(p) for p in prompts[start : start + step]))
+    return scores
+
+
+@router.post("/v1/monitors/{vector}/calibrate")
+async def calibrate(vector: str, body: CalibrateRequest, state: State, who: Admin):
+    """Score benign prompts (given, or the built-in neutral set) and set thresholds so that
+    the target shares of them would be flagged and blocked."""
+    if body.target_block_rate > body.target_flag_rate:
+        raise APIError(400, "target_block_rate must not exceed target_flag_rate", param="target_block_rate")
+    vec = state.registry.get(vector)
+    current = state.monitors.get(vector)
+    base = current or MonitorConfig(vector=vector, score="z" if "neutral_std" in vec.stats else "projection")
+    base = base.validate(vec, state.lm.num_layers)
+    prompts = body.prompts or json.loads(NEUTRAL_PROMPTS.read_text())["prompts"]
+    scores = await prompt_scores(state, vector, base.layer, base.score, prompts)
+    flag, block = calibrate_thresholds(scores, body.target_flag_rate, body.target_block_rate)
+    result = {
+        "object": "monitor.calibration",
+        "vector": vector,
+        "layer": base.layer,
+        "score": base.score,
+        "n_prompts": len(scores),
+        "source": "request" if body.prompts else "built-in neutral set",
+        "percentiles": percentiles(scores),
+        "flag_threshold": round(flag, 6),
+        "block_threshold": round(block, 6),
+        "flag_rate": sum(s > flag for s in scores) / len(scores),
+        "block_rate": sum(s > block for s in scores) / len(scores),
+        "applied": body.apply,
+    }
+    if body.apply:
+        updated = MonitorConfig(**{**asdict(base), "flag_threshold": flag, "block_threshold": block})
+        result["monitor"] = _view(state.monitors.put(updated, who=who))
+        state.metrics.set_thresholds(state.monitors.configs())
+    return result

@@ -1,0 +1,332 @@
+"""Persona monitoring: score the last prompt token's state against persona vectors, decide
+allow / flag / block, and keep the monitor configuration safe on disk.
+
+The math is pure (:func:`scalar_projection`, :func:`z_score`, :func:`decide`,
+:func:`calibrate_thresholds`); the state is one object, :class:`MonitorSet`, which persists
+atomically and appends every change to an audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from steering.atomic import atomic_write_bytes
+from steering.vector import PersonaVector
+
+Mode = Literal["enforce", "annotate", "off"]
+Score = Literal["projection", "z"]
+Action = Literal["allow", "flag", "block"]
+
+
+class MonitorConfigError(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """One monitor: where to read, how to score, when to act, and the steering cap for its vector.
+
+    ``flag_threshold`` / ``block_threshold`` apply to ``score`` (``z`` by default). A score
+    strictly above a threshold triggers it. ``response_threshold`` (optional) is compared with
+    the running mean score over generated tokens; in ``enforce`` mode crossing it stops the
+    generation with ``finish_reason: content_filter``. ``steering_min`` / ``steering_max`` cap the
+    raw coefficient requests may use on this vector (``steering_max: 0`` forbids positive use).
+    """
+
+    vector: str
+    layer: int | None = None
+    score: Score = "z"
+    flag_threshold: float | None = None
+    block_threshold: float | None = None
+    mode: Mode = "annotate"
+    response_threshold: float | None = None
+    response_min_tokens: int = 4
+    steering_min: float | None = None
+    steering_max: float | None = None
+
+    def validate(self, vector: PersonaVector, num_layers: int) -> "MonitorConfig":
+        layer = self.layer if self.layer is not None else vector.recommended_layer
+        if layer is None:
+            raise MonitorConfigError(f"vector '{vector.name}' has no recommended layer; give 'layer'", "layer")
+        if not 1 <= layer <= num_layers:
+            raise MonitorConfigError(f"layer must be in 1..{num_layers}", "layer")
+        if self.score == "z" and ("neutral_mean" not in vector.stats or "neutral_std" not in vector.stats):
+            raise MonitorConfigError(f"vector '{vector.name}' has no neutral statistics for z-scores; use score 'projection'", "score")
+        for name in ("flag_threshold", "block_threshold", "response_threshold", "steering_min", "steering_max"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise MonitorConfigError(f"{name} must be finite", name)
+        if self.flag_threshold is not None and self.block_threshold is not None and self.block_threshold < self.flag_threshold:
+            raise MonitorConfigError("block_threshold must be at least flag_threshold", "block_threshold")
+        if self.steering_min is not None and self.steering_max is not None and self.steering_min > self.steering_max:
+            raise MonitorConfigError("steering_min must not exceed steering_max", "steering_min")
+        return replace(self, layer=layer)
+
+
+@dataclass
+class Reading:
+    """One monitor's verdict on one request."""
+
+    vector: str
+    layer: int
+    projection: float
+    z: float | None
+    score: float
+    action: Action
+    mode: Mode
+    residual: Literal["unsteered", "steered"] = "unsteered"
+
+    def public(self) -> dict:
+        """What a client may see (no thresholds)."""
+        return {k: v for k, v in asdict(self).items() if k != "vector"}
+
+
+def scalar_projection(hidden: torch.Tensor, direction: torch.Tensor) -> float:
+    """(h . v) / |v|: how far ``hidden`` reaches along ``direction``."""
+    return float(hidden.float() @ direction.float() / direction.float().norm().clamp_min(1e-12))
+
+
+def z_score(projection: float, mean: float, std: float) -> float:
+    return (projection - mean) / max(std, 1e-6)
+
+
+def decide(score: float, config: MonitorConfig) -> Action:
+    """The policy's verdict for ``score`` (whether it is enforced depends on the mode)."""
+    if config.block_threshold is not None and score > config.block_threshold:
+        return "block"
+    if config.flag_threshold is not None and score > config.flag_threshold:
+        return "flag"
+    return "allow"
+
+
+def calibrate_thresholds(scores: list[float], flag_rate: float, block_rate: float) -> tuple[float, float]:
+    """Thresholds that exactly ``round(n * rate)`` of ``scores`` exceed (strictly), when scores are distinct.
+
+    Example::
+
+        calibrate_thresholds([0.1 * i for i in range(100)], 0.05, 0.01)   # 5 above flag, 1 above block
+    """
+    if not scores:
+        raise ValueError("no scores to calibrate on")
+    ordered = sorted(scores, reverse=True)
+
+    def threshold(rate: float) -> float:
+        k = min(len(ordered) - 1, max(0, round(len(ordered) * rate)))
+        if k == 0:
+            return ordered[0]  # nothing exceeds the maximum
+        return (ordered[k] + ordered[k - 1]) / 2 if ordered[k] != ordered[k - 1] else ordered[k]
+
+    return threshold(flag_rate), threshold(block_rate)
+
+
+def percentiles(scores: list[float]) -> dict[str, float]:
+    t = torch.tensor(scores, dtype=torch.float64)
+    qs = {"p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9, "p95": 0.95, "p99": 0.99}
+    out = {k: round(float(torch.quantile(t, q)), 4) for k, q in qs.items()}
+    out.update(min=round(float(t.min()), 4), max=round(float(t.max()), 4), mean=round(float(t.mean()), 4))
+    return out
+
+
+@dataclass
+class _Compiled:
+    config: MonitorConfig
+    unit: torch.Tensor
+    mean: float | None
+    std: float | None
+
+
+class MonitorSet:
+    """The active monitors, persisted in ``path`` (JSON, atomic) with an append-only audit log.
+
+    Example::
+
+        monitors = MonitorSet(Path("data/monitors.json"), registry, num_layers=30)
+        monitors.put(MonitorConfig("evil", flag_threshold=2, block_threshold=4, mode="enforce"), who="ops")
+        readings = monitors.score({19: last_token_state})
+    """
+
+    def __init__(self, path: Path, registry, *, num_layers: int, audit_path: Path | None = None):
+        self.path = Path(path)
+        self.audit_path = Path(audit_path or self.path.with_name("audit.jsonl"))
+        self.registry = registry
+        self.num_layers = num_layers
+        self._lock = threading.Lock()
+        self._configs: dict[str, MonitorConfig] = {}
+        if self.path.exists():
+            raw = json.loads(self.path.read_text())
+            self._configs = {name: MonitorConfig(**cfg) for name, cfg in raw.get("monitors", {}).items()}
+        self._compiled: dict[str, _Compiled] = {}
+        self._recompile()
+
+    # ---- configuration ----
+
+    def configs(self) -> dict[str, MonitorConfig]:
+        return dict(self._configs)
+
+    def get(self, vector: str) -> MonitorConfig | None:
+        return self._configs.get(vector)
+
+    def put(self, config: MonitorConfig, *, who: str) -> MonitorConfig:
+        vector = self.registry.get(config.vector)
+        config = config.validate(vector, self.num_layers)
+        with self._lock:
+            old = self._configs.get(config.vector)
+            configs = {**self._configs, config.vector: config}
+            self._persist(configs)
+            self._audit(who, "put", config.vector, old, config)
+            self._configs = configs
+            self._recompile()
+        return config
+
+    def delete(self, vector: str, *, who: str) -> MonitorConfig:
+        with self._lock:
+            old = self._configs.get(vector)
+            if old is None:
+                raise KeyError(vector)
+            configs = {k: v for k, v in self._configs.items() if k != vector}
+            self._persist(configs)
+            self._audit(who, "delete", vector, old, None)
+            self._configs = configs
+            self._recompile()
+        return old
+
+    def _persist(self, configs: dict[str, MonitorConfig]) -> None:
+        blob = {"monitors": {k: asdict(v) for k, v in sorted(configs.items())}}
+        atomic_write_bytes(self.path, json.dumps(blob, indent=2).encode())
+
+    def _audit(self, who: str, action: str, vector: str, old, new) -> None:
+        entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": who, "action": action,
+                 "vector": vector, "old": asdict(old) if old else None, "new": asdict(new) if new else None}
+        self.audit_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.audit_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _recompile(self) -> None:
+        compiled = {}
+        for name, cfg in self._configs.items():
+            if name not in self.registry:
+                continue  # the vector was deleted; the config waits for it to come back
+            vec = self.registry.get(name)
+            d = vec.direction(cfg.layer)
+            stats = vec.stats
+            compiled[name] = _Compiled(
+                cfg, d / d.norm().clamp_min(1e-12),
+                float(stats["neutral_mean"][cfg.layer]) if "neutral_mean" in stats else None,
+                float(stats["neutral_std"][cfg.layer]) if "neutral_std" in stats else None,
+            )
+        self._compiled = compiled
+
+    def refresh(self) -> None:
+        """Recompute cached directions after the registry changed."""
+        with self._lock:
+            self._recompile()
+
+    # ---- scoring (hot path) ----
+
+    def active(self) -> list[MonitorConfig]:
+        return [c.config for c in self._compiled.values() if c.config.mode != "off"]
+
+    def layers(self) -> frozenset[int]:
+        return frozenset(c.layer for c in self.active())
+
+    def response_layers(self) -> frozenset[int]:
+        return frozenset(c.layer for c in self.active() if c.response_threshold is not None)
+
+    def score_one(self, name: str, hidden: torch.Tensor) -> tuple[float, float | None, float]:
+        c = self._compiled[name]
+        proj = float(hidden.float() @ c.unit)
+        z = z_score(proj, c.mean, c.std) if c.mean is not None else None
+        return proj, z, (z if c.config.score == "z" else proj)
+
+    def score(self, states: dict[int, torch.Tensor], steered_layers: frozenset[int] = frozenset()) -> list[Reading]:
+        """Readings of every active monitor from the prefill states ``layer -> [hidden]``."""
+        out = []
+        for name, c in list(self._compiled.items()):
+            cfg = c.config
+            if cfg.mode == "off" or cfg.layer not in states:
+                continue
+            proj, z, score = self.score_one(name, states[cfg.layer])
+            steered = any(layer < cfg.layer for layer in steered_layers)
+            out.append(Reading(name, cfg.layer, round(proj, 4), None if z is None else round(z, 4), round(score, 4),
+                               decide(score, cfg), cfg.mode, "steered" if steered else "unsteered"))
+        return out
+
+
+@dataclass
+class ResponseWatch:
+    """Running mean score over generated tokens for the monitors that watch responses."""
+
+    monitors: MonitorSet
+    names: list[str]
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+    tripped: str | None = None
+
+    def update(self, states: dict[int, torch.Tensor]) -> bool:
+        """Add one generated token's states; True when an enforced threshold is crossed."""
+        self.count += 1
+        for name in self.names:
+            c = self.monitors._compiled.get(name)
+            if c is None or c.config.layer not in states:
+                continue
+            _, _, score = self.monitors.score_one(name, states[c.config.layer])
+            self.sums[name] = self.sums.get(name, 0.0) + score
+            cfg = c.config
+            if (cfg.mode == "enforce" and self.count >= cfg.response_min_tokens
+                    and self.sums[name] / self.count > cfg.response_threshold):
+                self.tripped = name
+                return True
+        return False
+
+    def means(self) -> dict[str, float]:
+        return {k: round(v / self.count, 4) for k, v in self.sums.items()} if self.count else {}
+
+
+class SteeringPolicyError(ValueError):
+    """A request's steering exceeds the cap ops set for that vector."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def raw_equivalent(coefficient: float, unit: str, vector: PersonaVector, layer: int) -> float:
+    """The raw-unit coefficient that adds the same delta as ``coefficient`` in ``unit``."""
+    if unit == "raw":
+        return coefficient
+    norm = float(vector.direction(layer).norm()) or 1e-12
+    if unit == "unit":
+        return coefficient / norm
+    return coefficient * float(vector.stats["residual_norm"][layer]) / norm
+
+
+def check_steering_caps(specs, registry, monitors: MonitorSet) -> None:
+    """Refuse steering beyond a monitor's ``steering_min`` / ``steering_max`` (raw units)."""
+    for i, spec in enumerate(specs):
+        cfg = monitors.get(spec.vector)
+        if cfg is None or (cfg.steering_min is None and cfg.steering_max is None):
+            continue
+        vector = registry.get(spec.vector)
+        for layer in spec.layers or (vector.recommended_layer,):
+            raw = raw_equivalent(spec.coefficient, spec.unit, vector, layer)
+            if cfg.steering_max is not None and raw > cfg.steering_max + 1e-9:
+                raise SteeringPolicyError(
+                    f"steering '{spec.vector}' above {cfg.steering_max:g} (raw units) is not allowed on this server",
+                    f"steering[{i}].coefficient")
+            if cfg.steering_min is not None and raw < cfg.steering_min - 1e-9:
+                raise SteeringPolicyError(
+                    f"steering '{spec.vector}' below {cfg.steering_min:g} (raw units) is not allowed on this server",
+                    f"steering[{i}].coefficient")
