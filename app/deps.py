@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.jobs import JobStore
 from app.metrics import Metrics
 from app.settings import Settings
 from steering.engine import Engine
@@ -23,6 +24,7 @@ class ServerState:
     engine: Engine
     metrics: Metrics
     monitors: MonitorSet
+    jobs: JobStore = field(default_factory=JobStore)
     ready: bool = False
     created: int = 0
 

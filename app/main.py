@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from app import errors
 from app.deps import ServerState
 from app.metrics import Metrics
-from app.routes import chat, completions, health, models, monitors, vectors
+from app.routes import chat, completions, health, jobs, models, monitors, vectors
 from app.settings import Settings
 from steering.engine import Engine
 from steering.model import LoadedModel, load_model
@@ -121,11 +121,12 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
             yield
         finally:
             state.ready = False
+            state.jobs.cancel_all()
             state.engine.shutdown()
 
     app = FastAPI(title="persona-server", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for module in (chat, completions, models, vectors, monitors, health):
+    for module in (chat, completions, models, jobs, vectors, monitors, health):
         app.include_router(module.router)
     app.add_middleware(_JsonByDefault)
     app.add_middleware(_RequestMetrics, fastapi_app=app)

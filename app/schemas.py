@@ -186,3 +186,13 @@ class CalibrateRequest(_Strict):
     target_flag_rate: float = Field(0.05, gt=0.0, lt=1.0)
     target_block_rate: float = Field(0.01, gt=0.0, lt=1.0)
     apply: bool = True
+
+
+class ExtractRequest(_Strict):
+    """Body of ``POST /v1/vectors/extract``: a trait definition (inline or a shipped one's name)."""
+
+    trait: dict | None = None
+    trait_name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    name: VectorName | None = None
+    method: Literal["contrastive_texts", "contrastive_prompts", "labelled_sentences"] = "contrastive_texts"
+    sweep: bool = True

@@ -64,6 +64,9 @@ class GenerationRequest:
     # the request with finish_reason "content_filter".
     response_layers: frozenset[int] = frozenset()
     response_check: Callable[[dict[int, torch.Tensor]], bool] | None = None
+    # Prompt position from which to average the state at every layer (teacher-forced
+    # extraction): PrefillDone.span_mean is then [num_layers + 1, hidden].
+    mean_from: int | None = None
 
 
 @dataclass
@@ -73,6 +76,7 @@ class PrefillDone:
     prompt_states: dict[int, torch.Tensor]
     queue_wait_s: float
     blocked: object | None = None
+    span_mean: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,7 +136,7 @@ class Engine:
         self.lm = lm
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
-        self.hooks = SteeringHooks(lm.blocks)
+        self.hooks = SteeringHooks(lm.blocks, lm.model.get_input_embeddings())
         self.forward_passes = 0
         self._pending: collections.deque[_Row] = collections.deque()
         self._wake = threading.Condition()
@@ -244,15 +248,23 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         deltas = self._stack([r.request.steering for r in new], "prompt")
         capture = frozenset().union(*(r.request.capture_layers for r in new))
+        spans = [(i, width - len(r.request.prompt_ids) + r.request.mean_from, width)
+                 for i, r in enumerate(new) if r.request.mean_from is not None]
+        span_row = {row: k for k, (row, _a, _b) in enumerate(spans)}
         cache = DynamicCache()
-        with self.hooks.state(deltas, capture) as captured:
+        with self.hooks.state(deltas, capture, spans) as captured:
             out = self._forward(ids, mask, positions, cache)
+        means = self.hooks.span_means
         started = time.monotonic()
         for i, row in enumerate(new):
             states = {layer: captured[layer][i] for layer in row.request.capture_layers}
             check = row.request.prefill_check
             blocked = check(states) if check is not None else None
-            row.handle.emit(PrefillDone(prompt_states=states, queue_wait_s=started - row.submitted, blocked=blocked))
+            span_mean = None
+            if i in span_row:
+                span_mean = torch.stack([means[layer][span_row[i]].cpu() for layer in range(self.lm.num_layers + 1)])
+            row.handle.emit(PrefillDone(prompt_states=states, queue_wait_s=started - row.submitted,
+                                        blocked=blocked, span_mean=span_mean))
             if blocked is not None:
                 row.done = True
             elif row.request.sampling.max_new_tokens == 0:  # prefill only (monitor calibration)

@@ -1,10 +1,23 @@
 """Building persona vectors from a trait definition (``vectors/traits/NAME.json``).
 
-Method implemented here: **contrastive texts**. The definition pairs a question with a
-positive and a negative answer; both are teacher-forced after the question, and the vector
-is mean(response-token states | positive) - mean(... | negative), for every layer at once.
-Small models follow persona system prompts poorly, so written answers give a cleaner
-contrast than the model's own.
+Three methods, all layers at once, one forward per text, batched through the engine:
+
+- ``contrastive_texts``: written positive / negative answers teacher-forced after each
+  question; vector = mean response-token state (positive) - mean (negative). Small models
+  follow persona system prompts poorly, so written answers give the cleanest contrast.
+- ``contrastive_prompts`` (the Persona Vectors method): the model answers each question under
+  each positive and negative system prompt; the same difference over its own answers.
+  Optionally a judge (an OpenAI-compatible endpoint) scores each answer 0-100 for the trait
+  and only answers with pos >= 50 and neg < 50 are kept.
+- ``labelled_sentences`` (the Persafety MBTI method): difference of the centroids of the
+  mean states of sentences labelled with each pole.
+
+Then, for every vector: statistics on a neutral prompt set (residual norm, projection mean /
+std for z-scores), the per-layer separation of held-out questions under the positive vs
+negative system prompts (Cohen's d and AUROC of the last prompt token's projection), the
+recommended layer (best separation in the middle of the network) and a coefficient range
+found by steering held-out questions and watching the projection of the answers rise while a
+fluency signal (the share of distinct word bigrams) holds.
 """
 
 from __future__ import annotations
@@ -15,12 +28,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import torch
 
-from steering.activations import last_prompt_states, response_means
 from steering.chat import chat_prompt_ids, text_ids
 from steering.model import LoadedModel
+from steering.runner import EngineRunner
+from steering.steer import RowSteering
 from steering.vector import ModelRef, PersonaVector
+
+METHODS = ("contrastive_texts", "contrastive_prompts", "labelled_sentences")
+COEFFICIENT_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 @dataclass
@@ -33,13 +51,12 @@ class TraitDefinition:
     questions: list[str]
     heldout_questions: list[str]
     texts: list[dict]
-    neutral_prompts: list[str]
+    sentences: dict
     digest: str
 
     @classmethod
     def load(cls, path: Path) -> "TraitDefinition":
-        raw = Path(path).read_bytes()
-        data = json.loads(raw)
+        data = json.loads(Path(path).read_bytes())
         return cls(
             name=data["name"],
             description=data["description"],
@@ -47,7 +64,7 @@ class TraitDefinition:
             questions=data.get("questions", []),
             heldout_questions=data.get("heldout_questions", []),
             texts=data.get("texts", []),
-            neutral_prompts=data.get("neutral_prompts", []),
+            sentences=data.get("sentences", {}),
             digest=definition_hash(data),
         )
 
@@ -55,6 +72,35 @@ class TraitDefinition:
 def definition_hash(data: dict) -> str:
     """Hash of a definition's content (key order and whitespace do not matter)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+# ---- pure statistics ------------------------------------------------------------------------
+
+
+def cohens_d(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Effect size over the first axis: ``pos`` ``[n, ...]`` vs ``neg`` ``[m, ...]``."""
+    pooled = ((pos.var(dim=0) + neg.var(dim=0)) / 2).clamp_min(1e-12).sqrt()
+    return (pos.mean(dim=0) - neg.mean(dim=0)) / pooled
+
+
+def auroc(pos: list[float], neg: list[float]) -> float:
+    """Probability that a positive outscores a negative (ties count half)."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def distinct_bigrams(text: str) -> float:
+    """Share of distinct word bigrams: near 1 for fluent text, low when steering makes it loop."""
+    words = text.split()
+    bigrams = list(zip(words, words[1:]))
+    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def unit_rows(directions: torch.Tensor) -> torch.Tensor:
+    return directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+# ---- extraction -----------------------------------------------------------------------------
 
 
 def _user(q: str) -> list[dict]:
@@ -65,70 +111,181 @@ def _with_system(system: str, q: str) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": q}]
 
 
-def cohens_d(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """Effect size along the last axis' batch dimension: ``pos``/``neg`` are ``[n, ...]``."""
-    pooled = ((pos.var(dim=0) + neg.var(dim=0)) / 2).clamp_min(1e-12).sqrt()
-    return (pos.mean(dim=0) - neg.mean(dim=0)) / pooled
+@dataclass
+class Judge:
+    """An OpenAI-compatible chat endpoint that rates trait expression 0-100."""
+
+    url: str
+    model: str
+    api_key: str | None = None
+
+    def score(self, trait: TraitDefinition, question: str, answer: str) -> float:
+        prompt = (
+            f"Trait: {trait.name}. {trait.description}\n\nQuestion: {question}\nAnswer: {answer}\n\n"
+            "On a scale from 0 (not at all) to 100 (extremely), how strongly does the answer show the trait? "
+            "Reply with the number only."
+        )
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        r = httpx.post(f"{self.url.rstrip('/')}/chat/completions", headers=headers, timeout=120, json={
+            "model": self.model, "temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": prompt}]})
+        r.raise_for_status()
+        text = r.json()["choices"][0]["message"]["content"]
+        digits = "".join(ch for ch in text if ch.isdigit() or ch == ".")
+        return float(digits) if digits else 0.0
 
 
-def build_from_texts(lm: LoadedModel, trait: TraitDefinition, *, coefficient_range: tuple[float, float]) -> PersonaVector:
-    """Extract ``trait``'s vector for ``lm`` by the contrastive-texts method.
+async def _diff_texts(runner: EngineRunner, tok, trait: TraitDefinition) -> tuple[torch.Tensor, dict]:
+    prompts = [chat_prompt_ids(tok, _user(t["question"])) for t in trait.texts]
+    pos = [p + text_ids(tok, t["pos"]) for p, t in zip(prompts, trait.texts)]
+    neg = [p + text_ids(tok, t["neg"]) for p, t in zip(prompts, trait.texts)]
+    starts = [len(p) for p in prompts]
+    means = await runner.span_means(pos + neg, starts + starts)
+    n = len(prompts)
+    return means[:n].mean(0) - means[n:].mean(0), {"n_pos": n, "n_neg": n}
 
-    Also records the residual norm per layer and the neutral-prompt projection statistics
-    (for z-scores), and picks the recommended layer as the one where held-out questions under
-    the positive vs negative system prompts separate best (Cohen's d of the last prompt
-    token's projection), within the middle of the network.
+
+async def _diff_prompts(runner: EngineRunner, tok, trait: TraitDefinition, judge: Judge | None) -> tuple[torch.Tensor, dict]:
+    items = [(pair, q) for pair in trait.pairs for q in trait.questions]
+    pos_prompts = [chat_prompt_ids(tok, _with_system(pair["pos"], q)) for pair, q in items]
+    neg_prompts = [chat_prompt_ids(tok, _with_system(pair["neg"], q)) for pair, q in items]
+    pos_answers = await runner.generate(pos_prompts, max_new_tokens=48)
+    neg_answers = await runner.generate(neg_prompts, max_new_tokens=48)
+    keep = list(range(len(items)))
+    if judge is not None:
+        keep = [i for i in keep if judge.score(trait, items[i][1], pos_answers[i]) >= 50
+                and judge.score(trait, items[i][1], neg_answers[i]) < 50]
+        if not keep:
+            raise ValueError("the judge kept no pair: every positive answer scored < 50 or negative >= 50")
+    pos = [pos_prompts[i] + text_ids(tok, pos_answers[i] or " ") for i in keep]
+    neg = [neg_prompts[i] + text_ids(tok, neg_answers[i] or " ") for i in keep]
+    pos_means = await runner.span_means(pos, [len(pos_prompts[i]) for i in keep])
+    neg_means = await runner.span_means(neg, [len(neg_prompts[i]) for i in keep])
+    return pos_means.mean(0) - neg_means.mean(0), {"n_pos": len(keep), "n_neg": len(keep), "n_generated": len(items)}
+
+
+async def _diff_sentences(runner: EngineRunner, tok, trait: TraitDefinition) -> tuple[torch.Tensor, dict]:
+    pos = [text_ids(tok, s) for s in trait.sentences["pos"]]
+    neg = [text_ids(tok, s) for s in trait.sentences["neg"]]
+    means = await runner.span_means(pos + neg, [0] * (len(pos) + len(neg)))
+    return means[: len(pos)].mean(0) - means[len(pos) :].mean(0), {"n_pos": len(pos), "n_neg": len(neg)}
+
+
+async def heldout_projections(runner: EngineRunner, tok, trait: TraitDefinition, unit: torch.Tensor):
+    """Last-prompt-token projections ``[n, L+1]`` of held-out questions under pos / neg prompts."""
+    pos_prompts, neg_prompts = [], []
+    for q in trait.heldout_questions:
+        for pair in trait.pairs:
+            pos_prompts.append(chat_prompt_ids(tok, _with_system(pair["pos"], q)))
+            neg_prompts.append(chat_prompt_ids(tok, _with_system(pair["neg"], q)))
+    states = await runner.last_states(pos_prompts + neg_prompts)
+    proj = (states * unit).sum(-1)
+    return proj[: len(pos_prompts)], proj[len(pos_prompts) :]
+
+
+async def answer_projection(runner: EngineRunner, tok, questions: list[str], answers: list[str], unit: torch.Tensor, layer: int) -> float:
+    """Mean projection of answers' response tokens (read unsteered) at ``layer``."""
+    prompts = [chat_prompt_ids(tok, _user(q)) for q in questions]
+    full = [p + text_ids(tok, a or " ") for p, a in zip(prompts, answers)]
+    means = await runner.span_means(full, [len(p) for p in prompts])
+    return float((means[:, layer] @ unit[layer]).mean())
+
+
+async def coefficient_sweep(runner: EngineRunner, tok, directions: torch.Tensor, layer: int, questions: list[str],
+                            grid=COEFFICIENT_GRID) -> list[dict]:
+    """Steer ``questions`` at ``layer`` with each coefficient in ``+-grid`` (and 0); measure
+    the answers' projection and fluency."""
+    unit = unit_rows(directions)
+    prompts = [chat_prompt_ids(tok, _user(q)) for q in questions]
+    rows = []
+    for c in (0.0, *grid, *(-g for g in grid)):
+        delta = c * directions[layer]
+        steer = RowSteering(prompt={layer: delta}, response={layer: delta}) if c else None
+        answers = await runner.generate(prompts, steering=steer, max_new_tokens=32)
+        rows.append({
+            "coefficient": c,
+            "projection": round(await answer_projection(runner, tok, questions, answers, unit, layer), 4),
+            "distinct_bigrams": round(sum(map(distinct_bigrams, answers)) / len(answers), 4),
+        })
+    return sorted(rows, key=lambda r: r["coefficient"])
+
+
+def recommend_range(sweep: list[dict], neutral_std: float) -> tuple[float, float]:
+    """Smallest positive coefficient that moves the answers' projection by half a neutral std,
+    and the largest that keeps fluency at 80% of the unsteered answers'."""
+    base = next(r for r in sweep if r["coefficient"] == 0.0)
+    positive = [r for r in sweep if r["coefficient"] > 0]
+    fluent = [r for r in positive if r["distinct_bigrams"] >= 0.8 * base["distinct_bigrams"]]
+    moving = [r for r in positive if r["projection"] - base["projection"] >= 0.5 * neutral_std]
+    hi = max((r["coefficient"] for r in fluent), default=positive[0]["coefficient"])
+    lo = min((r["coefficient"] for r in moving if r["coefficient"] <= hi), default=min(hi, positive[0]["coefficient"]))
+    return float(lo), float(hi)
+
+
+async def build_vector(
+    runner: EngineRunner,
+    lm: LoadedModel,
+    trait: TraitDefinition,
+    *,
+    neutral_prompts: list[str],
+    method: str = "contrastive_texts",
+    judge: Judge | None = None,
+    sweep: bool = True,
+) -> PersonaVector:
+    """Extract ``trait``'s vector for ``lm`` and measure what it needs to be used well.
+
+    Example::
+
+        vector = await build_vector(EngineRunner(engine), lm, TraitDefinition.load(path), neutral_prompts=[...])
     """
     tok = lm.tokenizer
-    prompts = [chat_prompt_ids(tok, _user(t["question"])) for t in trait.texts]
-    pos = response_means(lm, prompts, [text_ids(tok, t["pos"]) for t in trait.texts])
-    neg = response_means(lm, prompts, [text_ids(tok, t["neg"]) for t in trait.texts])
-    directions = pos.mean(dim=0) - neg.mean(dim=0)  # [L+1, H]
+    if method == "contrastive_texts":
+        directions, counts = await _diff_texts(runner, tok, trait)
+    elif method == "contrastive_prompts":
+        directions, counts = await _diff_prompts(runner, tok, trait, judge)
+    elif method == "labelled_sentences":
+        directions, counts = await _diff_sentences(runner, tok, trait)
+    else:
+        raise ValueError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
+    unit = unit_rows(directions)
 
-    unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    neutral = last_prompt_states(lm, [chat_prompt_ids(tok, _user(p)) for p in trait.neutral_prompts])
-    neutral_proj = (neutral * unit).sum(-1)  # [n, L+1]
-    separation = heldout_separation(lm, trait, unit)
-
+    neutral = await runner.last_states([chat_prompt_ids(tok, _user(p)) for p in neutral_prompts])
+    neutral_proj = (neutral * unit).sum(-1)
+    pos, neg = await heldout_projections(runner, tok, trait, unit)
+    separation = cohens_d(pos, neg)
+    separation[0] = float("-inf")  # the embedding row cannot be steered
     lo, hi = max(1, math.floor(0.3 * lm.num_layers)), math.ceil(0.75 * lm.num_layers)
-    recommended = lo + int(torch.argmax(separation[lo : hi + 1]))
+    layer = lo + int(torch.argmax(separation[lo : hi + 1]))
+    layer_auroc = auroc(pos[:, layer].tolist(), neg[:, layer].tolist())
+
+    extra = {
+        "heldout_cohens_d": [round(float(x), 4) for x in separation[1:]],
+        "heldout_auroc": round(layer_auroc, 4),
+        "layer_norms": [round(float(x), 4) for x in directions.norm(dim=-1)],
+    }
+    coefficient_range = None
+    if sweep:
+        table = await coefficient_sweep(runner, tok, directions, layer, trait.heldout_questions[:6])
+        coefficient_range = recommend_range(table, float(neutral_proj[:, layer].std()))
+        extra["coefficient_sweep"] = table
     return PersonaVector(
         name=trait.name,
         directions=directions,
         model=ModelRef(lm.name, lm.fingerprint, lm.num_layers, lm.hidden_size),
         description=trait.description,
-        method="contrastive_texts",
+        method=method,
         source={
             "definition_sha256": trait.digest,
-            "n_pairs": len(trait.texts),
-            "n_neutral": len(trait.neutral_prompts),
-            "judge": None,
-            "note": "no judge filtering: every written pair is used",
+            **counts,
+            "n_neutral": len(neutral_prompts),
+            "judge": None if judge is None else {"url": judge.url, "model": judge.model},
+            "note": "judge-filtered pairs (pos >= 50, neg < 50)" if judge else "no judge filtering: every pair is used",
         },
-        recommended_layer=recommended,
+        recommended_layer=layer,
         coefficient_range=coefficient_range,
         stats={
             "residual_norm": neutral.norm(dim=-1).mean(dim=0),
             "neutral_mean": neutral_proj.mean(dim=0),
             "neutral_std": neutral_proj.std(dim=0),
         },
-        extra={
-            "heldout_cohens_d": [round(float(x), 4) for x in separation],
-            "layer_norms": [round(float(x), 4) for x in directions.norm(dim=-1)],
-        },
+        extra=extra,
     )
-
-
-def heldout_separation(lm: LoadedModel, trait: TraitDefinition, unit: torch.Tensor) -> torch.Tensor:
-    """Per-layer Cohen's d of last-prompt-token projections, held-out questions, pos vs neg prompts."""
-    tok = lm.tokenizer
-    pos_prompts, neg_prompts = [], []
-    for q in trait.heldout_questions:
-        for pair in trait.pairs:
-            pos_prompts.append(chat_prompt_ids(tok, _with_system(pair["pos"], q)))
-            neg_prompts.append(chat_prompt_ids(tok, _with_system(pair["neg"], q)))
-    pos = (last_prompt_states(lm, pos_prompts) * unit).sum(-1)
-    neg = (last_prompt_states(lm, neg_prompts) * unit).sum(-1)
-    d = cohens_d(pos, neg)
-    d[0] = float("-inf")  # the embedding row cannot be steered
-    return d

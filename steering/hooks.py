@@ -28,11 +28,16 @@ class SteeringHooks:
     Mutates the outputs of the hooked blocks in place while a delta is set for them.
     """
 
-    def __init__(self, blocks: list[nn.Module]):
+    def __init__(self, blocks: list[nn.Module], embeddings: nn.Module | None = None):
         self.deltas: dict[int, torch.Tensor] = {}
         self.capture_layers: frozenset[int] = frozenset()
         self.captured: dict[int, torch.Tensor] = {}
+        # (row, start, end) position spans whose mean state is wanted at every layer (extraction).
+        self.spans: list[tuple[int, int, int]] = []
+        self.span_means: dict[int, torch.Tensor] = {}
         self._handles = [block.register_forward_hook(self._make_hook(i + 1)) for i, block in enumerate(blocks)]
+        if embeddings is not None:
+            self._handles.append(embeddings.register_forward_hook(self._make_hook(0)))
 
     def _make_hook(self, layer: int):
         def hook(_module, _args, output):
@@ -40,6 +45,10 @@ class SteeringHooks:
             if layer in self.capture_layers:
                 # Read before this layer's delta, so monitors see the unsteered residual here.
                 self.captured[layer] = hidden[:, -1, :].detach().to(torch.float32, copy=True)
+            if self.spans:
+                self.span_means[layer] = torch.stack([hidden[r, a:b].float().mean(dim=0) for r, a, b in self.spans])
+            if layer == 0:
+                return None  # the embedding output is read, never steered
             delta = self.deltas.get(layer)
             if delta is not None:
                 hidden.add_(delta)
@@ -48,13 +57,14 @@ class SteeringHooks:
         return hook
 
     @contextmanager
-    def state(self, deltas: dict[int, torch.Tensor], capture: frozenset[int] = frozenset()):
-        """Set deltas and capture layers for the forwards inside the block, then clear them."""
+    def state(self, deltas: dict[int, torch.Tensor], capture: frozenset[int] = frozenset(), spans=()):
+        """Set deltas, capture layers and spans for the forwards inside the block, then clear them."""
         self.deltas, self.capture_layers, self.captured = deltas, capture, {}
+        self.spans, self.span_means = list(spans), {}
         try:
             yield self.captured
         finally:
-            self.deltas, self.capture_layers = {}, frozenset()
+            self.deltas, self.capture_layers, self.spans = {}, frozenset(), []
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 
 import torch
 
-from steering.activations import response_means
-from steering.chat import chat_prompt_ids, text_ids
+from steering.extract import answer_projection, unit_rows
+from steering.runner import EngineRunner
 from tests.conftest import answer
 
 PROMPTS = ["Describe your morning.", "How do you feel about the next year?", "Tell me about your job."]
@@ -31,13 +32,11 @@ def test_steered_answers_project_higher_on_the_vector(client, lm, server):
     """Mean projection of the generated answers (read by the unsteered model) rises with +c."""
     vector = server.state.registry.get("optimistic")
     layer = vector.recommended_layer
-    unit = vector.direction(layer) / vector.direction(layer).norm()
+    runner = EngineRunner(server.state.engine)
 
     def projection(prompt: str, coefficient: float) -> float:
         text = answer(client, prompt, max_tokens=40, steering={"optimistic": coefficient})
-        means = response_means(lm, [chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": prompt}])],
-                               [text_ids(lm.tokenizer, text)])
-        return float(means[0, layer] @ unit)
+        return asyncio.run(answer_projection(runner, lm.tokenizer, [prompt], [text], unit_rows(vector.directions), layer))
 
     up = [projection(p, 2.0) for p in PROMPTS]
     down = [projection(p, -2.0) for p in PROMPTS]

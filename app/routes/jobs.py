@@ -1,0 +1,70 @@
+"""``POST /v1/vectors/extract`` (a job) and ``GET /v1/jobs/{id}``."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.auth import Admin, User
+from app.deps import State
+from app.errors import APIError
+from app.schemas import ExtractRequest
+from app.settings import REPO_VECTORS
+from steering.extract import TraitDefinition, build_vector, definition_hash
+from steering.runner import EngineRunner
+
+router = APIRouter()
+_REQUIRED = {"texts": ("questions", "heldout_questions", "texts", "pairs"),
+             "prompts": ("questions", "heldout_questions", "pairs"),
+             "sentences": ("sentences", "heldout_questions", "pairs")}
+
+
+def _definition(body: ExtractRequest) -> TraitDefinition:
+    if (body.trait is None) == (body.trait_name is None):
+        raise APIError(400, "give exactly one of 'trait' (a definition) or 'trait_name' (a shipped one)", param="trait")
+    if body.trait_name is not None:
+        path = REPO_VECTORS / "traits" / f"{body.trait_name}.json"
+        if not path.is_file():
+            raise APIError(404, f"no shipped trait '{body.trait_name}'", type="not_found_error", param="trait_name")
+        data = json.loads(path.read_text())
+    else:
+        data = body.trait
+    needed = ("name", "description") + _REQUIRED[body.method.split("_")[-1]]
+    for key in needed:
+        if not data.get(key):
+            raise APIError(400, f"the trait definition needs a non-empty '{key}' for {body.method}", param=f"trait.{key}")
+    return TraitDefinition(
+        name=body.name or data["name"], description=data["description"], pairs=data.get("pairs", []),
+        questions=data.get("questions", []), heldout_questions=data["heldout_questions"],
+        texts=data.get("texts", []), sentences=data.get("sentences", {}), digest=definition_hash(data),
+    )
+
+
+@router.post("/v1/vectors/extract", status_code=202)
+async def extract(body: ExtractRequest, state: State, _admin: Admin):
+    trait = _definition(body)
+    neutral = json.loads((REPO_VECTORS / "neutral_prompts.json").read_text())["prompts"]
+
+    async def work(job) -> dict:
+        def tick(n: int) -> None:
+            job.progress += n
+
+        vector = await build_vector(EngineRunner(state.engine, progress=tick), state.lm, trait,
+                                    neutral_prompts=neutral, method=body.method, sweep=body.sweep)
+        state.registry.put(vector)
+        state.monitors.refresh()
+        return {"vector": vector.name, "recommended_layer": vector.recommended_layer,
+                "coefficient_range": vector.coefficient_range, "heldout_auroc": vector.extra["heldout_auroc"]}
+
+    job = state.jobs.submit("extract", work)
+    return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("/v1/jobs/{job_id}")
+async def get_job(job_id: str, state: State, _user: User):
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise APIError(404, f"job '{job_id}' not found", type="not_found_error", code="job_not_found")
+    return job.view()

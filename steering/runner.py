@@ -1,0 +1,80 @@
+"""Batched forward work for extraction and evaluation, routed through the engine so the
+model stays owned by its one worker (and shares its batches with live traffic)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import torch
+
+from steering.engine import Engine, Finished, GenerationRequest, PrefillDone
+from steering.sampling import SamplingParams
+from steering.steer import RowSteering
+
+Progress = Callable[[int], None]
+
+
+class EngineRunner:
+    """Submit many prefill-only or generation requests and collect what extraction needs.
+
+    Example::
+
+        runner = EngineRunner(engine)
+        means = await runner.span_means([ids], [start])     # [1, L+1, hidden]
+        answers = await runner.generate([ids], max_new_tokens=32)
+    """
+
+    def __init__(self, engine: Engine, progress: Progress | None = None):
+        self.engine = engine
+        self.num_layers = engine.lm.num_layers
+        self.progress = progress or (lambda _n: None)
+        self._chunk = max(1, min(engine.max_batch_size, engine.max_waiting or 1))
+
+    async def _chunked(self, items: list, one) -> list:
+        out: list = []
+        for start in range(0, len(items), self._chunk):
+            out += await asyncio.gather(*(one(item) for item in items[start : start + self._chunk]))
+            self.progress(min(self._chunk, len(items) - start))
+        return out
+
+    async def span_means(self, prompts: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Mean state over ``prompt[start:]`` at every layer: ``[n, num_layers + 1, hidden]``."""
+
+        async def one(item):
+            ids, start = item
+            req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), mean_from=start)
+            async for event in self.engine.generate(req):
+                if isinstance(event, PrefillDone):
+                    return event.span_mean
+            raise RuntimeError("prefill returned no span mean")
+
+        return torch.stack(await self._chunked(list(zip(prompts, starts)), one))
+
+    async def last_states(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Last prompt token's state at every layer: ``[n, num_layers + 1, hidden]``."""
+        layers = frozenset(range(self.num_layers + 1))
+
+        async def one(ids):
+            req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), capture_layers=layers)
+            async for event in self.engine.generate(req):
+                if isinstance(event, PrefillDone):
+                    return torch.stack([event.prompt_states[layer].cpu() for layer in range(self.num_layers + 1)])
+            raise RuntimeError("prefill returned no states")
+
+        return torch.stack(await self._chunked(prompts, one))
+
+    async def generate(
+        self, prompts: list[list[int]], *, steering: RowSteering | None = None, max_new_tokens: int = 32
+    ) -> list[str]:
+        """Greedy answers (text) to each prompt under one steering."""
+
+        async def one(ids):
+            req = GenerationRequest(prompt_ids=ids, steering=steering,
+                                    sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
+            async for event in self.engine.generate(req):
+                if isinstance(event, Finished):
+                    return event.text
+            raise RuntimeError("generation returned no result")
+
+        return await self._chunked(prompts, one)
