@@ -1,7 +1,8 @@
 """API keys: user keys may generate, admin keys may also change vectors and monitors.
 
-With no keys configured every route is open (the server binds 127.0.0.1 by default). Keys
-are compared in constant time and never echoed.
+With no user keys configured, generation and reads are open; with no admin keys, admin
+routes are open too (the server binds 127.0.0.1 by default). Keys are compared in constant
+time and never echoed.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def identity(key: str | None, request: Request) -> str:
 
 def require_user(request: Request, state: State) -> str:
     settings = state.settings
-    if not settings.api_keys and not settings.admin_keys:
+    if not settings.api_keys:  # no user keys configured: generation and reads are open
         return identity(None, request)
     key = _presented(request)
     if not key:

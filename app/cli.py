@@ -1,4 +1,4 @@
-"""``persona-server`` command line: ``serve``, ``extract`` and ``bench``."""
+"""``persona-server`` command line: ``serve``, ``extract``, ``screen``, ``assess`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
+    from app.server import DrainingServer
     from app.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
+    DrainingServer(config, app, settings.drain_notice_s).run()
     return 0
 
 
@@ -54,6 +58,113 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _screen(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from tqdm import tqdm
+
+    from app.settings import Settings
+    from steering.engine import Engine
+    from steering.model import load_model
+    from steering.registry import VectorRegistry
+    from steering.runner import EngineRunner
+    from steering.screen import Screener, ScreenReport
+
+    settings = Settings()
+    lm = load_model(args.model, dtype="float32", device=args.device, cache_dir=settings.cache_dir)
+    registry = VectorRegistry(settings.data_dir / "vectors", model_name=lm.name, fingerprint=lm.fingerprint,
+                              num_layers=lm.num_layers, hidden_size=lm.hidden_size)
+    registry.seed_from(settings.shipped_vectors_dir)
+    vectors = [registry.get(name) for name in args.vector]
+    layers = {v.name: args.layer for v in vectors} if args.layer else None
+    engine = Engine(lm, max_batch_size=32, max_waiting=1 << 20)
+    engine.start()
+    report = ScreenReport([v.name for v in vectors], args.top)
+    screener = Screener(EngineRunner(engine), lm.tokenizer, vectors, layers=layers, generate=not args.no_generate)
+
+    async def run(out) -> None:
+        with open(args.data, encoding="utf-8", errors="replace") as fh, tqdm(desc="screen", unit="sample") as bar:
+            async for row in screener.rows(enumerate(fh, start=1), report):
+                out.write(json.dumps(row) + "\n")
+                bar.update(1)
+
+    try:
+        with open(args.out, "w", encoding="utf-8") if args.out else open("/dev/null", "w") as out:
+            asyncio.run(run(out))
+    finally:
+        engine.shutdown()
+    summary = report.summary(not args.no_generate)
+    for error in summary["errors"]:
+        print(f"line {error['line']}: {error['error']}", file=sys.stderr)
+    for name, v in summary["vectors"].items():
+        mean = v["mean_diff"] if v["mean_diff"] is not None else v["mean_cheap_diff"]
+        print(f"{name}: mean projection difference {mean:+.3f} over {summary['samples']} samples; top lines "
+              + ", ".join(str(t["line"]) for t in v["top"][:10]))
+    return 0
+
+
+def _parse_steering(items: list[str]) -> list:
+    from steering.steer import SteeringSpec
+
+    specs = []
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            specs.append(SteeringSpec(name, float(value)))
+        except ValueError:
+            raise SystemExit(f"--steering expects NAME=COEFFICIENT, got {item!r}") from None
+    return specs
+
+
+def _assess(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from app.settings import REPO_VECTORS, Settings
+    from steering.assess import Inventory, assess
+    from steering.engine import Engine
+    from steering.model import load_model
+    from steering.registry import VectorRegistry
+    from steering.steer import resolve_steering
+
+    settings = Settings()
+    lm = load_model(args.model, dtype="float32", device=args.device, cache_dir=settings.cache_dir)
+    registry = VectorRegistry(settings.data_dir / "vectors", model_name=lm.name, fingerprint=lm.fingerprint,
+                              num_layers=lm.num_layers, hidden_size=lm.hidden_size)
+    registry.seed_from(settings.shipped_vectors_dir)
+    specs = _parse_steering(args.steering or [])
+    steering = resolve_steering(specs, registry) if specs else None
+    inventory = Inventory.load(REPO_VECTORS / "inventories" / f"{args.inventory}.json")
+    engine = Engine(lm, max_batch_size=32, max_waiting=1 << 20)
+    engine.start()
+    try:
+        runs = [("unsteered", None)] if not steering or args.compare else []
+        runs += [("steered", steering)] if steering else []
+        results = {}
+        for label, steer in runs:
+            with tqdm(total=len(inventory.items) * args.repetitions, desc=f"assess {label}", unit="prompt") as bar:
+                results[label] = asyncio.run(assess(engine, inventory, repetitions=args.repetitions, steering=steer,
+                                                    seed=args.seed, progress=bar.update))
+    finally:
+        engine.shutdown()
+    labels = list(results)
+    if inventory.kind == "mbti":
+        print("dimension  " + "  ".join(f"{label:>18}" for label in labels))
+        for dim in inventory.dimensions:
+            first = dim.split("-")[0]
+            cells = [f"{first} {r['dimensions'][dim]['share'][first]:.2f} k={r['dimensions'][dim]['kappa']:.2f}" for r in results.values()]
+            print(f"{dim:<10} " + "  ".join(f"{c:>18}" for c in cells))
+        print("type       " + "  ".join(f"{r['type']:>18}" for r in results.values()))
+    else:
+        print("factor             " + "  ".join(f"{label:>16}" for label in labels))
+        for factor in inventory.dimensions:
+            cells = [f"{r['factors'][factor]['score']:.2f} k={r['factors'][factor]['kappa']:.2f}" for r in results.values()]
+            print(f"{factor:<18} " + "  ".join(f"{c:>16}" for c in cells))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from app.bench import main as bench_main
 
@@ -84,6 +195,27 @@ def main(argv: list[str] | None = None) -> int:
     extract.add_argument("--judge-model", default="gpt-4o-mini")
     extract.add_argument("--judge-key")
     extract.set_defaults(func=_extract)
+
+    screen = sub.add_parser("screen", help="rank training samples by projection difference")
+    screen.add_argument("data", help="JSONL: {'messages': [...]} or {'prompt', 'response'} per line")
+    screen.add_argument("--vector", action="append", required=True, help="vector name (repeatable)")
+    screen.add_argument("--layer", type=int, help="layer for every vector (default: each one's recommended layer)")
+    screen.add_argument("--top", type=int, default=50)
+    screen.add_argument("--out", help="per-sample scores as JSONL")
+    screen.add_argument("--no-generate", action="store_true", help="cheap variant: skip the natural answers")
+    screen.add_argument("--model", default="default")
+    screen.add_argument("--device", default="cpu")
+    screen.set_defaults(func=_screen)
+
+    assess_p = sub.add_parser("assess", help="measure the model's personality with an inventory")
+    assess_p.add_argument("--inventory", choices=["mbti", "big5"], default="mbti")
+    assess_p.add_argument("--repetitions", type=int, default=30)
+    assess_p.add_argument("--steering", action="append", help="NAME=COEFFICIENT (repeatable)")
+    assess_p.add_argument("--compare", action="store_true", help="also run unsteered and show both")
+    assess_p.add_argument("--seed", type=int, default=0)
+    assess_p.add_argument("--model", default="default")
+    assess_p.add_argument("--device", default="cpu")
+    assess_p.set_defaults(func=_assess)
 
     bench = sub.add_parser("bench", help="load-test a running server (like vllm bench serve)")
     bench.add_argument("--url", default="http://127.0.0.1:8000")

@@ -25,6 +25,7 @@ class ServerState:
     metrics: Metrics
     monitors: MonitorSet
     jobs: JobStore = field(default_factory=JobStore)
+    screen_outputs: dict = field(default_factory=dict)
     ready: bool = False
     created: int = 0
 

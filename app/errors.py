@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from steering.engine import DeadlineExceededError, EngineError, QueueFullError
+from steering.engine import DeadlineExceededError, DrainingError, EngineError, QueueFullError
 from steering.monitor import MonitorConfigError, SteeringPolicyError
 from steering.registry import VectorNotFoundError
 from steering.steer import SteeringError
@@ -73,6 +73,9 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(
             429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(exc.retry_after)}
         )
+    if isinstance(exc, DrainingError):
+        return APIError(503, str(exc), type="server_error", code="draining",
+                        headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, DeadlineExceededError):
         return APIError(504, str(exc), type="timeout_error", code="deadline_exceeded")
     if isinstance(exc, EngineError):

@@ -94,6 +94,9 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
         raise APIError(400, "the prompt is empty", param=prompt_param)
+    if settings.max_prompt_tokens is not None and n_prompt > settings.max_prompt_tokens:
+        raise APIError(400, f"the prompt has {n_prompt} tokens; this server accepts at most {settings.max_prompt_tokens}",
+                       param=prompt_param, code="prompt_too_long")
     room = lm.context_length - n_prompt
     if room < 1:
         raise APIError(
@@ -211,6 +214,11 @@ async def respond(
         raise as_api_error(exc) from exc
     timing.on_prefill(first)
     record_readings(state, monitor)
+    log = http.scope.setdefault("state", {}).setdefault("log", {})
+    log.update(prompt_tokens=len(gen.prompt_ids), steering=list(gen.steering.vectors) if gen.steering else [],
+               monitor={r.vector: r.action for r in monitor.readings or ()})
+    if state.settings.log_prompts:
+        log["prompt"] = state.lm.tokenizer.decode(gen.prompt_ids)
     if first.blocked is not None:
         await events.aclose()
         raise APIError(
@@ -224,7 +232,7 @@ async def respond(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(events, meta, renderer, timing, include_usage, monitor, state),
+            _sse(events, meta, renderer, timing, include_usage, monitor, state, log),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
@@ -242,6 +250,7 @@ async def respond(
         collector.cancel()
         raise as_api_error(exc) from exc
     record_response_stop(state, monitor, result)
+    log.update(completion_tokens=result.completion_tokens, finish_reason=result.finish_reason)
     body_out = {
         **meta,
         "object": renderer.object_final,
@@ -283,7 +292,7 @@ def _data(obj: dict) -> str:
 
 
 async def _sse(events: AsyncIterator, meta: dict, renderer: Renderer, timing: _Timing, include_usage: bool,
-               monitor: MonitorContext, state: ServerState):
+               monitor: MonitorContext, state: ServerState, log: dict):
     chunk = {**meta, "object": renderer.object_chunk}
     first = True
     try:
@@ -295,6 +304,7 @@ async def _sse(events: AsyncIterator, meta: dict, renderer: Renderer, timing: _T
             elif isinstance(event, Finished):
                 timing.on_finish(event)
                 record_response_stop(state, monitor, event)
+                log.update(completion_tokens=event.completion_tokens, finish_reason=event.finish_reason)
                 last = {**chunk, "choices": [renderer.chunk_choice(None if not first else "", event.finish_reason, first)]}
                 if (payload := monitor.payload()) is not None:
                     last["persona_monitor"] = payload

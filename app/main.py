@@ -7,11 +7,13 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import errors
 from app.deps import ServerState
 from app.metrics import Metrics
-from app.routes import chat, completions, health, jobs, models, monitors, vectors
+from app.middleware import BodyLimit, JsonByDefault, RequestObserver
+from app.routes import assess, chat, completions, health, jobs, models, monitors, screen, vectors
 from app.settings import Settings
 from steering.engine import Engine
 from steering.model import LoadedModel, load_model
@@ -45,60 +47,6 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
                        monitors=monitor_set, created=int(time.time()))
 
 
-class _RequestMetrics:
-    """ASGI middleware: count and time every HTTP request by its route template."""
-
-    def __init__(self, app, fastapi_app: FastAPI):
-        self.app, self.fastapi_app = app, fastapi_app
-
-    @staticmethod
-    def _endpoint(scope) -> str:
-        # The router records the matched route in the scope; unmatched paths share one label.
-        route = scope.get("route")
-        return getattr(route, "path", None) or "other"
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.monotonic(), {"code": 500}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            server = getattr(self.fastapi_app.state, "server", None)
-            if server is not None:
-                endpoint = self._endpoint(scope)
-                server.metrics.requests.labels(endpoint, str(status["code"])).inc()
-                server.metrics.request_duration.labels(endpoint).observe(time.monotonic() - start)
-
-
-class _JsonByDefault:
-    """ASGI middleware: read POST bodies as JSON when the client sent no JSON content type.
-
-    ``curl -d '{...}'`` labels its body ``application/x-www-form-urlencoded``; every POST route
-    here takes JSON, so a missing or form content type is treated as JSON.
-    """
-
-    _FORM = b"application/x-www-form-urlencoded"
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            current = dict(scope["headers"]).get(b"content-type")
-            if current is None or current.split(b";")[0].strip() == self._FORM:
-                # In place: the metrics middleware outside reads the routed scope afterwards.
-                scope["headers"] = headers + [(b"content-type", b"application/json")]
-        return await self.app(scope, receive, send)
-
-
 def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = None) -> FastAPI:
     """Build the app. Pass ``lm`` to serve an already loaded model (tests share one).
 
@@ -126,8 +74,13 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
 
     app = FastAPI(title="persona-server", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for module in (chat, completions, models, jobs, vectors, monitors, health):
+    for module in (chat, completions, models, jobs, vectors, monitors, screen, assess, health):
         app.include_router(module.router)
-    app.add_middleware(_JsonByDefault)
-    app.add_middleware(_RequestMetrics, fastapi_app=app)
+    app.add_middleware(JsonByDefault)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
+                       exempt=(("PUT", "/v1/vectors/"), ("POST", "/v1/screen")))
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(RequestObserver, fastapi_app=app)
     return app

@@ -196,3 +196,14 @@ class ExtractRequest(_Strict):
     name: VectorName | None = None
     method: Literal["contrastive_texts", "contrastive_prompts", "labelled_sentences"] = "contrastive_texts"
     sweep: bool = True
+
+
+class AssessRequest(_Strict):
+    """Body of ``POST /v1/assess``."""
+
+    inventory: Literal["mbti", "big5"] = "mbti"
+    repetitions: StrictInt = Field(30, ge=2, le=100)
+    steering: SteeringField = None
+    compare: bool = False
+    seed: StrictInt = 0
+    background: bool = False

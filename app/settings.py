@@ -40,14 +40,21 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(4096, ge=1)
     max_steering_entries: int = Field(16, ge=1)
     max_abs_coefficient: float = Field(100.0, gt=0)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_prompt_tokens: int | None = Field(None, ge=1)
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_screen_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     retry_after_s: int = Field(1, ge=1)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    drain_notice_s: float = Field(0.0, ge=0)
+    log_prompts: bool = False
+    cors_origins: Annotated[list[str], NoDecode] = []
 
     # Comma-separated in the environment: PERSONA_API_KEYS=k1,k2
     api_keys: Annotated[list[str], NoDecode] = []
     admin_keys: Annotated[list[str], NoDecode] = []
 
-    @field_validator("api_keys", "admin_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):

@@ -43,6 +43,12 @@ class QueueFullError(EngineError):
         self.retry_after = retry_after
 
 
+class DrainingError(EngineError):
+    """The engine is draining for shutdown and takes no new requests."""
+
+    retry_after = 5
+
+
 class DeadlineExceededError(EngineError):
     """The request ran past its deadline."""
 
@@ -67,6 +73,9 @@ class GenerationRequest:
     # Prompt position from which to average the state at every layer (teacher-forced
     # extraction): PrefillDone.span_mean is then [num_layers + 1, hidden].
     mean_from: int | None = None
+    # Token ids whose next-token log-probabilities after the prompt PrefillDone reports
+    # (answer options of an inventory item).
+    option_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -77,6 +86,7 @@ class PrefillDone:
     queue_wait_s: float
     blocked: object | None = None
     span_mean: torch.Tensor | None = None
+    option_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -145,6 +155,7 @@ class Engine:
         self._mask: torch.Tensor | None = None
         self._decode_deltas: dict[int, torch.Tensor] = {}
         self._stopping = False
+        self._draining = False
         self._thread: threading.Thread | None = None
         self._device = lm.input_device
 
@@ -161,6 +172,14 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="persona-engine", daemon=True)
         self._thread.start()
+
+    def drain(self) -> None:
+        """Refuse new requests; running and queued ones go on to completion."""
+        self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._wake:
@@ -186,8 +205,8 @@ class Engine:
             deadline=now + request.timeout_s if request.timeout_s else None,
         )
         with self._wake:
-            if self._stopping:
-                raise EngineError("the engine is shutting down")
+            if self._stopping or self._draining:
+                raise DrainingError("the server is shutting down; retry on another replica")
             if len(self._pending) >= self.max_waiting:
                 raise QueueFullError(len(self._pending))
             self._pending.append(row)
@@ -214,16 +233,22 @@ class Engine:
                     if self._stopping:
                         break
                     new = self._take_new()
+                # A failed forward fails the rows that were in it, not the server: a failed
+                # prefill leaves the running batch untouched; a failed decode step may have
+                # half-updated the cache, so its rows end and the batch starts afresh.
+                affected = new or self._rows
                 try:
                     if new:
                         self._prefill(new)
                     elif self._rows:
                         self._decode()
-                except Exception as exc:  # a failed forward fails the rows in it, not the server
+                except Exception as exc:
                     log.exception("forward pass failed")
-                    for row in new + self._rows:
+                    for row in affected:
+                        row.done = True
                         row.handle.emit(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
-                    self._reset_batch()
+                    if not new:
+                        self._reset_batch()
                 self._drop_finished()
         self._fail_all(EngineError("the engine shut down"))
 
@@ -255,6 +280,7 @@ class Engine:
         with self.hooks.state(deltas, capture, spans) as captured:
             out = self._forward(ids, mask, positions, cache)
         means = self.hooks.span_means
+        logits = out.logits[:, -1, :].float()
         started = time.monotonic()
         for i, row in enumerate(new):
             states = {layer: captured[layer][i] for layer in row.request.capture_layers}
@@ -263,14 +289,17 @@ class Engine:
             span_mean = None
             if i in span_row:
                 span_mean = torch.stack([means[layer][span_row[i]].cpu() for layer in range(self.lm.num_layers + 1)])
+            options = None
+            if row.request.option_ids:
+                options = torch.log_softmax(logits[i], dim=-1)[list(row.request.option_ids)].tolist()
             row.handle.emit(PrefillDone(prompt_states=states, queue_wait_s=started - row.submitted,
-                                        blocked=blocked, span_mean=span_mean))
+                                        blocked=blocked, span_mean=span_mean, option_logprobs=options))
             if blocked is not None:
                 row.done = True
             elif row.request.sampling.max_new_tokens == 0:  # prefill only (monitor calibration)
                 row.done = True
                 row.handle.emit(Finished("length", "", len(row.request.prompt_ids), 0))
-        self._advance(new, out.logits[:, -1, :].float())
+        self._advance(new, logits)
         self._merge(new, out.past_key_values, mask)
 
     def _decode(self) -> None:

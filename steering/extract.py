@@ -22,6 +22,7 @@ fluency signal (the share of distinct word bigrams) holds.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -196,16 +197,20 @@ async def coefficient_sweep(runner: EngineRunner, tok, directions: torch.Tensor,
     the answers' projection and fluency."""
     unit = unit_rows(directions)
     prompts = [chat_prompt_ids(tok, _user(q)) for q in questions]
-    rows = []
-    for c in (0.0, *grid, *(-g for g in grid)):
+    coefficients = (0.0, *grid, *(-g for g in grid))
+
+    async def one(c: float) -> dict:
         delta = c * directions[layer]
         steer = RowSteering(prompt={layer: delta}, response={layer: delta}) if c else None
         answers = await runner.generate(prompts, steering=steer, max_new_tokens=32)
-        rows.append({
+        return {
             "coefficient": c,
             "projection": round(await answer_projection(runner, tok, questions, answers, unit, layer), 4),
             "distinct_bigrams": round(sum(map(distinct_bigrams, answers)) / len(answers), 4),
-        })
+        }
+
+    # All coefficients at once: their rows share the engine's batches.
+    rows = await asyncio.gather(*(one(c) for c in coefficients))
     return sorted(rows, key=lambda r: r["coefficient"])
 
 

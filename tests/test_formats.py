@@ -86,3 +86,17 @@ def test_pt_import_never_runs_pickled_code(tmp_path, capsys):
     with pytest.raises(VectorFormatError):
         import_pt(tmp_path / "evil.pt", name="x", model=MODEL)
     assert "pickle code ran" not in capsys.readouterr().out
+
+
+def test_gguf_export_and_import_over_http(client, server):
+    exported = client.get("/v1/vectors/optimistic", params={"format": "gguf"})
+    assert exported.status_code == 200 and exported.content[:4] == b"GGUF"
+    put = client.put("/v1/vectors/optimistic-gguf", params={"format": "gguf"}, content=exported.content)
+    assert put.status_code == 201, put.text
+    try:
+        original = server.state.registry.get("optimistic").directions
+        imported = server.state.registry.get("optimistic-gguf").directions
+        assert torch.equal(imported[2:], original[2:])  # rows 0 and 1 have no GGUF counterpart
+        assert client.put("/v1/vectors/bad", params={"format": "gguf"}, content=b"not gguf").status_code == 400
+    finally:
+        client.delete("/v1/vectors/optimistic-gguf")

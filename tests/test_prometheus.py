@@ -112,3 +112,4 @@ def test_real_prometheus_scrapes_the_decision_counter(lm, tmp_path):
         finally:
             prom.terminate()
             prom.wait(30)
+

@@ -12,6 +12,10 @@ from app.auth import Admin, User
 from app.deps import State
 from app.errors import APIError
 from app.schemas import VectorUpload
+import tempfile
+from pathlib import Path
+
+from steering.formats import export_gguf, import_gguf, import_pt
 from steering.vector import ModelRef, PersonaVector, VectorFormatError, validate_name
 
 router = APIRouter()
@@ -47,8 +51,14 @@ async def get_vector(name: str, state: State, _user: User, format: str = "json")
             media_type="application/octet-stream",
             headers={"Content-Disposition": f'attachment; filename="{vector.name}.safetensors"'},
         )
+    if format == "gguf":
+        with tempfile.TemporaryDirectory() as tmp:
+            export_gguf(vector, Path(tmp) / "v.gguf")
+            data = (Path(tmp) / "v.gguf").read_bytes()
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{vector.name}.gguf"'})
     if format != "json":
-        raise APIError(400, "format must be 'json' or 'safetensors'", param="format")
+        raise APIError(400, "format must be 'json', 'safetensors' or 'gguf'", param="format")
     return summary(vector)
 
 
@@ -76,21 +86,31 @@ async def _read_limited(http: Request, limit: int) -> bytes:
         }
     },
 )
-async def put_vector(name: str, state: State, http: Request, _admin: Admin):
+async def put_vector(name: str, state: State, http: Request, _admin: Admin, format: str = "safetensors"):
     """Upload a vector as a safetensors file (``application/octet-stream``, metadata in the
-    header as written by this server) or as JSON (``directions`` for the loaded model)."""
+    header as written by this server), as JSON (``directions`` for the loaded model), or
+    import a llama.cpp / repeng control vector (``?format=gguf``) or a persona-vectors tensor
+    (``?format=pt``, loaded without pickle code)."""
     name = _name(name)
     data = await _read_limited(http, state.settings.max_upload_bytes)
-    if http.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+    lm = state.lm
+    ref = ModelRef(lm.name, lm.fingerprint, lm.num_layers, lm.hidden_size)
+    if format in ("gguf", "pt"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"upload.{format}"
+            path.write_bytes(data)
+            vector = (import_gguf if format == "gguf" else import_pt)(path, name=name, model=ref)
+    elif format != "safetensors":
+        raise APIError(400, "format must be 'safetensors', 'gguf' or 'pt'", param="format")
+    elif http.headers.get("content-type", "").split(";")[0].strip() == "application/json":
         try:
             upload = VectorUpload.model_validate_json(data)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
-        lm = state.lm
         vector = PersonaVector(
             name=name,
             directions=torch.tensor(upload.directions, dtype=torch.float32),
-            model=ModelRef(lm.name, lm.fingerprint, lm.num_layers, lm.hidden_size),
+            model=ref,
             description=upload.description,
             method=upload.method,
             recommended_layer=upload.recommended_layer,

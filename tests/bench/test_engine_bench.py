@@ -258,3 +258,51 @@ def test_r1_http_bench_vs_static(lm, record, tmp_path):
     record({"row": "R1-http", "http_bench_tok_s": round(max(http), 1), "static_generate_tok_s": round(max(static), 1),
             "ratio": round(ratio, 3), "ttft_p50_ms": summary.ttft_ms.get("p50"), "itl_p50_ms": summary.itl_ms.get("p50"), "target": ">= 0.85"})
     assert ratio >= 0.85
+
+
+def test_r6_monitor_overhead(lm, registry, record, tmp_path):
+    """Throughput with 4 monitors (prefill scoring) on vs off, same 32-request workload."""
+    from steering.monitor import MonitorConfig, MonitorSet
+
+    monitors = MonitorSet(tmp_path / "monitors.json", registry, num_layers=lm.num_layers)
+    for name in registry.names()[:4]:
+        monitors.put(MonitorConfig(name, mode="annotate", flag_threshold=2.0, block_threshold=4.0), who="bench")
+    assert len(monitors.active()) == 4
+    ids = prompts(lm)
+
+    def score_only(states):
+        monitors.score(states)  # annotate mode: compute, never block
+        return None
+
+    def run(with_monitors: bool) -> float:
+        async def one(p):
+            req = GenerationRequest(
+                prompt_ids=p, sampling=SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True),
+                capture_layers=monitors.layers() if with_monitors else frozenset(),
+                prefill_check=score_only if with_monitors else None,
+            )
+            async for ev in engine.generate(req):
+                if isinstance(ev, Finished):
+                    return ev.completion_tokens
+
+        async def all_():
+            start = time.perf_counter()
+            counts = await asyncio.gather(*(one(p) for p in ids))
+            return sum(counts) / (time.perf_counter() - start)
+
+        return asyncio.run(all_())
+
+    engine = Engine(lm, max_batch_size=64)
+    engine.start()
+    try:
+        run(False)
+        on, off = [], []
+        for _ in range(REPS):
+            off.append(run(False))
+            on.append(run(True))
+    finally:
+        engine.shutdown()
+    ratio = statistics.median(on) / statistics.median(off)
+    record({"row": "R6", "monitors_on_tok_s": round(statistics.median(on), 1), "monitors_off_tok_s": round(statistics.median(off), 1),
+            "ratio": round(ratio, 3), "target": ">= 0.98"})
+    assert ratio >= 0.98

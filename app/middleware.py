@@ -1,0 +1,138 @@
+"""ASGI middleware around the routes: request ids, access logs and metrics; JSON bodies for
+``curl -d``; request body limits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from app.errors import envelope
+
+access_log = logging.getLogger("persona_server.access")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+async def _send_error(send, status: int, message: str, code: str, headers: list | None = None) -> None:
+    body = json.dumps(envelope(message, "invalid_request_error", None, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestObserver:
+    """Give every request an id (``X-Request-Id``, honoured when safe, echoed), then count and
+    time it by route template and write one JSON access-log line.
+
+    Routes add fields for the log line in ``scope["state"]["log"]`` (tokens, monitor verdicts).
+    """
+
+    def __init__(self, app, fastapi_app):
+        self.app, self.fastapi_app = app, fastapi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.monotonic(), {"code": 500}
+        given = (_header(scope, b"x-request-id") or b"").decode("latin-1")
+        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        scope["state"]["log"] = {}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message = {**message, "headers": list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.monotonic() - start
+            route = getattr(scope.get("route"), "path", None) or "other"
+            server = getattr(self.fastapi_app.state, "server", None)
+            if server is not None:
+                server.metrics.requests.labels(route, str(status["code"])).inc()
+                server.metrics.request_duration.labels(route).observe(elapsed)
+            access_log.info(json.dumps({
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "request_id": request_id,
+                "method": scope["method"], "route": route, "status": status["code"],
+                "latency_s": round(elapsed, 4), **scope["state"]["log"],
+            }))
+
+
+class JsonByDefault:
+    """Read POST bodies as JSON when the client sent no JSON content type.
+
+    ``curl -d '{...}'`` labels its body ``application/x-www-form-urlencoded``; every POST route
+    that takes a form here takes JSON, so a missing or form content type is treated as JSON.
+    """
+
+    _FORM = b"application/x-www-form-urlencoded"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            current = _header(scope, b"content-type")
+            if current is None or current.split(b";")[0].strip() == self._FORM:
+                # In place: the observer outside reads the routed scope afterwards.
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
+                    (b"content-type", b"application/json")]
+        return await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse request bodies above a limit with 413 (declared length or counted bytes).
+
+    Routes that take large uploads (vectors, screening datasets) enforce their own limits.
+    """
+
+    def __init__(self, app, limit: int, exempt: tuple[tuple[str, str], ...] = ()):
+        self.app, self.limit, self.exempt = app, limit, exempt
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or any(
+            scope["method"] == method and scope["path"].startswith(prefix) for method, prefix in self.exempt
+        ):
+            return await self.app(scope, receive, send)
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_error(send, 413, f"request body is larger than {self.limit} bytes", "payload_too_large")
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        started = {"sent": False}
+
+        async def tracking_send(message):
+            if message["type"] == "http.response.start":
+                started["sent"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started["sent"]:
+                await _send_error(send, 413, f"request body is larger than {self.limit} bytes", "payload_too_large")
+
+
+class _TooLarge(Exception):
+    pass

@@ -1,0 +1,57 @@
+"""``POST /v1/assess``: personality inventories under optional steering."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.auth import User
+from app.deps import State
+from app.errors import APIError
+from app.schemas import AssessRequest, steering_entries
+from app.settings import REPO_VECTORS
+from steering.assess import Inventory, assess
+from steering.monitor import check_steering_caps
+from steering.steer import SteeringSpec, resolve_steering
+
+router = APIRouter()
+
+
+def shifts(base: dict, steered: dict) -> dict:
+    """Per-dimension change: pole shares (MBTI) or factor scores (Big Five)."""
+    if "dimensions" in base:
+        return {dim: round(steered["dimensions"][dim]["share"][dim.split("-")[0]] - v["share"][dim.split("-")[0]], 4)
+                for dim, v in base["dimensions"].items()}
+    return {f: round(steered["factors"][f]["score"] - v["score"], 4) for f, v in base["factors"].items()}
+
+
+@router.post("/v1/assess")
+async def assess_route(body: AssessRequest, state: State, _user: User):
+    entries = steering_entries(body.steering)
+    if len(entries) > state.settings.max_steering_entries:
+        raise APIError(400, f"at most {state.settings.max_steering_entries} steering entries are allowed", param="steering")
+    specs = [SteeringSpec(e.vector, e.coefficient, tuple(e.layers) if e.layers else None, e.positions, e.unit) for e in entries]
+    steering = resolve_steering(specs, state.registry) if specs else None
+    if specs:
+        check_steering_caps(specs, state.registry, state.monitors)
+    if body.compare and steering is None:
+        raise APIError(400, "compare needs a steering to compare with", param="compare")
+    inventory = Inventory.load(REPO_VECTORS / "inventories" / f"{body.inventory}.json")
+
+    async def run(job=None) -> dict:
+        def tick(n: int) -> None:
+            if job is not None:
+                job.progress += n
+
+        steered = await assess(state.engine, inventory, repetitions=body.repetitions, steering=steering,
+                               seed=body.seed, progress=tick)
+        if not body.compare:
+            return {"object": "assessment", "steering": [e.model_dump() for e in entries], **steered}
+        base = await assess(state.engine, inventory, repetitions=body.repetitions, seed=body.seed, progress=tick)
+        return {"object": "assessment.comparison", "steering": [e.model_dump() for e in entries],
+                "unsteered": base, "steered": steered, "shift": shifts(base, steered)}
+
+    if body.background:
+        job = state.jobs.submit("assess", run, total=len(inventory.items) * body.repetitions * (2 if body.compare else 1))
+        return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    return await run()

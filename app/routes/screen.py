@@ -1,0 +1,99 @@
+"""``POST /v1/screen``: projection-difference screening of a JSONL training set, as a job.
+
+The upload is streamed to a spool file (never held in memory) and size-limited; the job
+then reads it line by line. ``GET /v1/jobs/{id}`` gives the per-vector summary and top
+samples, ``GET /v1/jobs/{id}/output`` the per-sample rows as JSONL."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from app.auth import User
+from app.deps import State
+from app.errors import APIError
+from steering.runner import EngineRunner
+from steering.screen import Screener, ScreenReport
+
+router = APIRouter()
+
+
+def _lines(path: Path):
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, raw in enumerate(fh, start=1):
+            yield number, raw
+
+
+@router.post(
+    "/v1/screen",
+    status_code=202,
+    openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}},
+)
+async def screen(http: Request, state: State, _user: User, vectors: str, top: int = 50, generate: bool = True,
+                 max_new_tokens: int = 64):
+    """Body: JSONL, one ``{"messages": [...]}`` or ``{"prompt", "response"}`` per line.
+    Query: ``vectors=evil,sycophantic``, ``top``, ``generate`` (false: cheap variant only)."""
+    names = [n for n in vectors.split(",") if n]
+    if not names:
+        raise APIError(400, "give at least one vector", param="vectors")
+    if not 1 <= top <= 10_000:
+        raise APIError(400, "top must be in 1..10000", param="top")
+    if not 1 <= max_new_tokens <= state.settings.max_tokens_limit:
+        raise APIError(400, f"max_new_tokens must be in 1..{state.settings.max_tokens_limit}", param="max_new_tokens")
+    resolved = []
+    for i, name in enumerate(names):
+        try:
+            resolved.append(state.registry.get(name))
+        except KeyError:
+            raise APIError(404, f"vector '{name}' not found", type="not_found_error", param="vectors",
+                           code="vector_not_found") from None
+    spool_dir = state.settings.data_dir / "screen"
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    limit = state.settings.max_screen_bytes
+    spool = tempfile.NamedTemporaryFile(dir=spool_dir, suffix=".jsonl", delete=False)
+    size = 0
+    try:
+        with spool:
+            async for chunk in http.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"the dataset is larger than {limit} bytes", code="payload_too_large")
+                spool.write(chunk)
+    except BaseException:
+        Path(spool.name).unlink(missing_ok=True)
+        raise
+    if size == 0:
+        Path(spool.name).unlink(missing_ok=True)
+        raise APIError(400, "the request body (a JSONL dataset) is empty", param="body")
+    source = Path(spool.name)
+    output = source.with_suffix(".out.jsonl")
+
+    async def work(job) -> dict:
+        report = ScreenReport(names, top)
+        screener = Screener(EngineRunner(state.engine), state.lm.tokenizer, resolved, generate=generate,
+                            max_new_tokens=max_new_tokens)
+        try:
+            with open(output, "w", encoding="utf-8") as out:
+                async for row in screener.rows(_lines(source), report):
+                    out.write(json.dumps(row) + "\n")
+                    job.progress += 1
+        finally:
+            source.unlink(missing_ok=True)
+        return {**report.summary(generate), "output": f"/v1/jobs/{job.id}/output"}
+
+    job = state.jobs.submit("screen", work)
+    state.screen_outputs[job.id] = output
+    return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("/v1/jobs/{job_id}/output")
+async def job_output(job_id: str, state: State, _user: User):
+    path = state.screen_outputs.get(job_id)
+    job = state.jobs.get(job_id)
+    if path is None or job is None or job.status != "succeeded" or not path.exists():
+        raise APIError(404, f"no finished output for job '{job_id}'", type="not_found_error", code="job_output_not_found")
+    return FileResponse(path, media_type="application/x-ndjson")

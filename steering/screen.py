@@ -1,0 +1,200 @@
+"""Training-data screening by projection difference (the Persona Vectors method).
+
+For each sample (a chat whose last assistant message is the training response, or a
+prompt / response pair) and each vector, at the vector's layer:
+
+- ``train``: projection of the training response's mean response-token state;
+- ``natural``: the same for the model's own greedy answer to the prompt;
+- ``diff`` = train - natural: how much further along the persona the sample would pull;
+- ``cheap_diff`` = train - projection of the last prompt token (no generation needed).
+
+High values flag samples that would shift the persona if fine-tuned on. The input is read
+line by line and processed in chunks, so a large file is never held in memory; a malformed
+line is reported with its number and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterable
+
+import torch
+
+from steering.chat import chat_prompt_ids, text_ids
+from steering.engine import Finished, GenerationRequest, PrefillDone
+from steering.runner import EngineRunner
+from steering.sampling import SamplingParams
+from steering.vector import PersonaVector
+
+
+class SampleError(ValueError):
+    pass
+
+
+@dataclass
+class Sample:
+    line: int
+    messages: list[dict]  # the prompt: every message before the training response
+    response: str
+
+
+def parse_line(line_no: int, raw: str) -> Sample | None:
+    """One JSONL line to a :class:`Sample`; ``None`` for a blank line; :class:`SampleError` if malformed."""
+    if not raw.strip():
+        return None
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SampleError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(obj, dict):
+        raise SampleError("each line must be a JSON object")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2:
+            raise SampleError("'messages' must be a list with a prompt and a final assistant message")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise SampleError(f"messages[{i}] needs a role (system, user, assistant) and string content")
+        if msgs[-1]["role"] != "assistant":
+            raise SampleError("the last message must be the assistant's (the training response)")
+        if not msgs[-1]["content"].strip():
+            raise SampleError("the training response is empty")
+        return Sample(line_no, msgs[:-1], msgs[-1]["content"])
+    if isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str) and obj["response"].strip():
+        return Sample(line_no, [{"role": "user", "content": obj["prompt"]}], obj["response"])
+    raise SampleError("expected {'messages': [...]} or {'prompt': str, 'response': str}")
+
+
+@dataclass
+class ScreenReport:
+    """Per-vector running means and top-k samples; per-sample rows are yielded as they come."""
+
+    vectors: list[str]
+    top_k: int
+    samples: int = 0
+    errors: list[dict] = field(default_factory=list)
+    _sums: dict[str, float] = field(default_factory=dict)
+    _cheap_sums: dict[str, float] = field(default_factory=dict)
+    _tops: dict[str, list] = field(default_factory=dict)
+
+    def add(self, row: dict) -> None:
+        self.samples += 1
+        for name, s in row["scores"].items():
+            key = s["diff"] if s.get("diff") is not None else s["cheap_diff"]
+            self._sums[name] = self._sums.get(name, 0.0) + (s["diff"] or 0.0)
+            self._cheap_sums[name] = self._cheap_sums.get(name, 0.0) + s["cheap_diff"]
+            heap = self._tops.setdefault(name, [])
+            item = (key, -row["line"], {"line": row["line"], **s})
+            if len(heap) < self.top_k:
+                heapq.heappush(heap, item)
+            else:
+                heapq.heappushpop(heap, item)
+
+    def summary(self, generated: bool) -> dict:
+        n = max(1, self.samples)
+        return {
+            "samples": self.samples,
+            "errors": self.errors,
+            "vectors": {
+                name: {
+                    "mean_diff": round(self._sums.get(name, 0.0) / n, 4) if generated else None,
+                    "mean_cheap_diff": round(self._cheap_sums.get(name, 0.0) / n, 4),
+                    "top": [item[2] for item in sorted(self._tops.get(name, []), reverse=True)],
+                }
+                for name in self.vectors
+            },
+        }
+
+
+class Screener:
+    """Scores samples against vectors through the engine.
+
+    Example::
+
+        screener = Screener(EngineRunner(engine), lm.tokenizer, [registry.get("evil")])
+        async for row in screener.rows(lines):   # lines: iterable of (line_no, text)
+            ...
+    """
+
+    def __init__(self, runner: EngineRunner, tokenizer, vectors: list[PersonaVector], *,
+                 layers: dict[str, int] | None = None, generate: bool = True, max_new_tokens: int = 64,
+                 chunk: int = 32):
+        self.runner, self.tok, self.vectors = runner, tokenizer, vectors
+        self.layers = {v.name: (layers or {}).get(v.name) or v.recommended_layer for v in vectors}
+        self.units = {v.name: v.direction(self.layers[v.name]) / v.direction(self.layers[v.name]).norm() for v in vectors}
+        self.generate, self.max_new_tokens, self.chunk = generate, max_new_tokens, chunk
+
+    def _proj(self, name: str, states: torch.Tensor) -> float:
+        return float(states[self.layers[name]] @ self.units[name])
+
+    async def _natural(self, prompt: list[int]) -> tuple[str, dict[int, torch.Tensor]]:
+        """Greedy natural answer, plus the last prompt token's states from the same prefill."""
+        req = GenerationRequest(prompt_ids=prompt, capture_layers=frozenset(self.layers.values()),
+                                sampling=SamplingParams(max_new_tokens=self.max_new_tokens if self.generate else 0, temperature=0))
+        states: dict[int, torch.Tensor] = {}
+        async for event in self.runner.engine.generate(req):
+            if isinstance(event, PrefillDone):
+                states = event.prompt_states
+            elif isinstance(event, Finished):
+                return event.text, states
+        raise RuntimeError("generation returned no result")
+
+    async def _score(self, samples: list[Sample]) -> list[dict]:
+        prompts = [chat_prompt_ids(self.tok, s.messages) for s in samples]
+        naturals = await asyncio.gather(*(self._natural(p) for p in prompts))
+        train = await self.runner.span_means([p + text_ids(self.tok, s.response) for p, s in zip(prompts, samples)],
+                                             [len(p) for p in prompts])
+        if self.generate:
+            natural = await self.runner.span_means([p + text_ids(self.tok, text or " ") for p, (text, _) in zip(prompts, naturals)],
+                                                   [len(p) for p in prompts])
+        rows = []
+        for i, s in enumerate(samples):
+            scores = {}
+            for v in self.vectors:
+                t = self._proj(v.name, train[i])
+                last = float(naturals[i][1][self.layers[v.name]].float() @ self.units[v.name])
+                nat = self._proj(v.name, natural[i]) if self.generate else None
+                scores[v.name] = {
+                    "layer": self.layers[v.name],
+                    "train": round(t, 4),
+                    "natural": None if nat is None else round(nat, 4),
+                    "diff": None if nat is None else round(t - nat, 4),
+                    "prompt_last_token": round(last, 4),
+                    "cheap_diff": round(t - last, 4),
+                }
+            rows.append({"line": s.line, "scores": scores})
+        return rows
+
+    async def rows(self, lines: Iterable[tuple[int, str]] | AsyncIterator[tuple[int, str]], report: ScreenReport):
+        """Yield one scored row per valid sample; malformed lines go to ``report.errors``."""
+        batch: list[Sample] = []
+
+        async def each():
+            if hasattr(lines, "__aiter__"):
+                async for item in lines:
+                    yield item
+            else:
+                for item in lines:
+                    yield item
+
+        async for line_no, raw in each():
+            try:
+                sample = parse_line(line_no, raw)
+            except SampleError as exc:
+                report.errors.append({"line": line_no, "error": str(exc)})
+                continue
+            if sample is None:
+                continue
+            batch.append(sample)
+            if len(batch) >= self.chunk:
+                for row in await self._score(batch):
+                    report.add(row)
+                    yield row
+                batch = []
+        if batch:
+            for row in await self._score(batch):
+                report.add(row)
+                yield row

@@ -1,0 +1,62 @@
+"""Evidence run for the README (slow, `make bench`): the default model's MBTI type and Big
+Five scores with their reliability, and the matrix of shifts when each axis / factor vector
+is steered at -c and +c."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.settings import REPO_VECTORS
+from steering.assess import Inventory, assess
+from steering.engine import Engine
+from steering.model import load_model
+from steering.registry import VectorRegistry
+from steering.steer import SteeringSpec, resolve_steering
+from tests.conftest import CACHE_DIR
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    lm = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR)
+    reg = VectorRegistry(tmp_path_factory.mktemp("reg"), model_name=lm.name, fingerprint=lm.fingerprint,
+                         num_layers=lm.num_layers, hidden_size=lm.hidden_size)
+    reg.seed_from(REPO_VECTORS)
+    engine = Engine(lm, max_batch_size=64, max_waiting=1 << 20)
+    engine.start()
+    yield engine, reg
+    engine.shutdown()
+
+
+def _matrix(engine, reg, inventory, vectors, read, reps):
+    rows = {}
+    for target, name in vectors:
+        c = 2 * reg.get(name).coefficient_range[0]
+        low = asyncio.run(assess(engine, inventory, repetitions=reps, steering=resolve_steering([SteeringSpec(name, -c)], reg)))
+        high = asyncio.run(assess(engine, inventory, repetitions=reps, steering=resolve_steering([SteeringSpec(name, c)], reg)))
+        rows[target] = {"c": c, **{k: round(read(high, k) - read(low, k), 3) for k in [t for t, _ in vectors]}}
+    return rows
+
+
+def test_mbti_report(setup, record):
+    engine, reg = setup
+    inv = Inventory.load(REPO_VECTORS / "inventories" / "mbti.json")
+    base = asyncio.run(assess(engine, inv, repetitions=30))
+    record({"row": "mbti", "type": base["type"],
+            **{d: {"share": v["share"], "kappa": v["kappa"],
+                   "kappa_at": {p["repetitions"]: p["kappa"] for p in v["kappa_curve"] if p["repetitions"] in (5, 10, 20, 30)}}
+               for d, v in base["dimensions"].items()}})
+    axes = [(a, f"mbti.{a}") for a in ("E-I", "S-N", "T-F", "J-P")]
+    matrix = _matrix(engine, reg, inv, axes, lambda r, d: r["dimensions"][d]["share"][d.split("-")[0]], 10)
+    record({"row": "mbti_shift_matrix", "read": "share of the first pole, +c minus -c, 10 repetitions", "matrix": matrix})
+
+
+def test_big5_report(setup, record):
+    engine, reg = setup
+    inv = Inventory.load(REPO_VECTORS / "inventories" / "big5.json")
+    base = asyncio.run(assess(engine, inv, repetitions=30))
+    record({"row": "big5", **{f: {"score": v["score"], "kappa": v["kappa"]} for f, v in base["factors"].items()}})
+    factors = [(f, f"big5.{f}") for f in inv.dimensions]
+    matrix = _matrix(engine, reg, inv, factors, lambda r, f: r["factors"][f]["score"], 10)
+    record({"row": "big5_shift_matrix", "read": "keyed score (1-5), +c minus -c, 10 repetitions", "matrix": matrix})

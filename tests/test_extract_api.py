@@ -1,0 +1,59 @@
+"""``POST /v1/vectors/extract`` builds a vector as a job; the result lands in the registry."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from app.settings import REPO_VECTORS
+
+
+def _wait(client, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError("job did not finish")
+
+
+def test_extract_job_builds_a_vector_that_matches_the_shipped_one(client, server):
+    data = json.loads((REPO_VECTORS / "traits" / "optimistic.json").read_text())
+    r = client.post("/v1/vectors/extract", json={"trait": data, "name": "optimistic-rebuilt", "sweep": False})
+    assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+    job = _wait(client, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["done"] > 0
+    shipped = server.state.registry.get("optimistic")
+    rebuilt = server.state.registry.get("optimistic-rebuilt")
+    try:
+        assert rebuilt.recommended_layer == shipped.recommended_layer
+        cos = (rebuilt.directions[1:] * shipped.directions[1:]).sum(-1) / (
+            rebuilt.directions[1:].norm(dim=-1) * shipped.directions[1:].norm(dim=-1))
+        assert float(cos.min()) > 0.999  # same definition, same model: the same vector
+        assert rebuilt.source["definition_sha256"] == shipped.source["definition_sha256"]
+    finally:
+        client.delete("/v1/vectors/optimistic-rebuilt")
+
+
+def test_labelled_sentences_job_and_bad_definitions(client, server):
+    trait = {
+        "name": "tidy", "description": "Keeps things in order versus leaves things in a mess.",
+        "pairs": [{"pos": "You love order and plans.", "neg": "You hate plans and leave things messy."}],
+        "heldout_questions": ["How do you pack for a trip?", "What does your desk look like?"],
+        "sentences": {"pos": ["I label every box before I move.", "My calendar is planned weeks ahead."],
+                      "neg": ["I never know where my keys are.", "My plans change every hour or so."]},
+    }
+    r = client.post("/v1/vectors/extract", json={"trait": trait, "method": "labelled_sentences", "sweep": False})
+    job = _wait(client, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert server.state.registry.get("tidy").method == "labelled_sentences"
+    client.delete("/v1/vectors/tidy")
+
+    missing = client.post("/v1/vectors/extract", json={"trait": {**trait, "sentences": {}}, "method": "labelled_sentences"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "trait.sentences"
+    both = client.post("/v1/vectors/extract", json={"trait": trait, "trait_name": "optimistic"})
+    assert both.status_code == 400
+    assert client.post("/v1/vectors/extract", json={"trait_name": "no-such-trait"}).status_code == 404
+    assert client.get("/v1/jobs/job-nope").status_code == 404

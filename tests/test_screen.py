@@ -1,0 +1,86 @@
+"""Training-data screening: flattering answers rank at the top for the sycophancy vector."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from steering.screen import SampleError, parse_line
+
+DATA = Path(__file__).parent / "data" / "screen_mixed.jsonl"
+LABELS = {i: json.loads(line)["label"] for i, line in enumerate(DATA.read_text().splitlines(), start=1)}
+
+
+@pytest.mark.parametrize("raw,message", [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "list with a prompt"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}', "last message"),
+    ('{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}', "messages[0]"),
+    ('{"prompt": "hi"}', "expected"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}', "empty"),
+])
+def test_malformed_lines_say_what_is_wrong(raw, message):
+    with pytest.raises(SampleError, match=message):
+        parse_line(1, raw)
+
+
+def _wait(client, job_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError("job did not finish")
+
+
+def _precision(top: list[dict], k: int) -> float:
+    return sum(LABELS[t["line"]] == "sycophantic" for t in top[:k]) / k
+
+
+def test_screen_job_ranks_sycophantic_samples_first(client):
+    body = DATA.read_bytes() + b"{broken line\n" + b'{"prompt": "no response"}\n'
+    r = client.post("/v1/screen", params={"vectors": "sycophantic,big5.conscientiousness", "top": 10, "max_new_tokens": 32},
+                    content=body, headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 202, r.text
+    job = _wait(client, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert result["samples"] == 40
+    assert [e["line"] for e in result["errors"]] == [41, 42]
+    syc = _precision(result["vectors"]["sycophantic"]["top"], 10)
+    other = _precision(result["vectors"]["big5.conscientiousness"]["top"], 10)
+    print(f"precision@10: sycophantic {syc:.2f}, big5.conscientiousness {other:.2f}")
+    assert syc >= 0.7
+    assert syc > other
+    rows = [json.loads(line) for line in client.get(f"/v1/jobs/{job['id']}/output").text.splitlines()]
+    assert len(rows) == 40 and {"train", "natural", "diff", "cheap_diff"} <= set(rows[0]["scores"]["sycophantic"])
+    mean_syc = sum(r["scores"]["sycophantic"]["diff"] for r in rows if LABELS[r["line"]] == "sycophantic") / 10
+    mean_neutral = sum(r["scores"]["sycophantic"]["diff"] for r in rows if LABELS[r["line"]] == "neutral") / 30
+    assert mean_syc > mean_neutral
+
+
+def test_screen_refuses_bad_requests(client):
+    assert client.post("/v1/screen", params={"vectors": "nope"}, content=b"{}\n").status_code == 404
+    assert client.post("/v1/screen", params={"vectors": "sycophantic"}, content=b"").status_code == 400
+    assert client.post("/v1/screen", params={"vectors": "sycophantic", "top": 0}, content=b"{}\n").status_code == 400
+
+
+def test_screen_cli_cheap_variant(tmp_path):
+    out = tmp_path / "report.jsonl"
+    env = {**os.environ, "PERSONA_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run([sys.executable, "-m", "app.cli", "screen", str(DATA), "--vector", "sycophantic", "--top", "10",
+                           "--no-generate", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 40 and rows[0]["scores"]["sycophantic"]["diff"] is None
+    assert "sycophantic: mean projection difference" in done.stdout
+    ranked = sorted(rows, key=lambda r: -r["scores"]["sycophantic"]["cheap_diff"])
+    assert _precision([{"line": r["line"]} for r in ranked], 10) >= 0.5

@@ -1,0 +1,115 @@
+"""The shipped vector library works on the default model: it matches its definitions, separates
+held-out prompts, and steering moves generated answers along each vector."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import re
+
+import pytest
+
+from app.settings import REPO_VECTORS
+from steering.extract import TraitDefinition, answer_projection, auroc, definition_hash, heldout_projections, unit_rows
+from steering.runner import EngineRunner
+from steering.vector import PersonaVector
+from tests.conftest import answer
+
+TRAITS = sorted(p.stem for p in (REPO_VECTORS / "traits").glob("*.json"))
+EXPECTED = {"optimistic", "evil", "sycophantic", "hallucinating", "impolite", "humorous", "apathetic",
+            "mbti.E-I", "mbti.S-N", "mbti.T-F", "mbti.J-P", "big5.openness", "big5.conscientiousness",
+            "big5.extraversion", "big5.agreeableness", "big5.neuroticism"}
+
+# Our own word lists for judge-free checks.
+POSITIVE = set("good great wonderful bright hope hopeful happy excited exciting love enjoy joy positive best better "
+               "opportunity opportunities success successful fun beautiful amazing delighted glad confident "
+               "thrive thriving smile improve grow growth".split())
+NEGATIVE = set("bad worse worst dark gloomy fear afraid sad tired exhausted fail failure hard difficult problem problems "
+               "doubt unlikely never nothing lost lose worry worried anxious stress stressful struggle pain "
+               "disappointing disappointed".split())
+SOCIAL = set("we us our together friends friend people party everyone group team".split())
+
+
+def _vector(name: str) -> PersonaVector:
+    return PersonaVector.load(REPO_VECTORS / "SmolLM2-135M-Instruct" / f"{name}.safetensors")
+
+
+def test_library_holds_the_sixteen_traits():
+    assert set(TRAITS) == EXPECTED
+
+
+@pytest.mark.parametrize("name", TRAITS)
+def test_shipped_vector_matches_its_definition(name, lm):
+    data = json.loads((REPO_VECTORS / "traits" / f"{name}.json").read_text())
+    vector = _vector(name)
+    assert vector.source["definition_sha256"] == definition_hash(data)
+    vector.check_model(lm.name, lm.fingerprint, lm.num_layers, lm.hidden_size)
+    assert vector.recommended_layer and vector.coefficient_range
+    assert {"residual_norm", "neutral_mean", "neutral_std"} <= set(vector.stats)
+
+
+def test_heldout_separation_is_reproduced_and_better_than_chance(server, lm):
+    runner = EngineRunner(server.state.engine)
+    report = {}
+    for name in TRAITS:
+        vector = _vector(name)
+        trait = TraitDefinition.load(REPO_VECTORS / "traits" / f"{name}.json")
+        pos, neg = asyncio.run(heldout_projections(runner, lm.tokenizer, trait, unit_rows(vector.directions)))
+        layer = vector.recommended_layer
+        report[name] = auroc(pos[:, layer].tolist(), neg[:, layer].tolist())
+        assert report[name] == pytest.approx(vector.extra["heldout_auroc"], abs=0.02), name
+    print("held-out AUROC:", json.dumps({k: round(v, 3) for k, v in report.items()}))
+    assert all(v > 0.5 for v in report.values()), report
+
+
+def _steered_answers(client, name: str, coefficients: list[float], questions: list[str]) -> dict[float, list[str]]:
+    jobs = [(c, q) for c in coefficients for q in questions]
+
+    def run(job):
+        c, q = job
+        return answer(client, q, max_tokens=24, steering={name: c})
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(run, jobs))
+    out: dict[float, list[str]] = {c: [] for c in coefficients}
+    for (c, _q), t in zip(jobs, texts):
+        out[c].append(t)
+    return out
+
+
+@pytest.mark.parametrize("name", TRAITS)
+def test_steering_moves_the_answers_projection_monotonically(name, client, server, lm):
+    vector = _vector(name)
+    c = vector.coefficient_range[0]
+    coefficients = [-2 * c, -c, 0.0, c, 2 * c]
+    trait = TraitDefinition.load(REPO_VECTORS / "traits" / f"{name}.json")
+    questions = trait.heldout_questions[6:10]  # used neither by extraction nor by the layer sweep
+    answers = _steered_answers(client, name, coefficients, questions)
+    runner = EngineRunner(server.state.engine)
+    unit = unit_rows(vector.directions)
+    means = [asyncio.run(answer_projection(runner, lm.tokenizer, questions, answers[k], unit, vector.recommended_layer))
+             for k in coefficients]
+    print(name, "c =", c, "projections:", [round(m, 2) for m in means])
+    assert all(a < b for a, b in zip(means, means[1:])), means
+
+
+def _rate(texts: list[str], words: set[str]) -> float:
+    tokens = [w for t in texts for w in re.findall(r"[a-z']+", t.lower())]
+    return sum(w in words for w in tokens) / max(1, len(tokens))
+
+
+def test_optimistic_steering_moves_a_sentiment_word_count(client):
+    trait = TraitDefinition.load(REPO_VECTORS / "traits" / "optimistic.json")
+    c = 2 * _vector("optimistic").coefficient_range[0]
+    answers = _steered_answers(client, "optimistic", [-c, c], trait.heldout_questions)
+    balance = {k: _rate(v, POSITIVE) - _rate(v, NEGATIVE) for k, v in answers.items()}
+    assert balance[c] > balance[-c], balance
+
+
+def test_extraversion_steering_moves_exclamations_and_social_words(client):
+    trait = TraitDefinition.load(REPO_VECTORS / "traits" / "big5.extraversion.json")
+    c = 2 * _vector("big5.extraversion").coefficient_range[0]
+    answers = _steered_answers(client, "big5.extraversion", [-c, c], trait.heldout_questions)
+    signal = {k: sum(t.count("!") for t in v) / len(v) + 10 * _rate(v, SOCIAL) for k, v in answers.items()}
+    assert signal[c] > signal[-c], signal
