@@ -58,28 +58,40 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _screen(args: argparse.Namespace) -> int:
-    import asyncio
-    import json
-
-    from tqdm import tqdm
-
+def _offline(args: argparse.Namespace):
+    """The model, the registry (seeded with shipped vectors) and a started engine, for
+    commands that run without the server."""
     from app.settings import Settings
     from steering.engine import Engine
     from steering.model import load_model
     from steering.registry import VectorRegistry
-    from steering.runner import EngineRunner
-    from steering.screen import Screener, ScreenReport
 
     settings = Settings()
     lm = load_model(args.model, dtype="float32", device=args.device, cache_dir=settings.cache_dir)
     registry = VectorRegistry(settings.data_dir / "vectors", model_name=lm.name, fingerprint=lm.fingerprint,
                               num_layers=lm.num_layers, hidden_size=lm.hidden_size)
     registry.seed_from(settings.shipped_vectors_dir)
-    vectors = [registry.get(name) for name in args.vector]
-    layers = {v.name: args.layer for v in vectors} if args.layer else None
     engine = Engine(lm, max_batch_size=32, max_waiting=1 << 20)
     engine.start()
+    return lm, registry, engine
+
+
+def _screen(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from tqdm import tqdm
+
+    from steering.runner import EngineRunner
+    from steering.screen import Screener, ScreenReport
+
+    lm, registry, engine = _offline(args)
+    try:
+        vectors = [registry.get(name) for name in args.vector]
+    except KeyError as exc:
+        engine.shutdown()
+        raise SystemExit(str(exc)) from None
+    layers = {v.name: args.layer for v in vectors} if args.layer else None
     report = ScreenReport([v.name for v in vectors], args.top)
     screener = Screener(EngineRunner(engine), lm.tokenizer, vectors, layers=layers, generate=not args.no_generate)
 
@@ -122,24 +134,15 @@ def _assess(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from app.settings import REPO_VECTORS, Settings
+    from app.settings import REPO_VECTORS
     from steering.assess import Inventory, assess
-    from steering.engine import Engine
-    from steering.model import load_model
-    from steering.registry import VectorRegistry
     from steering.steer import resolve_steering
 
-    settings = Settings()
-    lm = load_model(args.model, dtype="float32", device=args.device, cache_dir=settings.cache_dir)
-    registry = VectorRegistry(settings.data_dir / "vectors", model_name=lm.name, fingerprint=lm.fingerprint,
-                              num_layers=lm.num_layers, hidden_size=lm.hidden_size)
-    registry.seed_from(settings.shipped_vectors_dir)
-    specs = _parse_steering(args.steering or [])
-    steering = resolve_steering(specs, registry) if specs else None
-    inventory = Inventory.load(REPO_VECTORS / "inventories" / f"{args.inventory}.json")
-    engine = Engine(lm, max_batch_size=32, max_waiting=1 << 20)
-    engine.start()
+    _lm, registry, engine = _offline(args)
     try:
+        specs = _parse_steering(args.steering or [])
+        steering = resolve_steering(specs, registry) if specs else None
+        inventory = Inventory.load(REPO_VECTORS / "inventories" / f"{args.inventory}.json")
         runs = [("unsteered", None)] if not steering or args.compare else []
         runs += [("steered", steering)] if steering else []
         results = {}

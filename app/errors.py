@@ -11,7 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from steering.engine import DeadlineExceededError, DrainingError, EngineError, QueueFullError
+from steering.engine import (
+    DeadlineExceededError,
+    DrainingError,
+    EngineError,
+    QueueFullError,
+)
 from steering.monitor import MonitorConfigError, SteeringPolicyError
 from steering.registry import VectorNotFoundError
 from steering.steer import SteeringError

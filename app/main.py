@@ -13,7 +13,17 @@ from app import errors
 from app.deps import ServerState
 from app.metrics import Metrics
 from app.middleware import BodyLimit, JsonByDefault, RequestObserver
-from app.routes import assess, chat, completions, health, jobs, models, monitors, screen, vectors
+from app.routes import (
+    assess,
+    chat,
+    completions,
+    health,
+    jobs,
+    models,
+    monitors,
+    screen,
+    vectors,
+)
 from app.settings import Settings
 from steering.engine import Engine
 from steering.model import LoadedModel, load_model

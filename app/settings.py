@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -44,6 +43,7 @@ class Settings(BaseSettings):
     max_prompt_tokens: int | None = Field(None, ge=1)
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_screen_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_assess_prompts: int = Field(50_000, ge=1)
     retry_after_s: int = Field(1, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
     drain_notice_s: float = Field(0.0, ge=0)

@@ -1,13 +1,14 @@
 """Forward hooks on the decoder blocks: add per-row steering deltas, capture prefill states.
 
-The hooks are installed once for the life of the model. Before each forward the engine
-sets :attr:`SteeringHooks.deltas` (``layer -> [batch, 1, hidden]``) and
-:attr:`SteeringHooks.capture_layers`; the hooks only read those. Nothing here is
+The hooks are installed once for the life of the model. Around each forward the engine
+enters :meth:`SteeringHooks.state` with the deltas (``layer -> [batch, 1, hidden]``), the
+layers to capture and the spans to average; the hooks only read those. Nothing here is
 thread-safe on purpose: only the engine's worker thread runs the model.
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -20,10 +21,9 @@ class SteeringHooks:
     Example::
 
         hooks = SteeringHooks(lm.blocks)
-        hooks.deltas = {15: torch.zeros(batch, 1, hidden)}
-        hooks.capture_layers = frozenset({15})
-        model(**inputs)
-        hooks.captured[15]        # [batch, hidden]: last-position state before steering
+        with hooks.state({15: torch.zeros(batch, 1, hidden)}, frozenset({15})) as captured:
+            model(**inputs)
+        captured[15]              # [batch, hidden]: last-position state before steering
 
     Mutates the outputs of the hooked blocks in place while a delta is set for them.
     """
@@ -35,12 +35,17 @@ class SteeringHooks:
         # (row, start, end) position spans whose mean state is wanted at every layer (extraction).
         self.spans: list[tuple[int, int, int]] = []
         self.span_means: dict[int, torch.Tensor] = {}
+        # Only forwards run by the thread inside state() are touched: another engine (or a
+        # test) running the same model in another thread never sees this engine's steering.
+        self._owner: int | None = None
         self._handles = [block.register_forward_hook(self._make_hook(i + 1)) for i, block in enumerate(blocks)]
         if embeddings is not None:
             self._handles.append(embeddings.register_forward_hook(self._make_hook(0)))
 
     def _make_hook(self, layer: int):
         def hook(_module, _args, output):
+            if self._owner != threading.get_ident():
+                return None
             hidden = output[0] if isinstance(output, tuple) else output
             if layer in self.capture_layers:
                 # Read before this layer's delta, so monitors see the unsteered residual here.
@@ -61,10 +66,11 @@ class SteeringHooks:
         """Set deltas, capture layers and spans for the forwards inside the block, then clear them."""
         self.deltas, self.capture_layers, self.captured = deltas, capture, {}
         self.spans, self.span_means = list(spans), {}
+        self._owner = threading.get_ident()
         try:
             yield self.captured
         finally:
-            self.deltas, self.capture_layers, self.spans = {}, frozenset(), []
+            self.deltas, self.capture_layers, self.spans, self._owner = {}, frozenset(), [], None
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -95,3 +97,35 @@ def answer(client: httpx.Client, content: str, **fields) -> str:
     response = chat(client, content, **fields)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
+
+
+def spawn_server(data_dir: Path, **env_overrides: str) -> tuple[subprocess.Popen, str]:
+    """``persona-server serve`` as its own process on a free port; returns once it is ready."""
+    port = free_port()
+    env = {**os.environ, "PERSONA_DATA_DIR": str(data_dir), "PERSONA_CACHE_DIR": str(CACHE_DIR),
+           "PERSONA_LOG_LEVEL": "warning", **env_overrides}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("server process did not become ready")
+        time.sleep(0.2)
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 600) -> dict:
+    """Poll ``/v1/jobs/{id}`` until it succeeds or fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")

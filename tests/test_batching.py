@@ -118,7 +118,7 @@ def test_non_streaming_client_disconnect_frees_its_row(server):
 
 def test_full_queue_answers_429_with_retry_after(lm, tmp_path):
     with make_server(lm, tmp_path, max_batch_size=1, max_waiting=1) as live:
-        long = {"model": "default", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 400, "ignore_eos": True}
+        long = {"model": "default", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 150, "ignore_eos": True}
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, f"{live.url}/v1/chat/completions", json=long, timeout=120)
             while live.state.engine.running < 1:

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 
 from app.settings import REPO_VECTORS
-
-
-def _wait(client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.5)
-    raise AssertionError("job did not finish")
+from tests.conftest import wait_job
 
 
 def test_extract_job_builds_a_vector_that_matches_the_shipped_one(client, server):
     data = json.loads((REPO_VECTORS / "traits" / "optimistic.json").read_text())
     r = client.post("/v1/vectors/extract", json={"trait": data, "name": "optimistic-rebuilt", "sweep": False})
     assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
-    job = _wait(client, r.json()["id"])
+    job = wait_job(client, r.json()["id"])
     assert job["status"] == "succeeded", job
     assert job["progress"]["done"] > 0
     shipped = server.state.registry.get("optimistic")
@@ -46,7 +36,7 @@ def test_labelled_sentences_job_and_bad_definitions(client, server):
                       "neg": ["I never know where my keys are.", "My plans change every hour or so."]},
     }
     r = client.post("/v1/vectors/extract", json={"trait": trait, "method": "labelled_sentences", "sweep": False})
-    job = _wait(client, r.json()["id"])
+    job = wait_job(client, r.json()["id"])
     assert job["status"] == "succeeded", job
     assert server.state.registry.get("tidy").method == "labelled_sentences"
     client.delete("/v1/vectors/tidy")

@@ -17,7 +17,7 @@ MAX_EXAMPLES = int(os.environ.get("PERSONA_FUZZ_EXAMPLES", "25"))
 @pytest.fixture(scope="module")
 def fuzz_server(lm, tmp_path_factory):
     # Small limits keep each generated request cheap; the admin key keeps fuzzed writes out.
-    with make_server(lm, tmp_path_factory.mktemp("fuzz"), default_max_tokens=2, max_tokens_limit=4,
+    with make_server(lm, tmp_path_factory.mktemp("fuzz"), default_max_tokens=2, max_tokens_limit=4, max_assess_prompts=256,
                      admin_keys=["fuzz-admin"]) as live:
         yield live
 

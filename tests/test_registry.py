@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from steering.registry import VectorRegistry
-from steering.vector import ModelRef, PersonaVector, VectorFormatError, VectorModelMismatchError
+from steering.vector import (
+    ModelRef,
+    PersonaVector,
+    VectorFormatError,
+    VectorModelMismatchError,
+)
 
 
 def _vector(lm, name="probe", scale=1.0, fingerprint=None, layers=None, hidden=None) -> PersonaVector:

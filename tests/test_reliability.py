@@ -17,8 +17,8 @@ import httpx
 import psutil
 import pytest
 
-from steering.monitor import MonitorConfig, MonitorSet
-from tests.conftest import free_port, make_server
+from steering.monitor import MonitorSet
+from tests.conftest import make_server, spawn_server
 
 CHAT = "/v1/chat/completions"
 
@@ -191,22 +191,8 @@ def test_soak_above_the_queue_limit(lm, tmp_path):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PERSONA_DATA_DIR": str(tmp_path), "PERSONA_DRAIN_NOTICE_S": "1.5", "PERSONA_DRAIN_TIMEOUT_S": "60",
-           "PERSONA_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = spawn_server(tmp_path, PERSONA_DRAIN_NOTICE_S="1.5", PERSONA_DRAIN_TIMEOUT_S="60")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.2)
         with httpx.Client(base_url=url, timeout=120) as c, concurrent.futures.ThreadPoolExecutor(1) as pool:
             inflight = pool.submit(c.post, CHAT, json=_body(max_tokens=60, ignore_eos=True))
             while httpx.get(f"{url}/metrics").text.find("persona_requests_running 1.0") < 0:

@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from steering.screen import SampleError, parse_line
+from tests.conftest import wait_job
 
 DATA = Path(__file__).parent / "data" / "screen_mixed.jsonl"
 LABELS = {i: json.loads(line)["label"] for i, line in enumerate(DATA.read_text().splitlines(), start=1)}
@@ -31,16 +31,6 @@ def test_malformed_lines_say_what_is_wrong(raw, message):
         parse_line(1, raw)
 
 
-def _wait(client, job_id: str, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.5)
-    raise AssertionError("job did not finish")
-
-
 def _precision(top: list[dict], k: int) -> float:
     return sum(LABELS[t["line"]] == "sycophantic" for t in top[:k]) / k
 
@@ -50,7 +40,7 @@ def test_screen_job_ranks_sycophantic_samples_first(client):
     r = client.post("/v1/screen", params={"vectors": "sycophantic,big5.conscientiousness", "top": 10, "max_new_tokens": 32},
                     content=body, headers={"content-type": "application/x-ndjson"})
     assert r.status_code == 202, r.text
-    job = _wait(client, r.json()["id"])
+    job = wait_job(client, r.json()["id"])
     assert job["status"] == "succeeded", job
     result = job["result"]
     assert result["samples"] == 40

@@ -8,10 +8,18 @@ import concurrent.futures
 import json
 import re
 
+import httpx
 import pytest
 
 from app.settings import REPO_VECTORS
-from steering.extract import TraitDefinition, answer_projection, auroc, definition_hash, heldout_projections, unit_rows
+from steering.extract import (
+    TraitDefinition,
+    answer_projection,
+    auroc,
+    definition_hash,
+    heldout_projections,
+    unit_rows,
+)
 from steering.runner import EngineRunner
 from steering.vector import PersonaVector
 from tests.conftest import answer
@@ -63,34 +71,48 @@ def test_heldout_separation_is_reproduced_and_better_than_chance(server, lm):
     assert all(v > 0.5 for v in report.values()), report
 
 
-def _steered_answers(client, name: str, coefficients: list[float], questions: list[str]) -> dict[float, list[str]]:
-    jobs = [(c, q) for c in coefficients for q in questions]
+def _steered_answers(client, jobs: list[tuple[str, float, str]], max_tokens: int = 20) -> dict:
+    """Greedy answers for (vector, coefficient, question) jobs, sent concurrently so they batch."""
 
     def run(job):
-        c, q = job
-        return answer(client, q, max_tokens=24, steering={name: c})
+        name, c, q = job
+        return answer(client, q, max_tokens=max_tokens, steering={name: c})
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
         texts = list(pool.map(run, jobs))
-    out: dict[float, list[str]] = {c: [] for c in coefficients}
-    for (c, _q), t in zip(jobs, texts):
-        out[c].append(t)
+    out: dict = {}
+    for (name, c, _q), t in zip(jobs, texts):
+        out.setdefault((name, c), []).append(t)
     return out
 
 
+def _coefficients(name: str) -> list[float]:
+    c = _vector(name).coefficient_range[0]
+    return [-2 * c, -c, 0.0, c, 2 * c]
+
+
+def _questions(name: str) -> list[str]:
+    # Held-out questions used neither by extraction nor by the coefficient sweep.
+    return TraitDefinition.load(REPO_VECTORS / "traits" / f"{name}.json").heldout_questions[6:9]
+
+
+@pytest.fixture(scope="module")
+def steered(server):
+    """Every vector at -2c, -c, 0, c, 2c on three questions, in one concurrent sweep."""
+    jobs = [(name, c, q) for name in TRAITS for c in _coefficients(name) for q in _questions(name)]
+    with httpx.Client(base_url=server.url, timeout=600) as c:
+        return _steered_answers(c, jobs)
+
+
 @pytest.mark.parametrize("name", TRAITS)
-def test_steering_moves_the_answers_projection_monotonically(name, client, server, lm):
+def test_steering_moves_the_answers_projection_monotonically(name, steered, server, lm):
     vector = _vector(name)
-    c = vector.coefficient_range[0]
-    coefficients = [-2 * c, -c, 0.0, c, 2 * c]
-    trait = TraitDefinition.load(REPO_VECTORS / "traits" / f"{name}.json")
-    questions = trait.heldout_questions[6:10]  # used neither by extraction nor by the layer sweep
-    answers = _steered_answers(client, name, coefficients, questions)
     runner = EngineRunner(server.state.engine)
     unit = unit_rows(vector.directions)
-    means = [asyncio.run(answer_projection(runner, lm.tokenizer, questions, answers[k], unit, vector.recommended_layer))
-             for k in coefficients]
-    print(name, "c =", c, "projections:", [round(m, 2) for m in means])
+    questions = _questions(name)
+    means = [asyncio.run(answer_projection(runner, lm.tokenizer, questions, steered[(name, c)], unit, vector.recommended_layer))
+             for c in _coefficients(name)]
+    print(name, "coefficients", _coefficients(name), "projections:", [round(m, 2) for m in means])
     assert all(a < b for a, b in zip(means, means[1:])), means
 
 
@@ -102,14 +124,14 @@ def _rate(texts: list[str], words: set[str]) -> float:
 def test_optimistic_steering_moves_a_sentiment_word_count(client):
     trait = TraitDefinition.load(REPO_VECTORS / "traits" / "optimistic.json")
     c = 2 * _vector("optimistic").coefficient_range[0]
-    answers = _steered_answers(client, "optimistic", [-c, c], trait.heldout_questions)
-    balance = {k: _rate(v, POSITIVE) - _rate(v, NEGATIVE) for k, v in answers.items()}
+    answers = _steered_answers(client, [("optimistic", k, q) for k in (-c, c) for q in trait.heldout_questions], 32)
+    balance = {k: _rate(v, POSITIVE) - _rate(v, NEGATIVE) for (_n, k), v in answers.items()}
     assert balance[c] > balance[-c], balance
 
 
 def test_extraversion_steering_moves_exclamations_and_social_words(client):
     trait = TraitDefinition.load(REPO_VECTORS / "traits" / "big5.extraversion.json")
     c = 2 * _vector("big5.extraversion").coefficient_range[0]
-    answers = _steered_answers(client, "big5.extraversion", [-c, c], trait.heldout_questions)
-    signal = {k: sum(t.count("!") for t in v) / len(v) + 10 * _rate(v, SOCIAL) for k, v in answers.items()}
+    answers = _steered_answers(client, [("big5.extraversion", k, q) for k in (-c, c) for q in trait.heldout_questions], 32)
+    signal = {k: sum(t.count("!") for t in v) / len(v) + 10 * _rate(v, SOCIAL) for (_n, k), v in answers.items()}
     assert signal[c] > signal[-c], signal

@@ -37,6 +37,10 @@ async def assess_route(body: AssessRequest, state: State, _user: User):
     if body.compare and steering is None:
         raise APIError(400, "compare needs a steering to compare with", param="compare")
     inventory = Inventory.load(REPO_VECTORS / "inventories" / f"{body.inventory}.json")
+    prompts = len(inventory.items) * body.repetitions * (2 if body.compare else 1)
+    if prompts > state.settings.max_assess_prompts:
+        raise APIError(400, f"this assessment needs {prompts} prompts; the server allows {state.settings.max_assess_prompts}",
+                       param="repetitions")
 
     async def run(job=None) -> dict:
         def tick(n: int) -> None:
@@ -52,6 +56,6 @@ async def assess_route(body: AssessRequest, state: State, _user: User):
                 "unsteered": base, "steered": steered, "shift": shifts(base, steered)}
 
     if body.background:
-        job = state.jobs.submit("assess", run, total=len(inventory.items) * body.repetitions * (2 if body.compare else 1))
+        job = state.jobs.submit("assess", run, total=prompts)
         return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
     return await run()

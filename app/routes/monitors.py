@@ -15,7 +15,13 @@ from app.schemas import CalibrateRequest, MonitorPut
 from app.settings import REPO_VECTORS
 from steering.chat import chat_prompt_ids
 from steering.engine import GenerationRequest, PrefillDone
-from steering.monitor import MonitorConfig, calibrate_thresholds, percentiles, scalar_projection, z_score
+from steering.monitor import (
+    MonitorConfig,
+    calibrate_thresholds,
+    percentiles,
+    scalar_projection,
+    z_score,
+)
 from steering.sampling import SamplingParams
 
 router = APIRouter()

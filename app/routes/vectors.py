@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,9 +15,6 @@ from app.auth import Admin, User
 from app.deps import State
 from app.errors import APIError
 from app.schemas import VectorUpload
-import tempfile
-from pathlib import Path
-
 from steering.formats import export_gguf, import_gguf, import_pt
 from steering.vector import ModelRef, PersonaVector, VectorFormatError, validate_name
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 
@@ -19,14 +17,14 @@ import pytest
 import torch
 
 from app.bench import make_prompt, run_load, steering_mix
+from app.settings import REPO_VECTORS
 from steering.chat import chat_prompt_ids
 from steering.engine import Engine, Finished, GenerationRequest, TokenDelta
 from steering.model import load_model
 from steering.registry import VectorRegistry
 from steering.sampling import SamplingParams
 from steering.steer import SteeringSpec, resolve_steering
-from app.settings import REPO_VECTORS
-from tests.conftest import CACHE_DIR, free_port
+from tests.conftest import CACHE_DIR, spawn_server
 
 N, NEW = 32, 64
 REPS = int(os.environ.get("PERSONA_BENCH_REPS", "3"))
@@ -228,21 +226,8 @@ def test_r5_batch1_decode_by_dtype(lm, record):
 def test_r1_http_bench_vs_static(lm, record, tmp_path):
     """R1 through the HTTP server (a separate process) with the ``persona-server bench`` client."""
     ids = prompts(lm)
-    port = free_port()
-    env = {**os.environ, "PERSONA_DATA_DIR": str(tmp_path), "PERSONA_CACHE_DIR": str(CACHE_DIR),
-           "PERSONA_DTYPE": "float32", "PERSONA_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = spawn_server(tmp_path, PERSONA_DTYPE="float32")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
         vectors = [v["id"] for v in httpx.get(f"{url}/v1/vectors").json()["data"]]
         asyncio.run(run_load(url, requests=4, concurrency=4, max_tokens=4, vectors=vectors))  # warm-up
         http, static = [], []
