@@ -61,8 +61,13 @@ async def prompt_scores(state: ServerState, vector_name: str, layer: int, kind: 
     mean = float(vector.stats["neutral_mean"][layer]) if "neutral_mean" in vector.stats else None
     std = float(vector.stats["neutral_std"][layer]) if "neutral_std" in vector.stats else None
 
-    async def one(text: str) -> float:
-        ids = chat_prompt_ids(state.lm.tokenizer, [{"role": "user", "content": text}])
+    limit = state.settings.max_prompt_tokens or state.lm.context_length
+    encoded = [chat_prompt_ids(state.lm.tokenizer, [{"role": "user", "content": text}]) for text in prompts]
+    for i, ids in enumerate(encoded):
+        if len(ids) > limit:
+            raise APIError(400, f"prompt {i} has {len(ids)} tokens; at most {limit} are accepted", param=f"prompts[{i}]")
+
+    async def one(ids: list[int]) -> float:
         req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), capture_layers=frozenset({layer}))
         async for event in state.engine.generate(req):
             if isinstance(event, PrefillDone):
@@ -73,7 +78,7 @@ async def prompt_scores(state: ServerState, vector_name: str, layer: int, kind: 
     scores: list[float] = []
     step = max(1, state.settings.max_batch_size)
     for start in range(0, len(prompts), step):  # stay within the queue bound
-        scores += await asyncio.gather(*(one(p) for p in prompts[start : start + step]))
+        scores += await asyncio.gather(*(one(ids) for ids in encoded[start : start + step]))
     return scores
 
 
