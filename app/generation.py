@@ -59,7 +59,8 @@ class MonitorContext:
 
     def payload(self) -> dict | None:
         """The ``persona_monitor`` field, when the request was flagged or asked for scores."""
-        if not self.readings or not (self.return_scores or self.flagged()):
+        tripped = self.watch is not None and self.watch.tripped is not None
+        if not self.readings or not (self.return_scores or self.flagged() or tripped):
             return None
         out = {
             "read_at": "last prompt token, residual stream before this request's steering at the monitored layer",
@@ -265,7 +266,9 @@ async def respond(
 def record_readings(state: ServerState, monitor: MonitorContext) -> None:
     m = state.metrics
     for r in monitor.readings or ():
-        m.monitor_score.labels(r.vector).observe(r.z if r.z is not None else r.score)
+        value = r.z if r.z is not None else r.score
+        m.monitor_score.labels(r.vector).observe(value)
+        m.monitor_zscore.labels(r.vector).observe(value)
         m.monitor_decisions.labels(r.vector, r.action, r.mode).inc()
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 # A fixed z ladder, so score histograms of all vectors (and of all servers) aggregate.
@@ -50,6 +50,11 @@ class Metrics:
             "persona_monitor_score", "Monitor z-score of the last prompt token, per vector (fixed z ladder).",
             ["vector"], buckets=Z_LADDER, registry=r,
         )
+        # A histogram with negative buckets exposes no _sum, so the running mean has its own summary.
+        self.monitor_zscore = Summary(
+            "persona_monitor_zscore", "Sum and count of monitor z-scores per vector (for the mean and drift).",
+            ["vector"], registry=r,
+        )
         self.monitor_decisions = Counter(
             "persona_monitor_decisions", "Monitor verdicts by vector, action (allow, flag, block) and mode "
             "(enforce, annotate); action=block with mode=annotate counts would-be blocks.",
@@ -67,6 +72,10 @@ class Metrics:
         """Mirror the monitor configuration into the threshold gauge."""
         self.monitor_threshold.clear()
         for name, cfg in configs.items():
+            # Create the monitor's series at zero, so dashboards and rate() see them from the start.
+            self.monitor_score.labels(name)
+            self.monitor_zscore.labels(name)
+            self.response_stops.labels(name)
             for level, value in (("flag", cfg.flag_threshold), ("block", cfg.block_threshold), ("response", cfg.response_threshold)):
                 if value is not None and cfg.mode != "off":
                     self.monitor_threshold.labels(name, level).set(value)

@@ -206,7 +206,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
                 assert int(refused.headers["retry-after"]) >= 1
             done = inflight.result()
             assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 60
-        assert proc.wait(60) == 0
+        # uvicorn re-raises the signal once shut down, so the exit status is SIGTERM's (or 0).
+        assert proc.wait(60) in (0, -signal.SIGTERM)
         assert not list((tmp_path / "vectors").glob(".*.tmp"))
     finally:
         if proc.poll() is None:
@@ -227,8 +228,8 @@ def test_access_log_is_one_json_line_per_request_with_the_request_id(client, cap
     assert "prompt" not in entry and "rivers" not in json.dumps(entry)  # no prompt text by default
     generated = client.get("/health")
     assert len(generated.headers["x-request-id"]) == 32
-    hostile = client.get("/health", headers={"X-Request-Id": "bad id\nwith newline"})
-    assert hostile.headers["x-request-id"] != "bad id\nwith newline"
+    for bad in ("has spaces in it", "x" * 200, "quote\"d"):
+        assert client.get("/health", headers={"X-Request-Id": bad}).headers["x-request-id"] != bad
 
 
 @pytest.mark.parametrize("case", ["huge", "deep", "content_type", "utf8", "unknown", "nan", "many_steering", "path"])

@@ -5,6 +5,7 @@ is steered at -c and +c."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -15,6 +16,11 @@ from steering.model import load_model
 from steering.registry import VectorRegistry
 from steering.steer import SteeringSpec, resolve_steering
 from tests.conftest import CACHE_DIR
+
+# Prompts run at about 10 per second on a 2-core CPU: enough repetitions for a stable kappa,
+# fewer for the steering matrix (PERSONA_ASSESS_REPS / PERSONA_MATRIX_REPS raise them).
+REPS = int(os.environ.get("PERSONA_ASSESS_REPS", "10"))
+MATRIX_REPS = int(os.environ.get("PERSONA_MATRIX_REPS", "2"))
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +48,22 @@ def _matrix(engine, reg, inventory, vectors, read, reps):
 def test_mbti_report(setup, record):
     engine, reg = setup
     inv = Inventory.load(REPO_VECTORS / "inventories" / "mbti.json")
-    base = asyncio.run(assess(engine, inv, repetitions=30))
-    record({"row": "mbti", "type": base["type"],
-            **{d: {"share": v["share"], "kappa": v["kappa"],
-                   "kappa_at": {p["repetitions"]: p["kappa"] for p in v["kappa_curve"] if p["repetitions"] in (5, 10, 20, 30)}}
+    base = asyncio.run(assess(engine, inv, repetitions=REPS))
+    record({"row": "mbti", "type": base["type"], "repetitions": REPS,
+            **{d: {"share": v["share"], "mean_probability": v["mean_probability"], "kappa": v["kappa"],
+                   "kappa_at": {p["repetitions"]: p["kappa"] for p in v["kappa_curve"] if p["repetitions"] in (2, 5, 10, 20, 30)}}
                for d, v in base["dimensions"].items()}})
     axes = [(a, f"mbti.{a}") for a in ("E-I", "S-N", "T-F", "J-P")]
-    matrix = _matrix(engine, reg, inv, axes, lambda r, d: r["dimensions"][d]["share"][d.split("-")[0]], 10)
-    record({"row": "mbti_shift_matrix", "read": "share of the first pole, +c minus -c, 10 repetitions", "matrix": matrix})
+    matrix = _matrix(engine, reg, inv, axes, lambda r, d: r["dimensions"][d]["mean_probability"][d.split("-")[0]], MATRIX_REPS)
+    record({"row": "mbti_shift_matrix", "read": f"mean probability of the first pole, +2c minus -2c, {MATRIX_REPS} repetitions",
+            "matrix": matrix})
 
 
 def test_big5_report(setup, record):
     engine, reg = setup
     inv = Inventory.load(REPO_VECTORS / "inventories" / "big5.json")
-    base = asyncio.run(assess(engine, inv, repetitions=30))
-    record({"row": "big5", **{f: {"score": v["score"], "kappa": v["kappa"]} for f, v in base["factors"].items()}})
+    base = asyncio.run(assess(engine, inv, repetitions=REPS))
+    record({"row": "big5", "repetitions": REPS, **{f: {"score": v["score"], "kappa": v["kappa"]} for f, v in base["factors"].items()}})
     factors = [(f, f"big5.{f}") for f in inv.dimensions]
-    matrix = _matrix(engine, reg, inv, factors, lambda r, f: r["factors"][f]["score"], 10)
-    record({"row": "big5_shift_matrix", "read": "keyed score (1-5), +c minus -c, 10 repetitions", "matrix": matrix})
+    matrix = _matrix(engine, reg, inv, factors, lambda r, f: r["factors"][f]["score"], MATRIX_REPS)
+    record({"row": "big5_shift_matrix", "read": f"keyed score (1-5), +2c minus -2c, {MATRIX_REPS} repetitions", "matrix": matrix})
