@@ -5,7 +5,7 @@ the model or the registry live in the routes."""
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -130,12 +130,6 @@ class CompletionRequest(_GenerationFields):
         return v
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -166,9 +160,6 @@ class VectorUpload(_Strict):
             raise ValueError("directions must be finite numbers")
         return v
 
-
-def jsonable(obj: Any) -> Any:
-    return obj.model_dump(exclude_none=True) if isinstance(obj, BaseModel) else obj
 
 
 class MonitorPut(_Strict):
