@@ -21,7 +21,7 @@ from app.schemas import _GenerationFields, steering_entries
 from steering.engine import Finished, GenerationRequest, PrefillDone, TokenDelta
 from steering.monitor import Reading, ResponseWatch, check_steering_caps
 from steering.sampling import SamplingParams
-from steering.steer import SteeringSpec, resolve_steering
+from steering.steer import RowSteering, SteeringSpec, resolve_steering
 
 
 @dataclass
@@ -73,11 +73,11 @@ class MonitorContext:
         return out
 
 
-def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[int], prompt_param: str) -> tuple[GenerationRequest, MonitorContext]:
-    """Apply the checks that need the model and registry; return what the engine runs."""
-    settings, lm = state.settings, state.lm
-    check_model(state, body.model)
-    entries = steering_entries(body.steering)
+def resolve_request_steering(state: ServerState, field) -> RowSteering | None:
+    """A request's ``steering`` field checked against the server's limits and ops caps, resolved
+    to per-layer deltas. Every route that takes ``steering`` goes through here."""
+    settings = state.settings
+    entries = steering_entries(field)
     if len(entries) > settings.max_steering_entries:
         raise APIError(400, f"at most {settings.max_steering_entries} steering entries are allowed", param="steering")
     for i, entry in enumerate(entries):
@@ -88,9 +88,24 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
     specs = [
         SteeringSpec(e.vector, e.coefficient, tuple(e.layers) if e.layers else None, e.positions, e.unit) for e in entries
     ]
-    steering = resolve_steering(specs, state.registry) if specs else None
-    if specs:
-        check_steering_caps(specs, state.registry, state.monitors)
+    if not specs:
+        return None
+    steering = resolve_steering(specs, state.registry)
+    check_steering_caps(specs, state.registry, state.monitors)
+    return steering
+
+
+def count_steering(state: ServerState, steering: RowSteering | None) -> None:
+    """Count an accepted request's steering use by vector."""
+    for name in steering.vectors if steering else ():
+        state.metrics.steering.labels(vector=name).inc()
+
+
+def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[int], prompt_param: str) -> tuple[GenerationRequest, MonitorContext]:
+    """Apply the checks that need the model and registry; return what the engine runs."""
+    settings, lm = state.settings, state.lm
+    check_model(state, body.model)
+    steering = resolve_request_steering(state, body.steering)
 
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
@@ -132,8 +147,7 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
     )
-    for name in steering.vectors if steering else ():
-        state.metrics.steering.labels(vector=name).inc()
+    count_steering(state, steering)
     monitor = MonitorContext(return_scores=bool(body.monitor and body.monitor.return_scores))
     monitors = state.monitors
     steered_layers = frozenset(steering.prompt) if steering else frozenset()

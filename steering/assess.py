@@ -11,7 +11,6 @@ repetitions so users see where it stabilises.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import random
@@ -20,8 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from steering.chat import chat_prompt_ids
-from steering.engine import Engine, GenerationRequest, PrefillDone
-from steering.sampling import SamplingParams
+from steering.engine import Engine
+from steering.runner import EngineRunner
 from steering.steer import RowSteering
 
 MBTI_LABEL_SETS = (("1", "2"), ("A", "B"))
@@ -124,20 +123,8 @@ async def assess(
             else:
                 asks.append(_likert_prompt(tok, item, inventory.scale, rng, rep))
 
-    async def one(ask: _Ask) -> list[float]:
-        req = GenerationRequest(prompt_ids=ask.prompt, sampling=SamplingParams(max_new_tokens=0),
-                                steering=steering, option_ids=ask.option_ids)
-        async for event in engine.generate(req):
-            if isinstance(event, PrefillDone):
-                return event.option_logprobs
-        raise RuntimeError("prefill returned no option probabilities")
-
-    chunk = max(1, min(engine.max_batch_size, engine.max_waiting or 1))
-    logprobs: list[list[float]] = []
-    for start in range(0, len(asks), chunk):
-        logprobs += await asyncio.gather(*(one(a) for a in asks[start : start + chunk]))
-        if progress:
-            progress(min(chunk, len(asks) - start))
+    runner = EngineRunner(engine, progress=progress)
+    logprobs = await runner.option_logprobs([a.prompt for a in asks], [a.option_ids for a in asks], steering=steering)
 
     answers = []
     for ask, lp in zip(asks, logprobs):

@@ -51,18 +51,35 @@ class EngineRunner:
 
         return torch.stack(await self._chunked(list(zip(prompts, starts)), one))
 
-    async def last_states(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Last prompt token's state at every layer: ``[n, num_layers + 1, hidden]``."""
-        layers = frozenset(range(self.num_layers + 1))
+    async def last_states(self, prompts: list[list[int]], layers: list[int] | None = None) -> torch.Tensor:
+        """Last prompt token's state at ``layers`` (default every layer): ``[n, len(layers), hidden]``."""
+        layers = list(range(self.num_layers + 1)) if layers is None else layers
 
         async def one(ids):
-            req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), capture_layers=layers)
+            req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0),
+                                    capture_layers=frozenset(layers))
             async for event in self.engine.generate(req):
                 if isinstance(event, PrefillDone):
-                    return torch.stack([event.prompt_states[layer].cpu() for layer in range(self.num_layers + 1)])
+                    return torch.stack([event.prompt_states[layer].cpu() for layer in layers])
             raise RuntimeError("prefill returned no states")
 
         return torch.stack(await self._chunked(prompts, one))
+
+    async def option_logprobs(
+        self, prompts: list[list[int]], options: list[tuple[int, ...]], *, steering: RowSteering | None = None
+    ) -> list[list[float]]:
+        """Next-token log-probabilities of each prompt's option tokens, under one steering."""
+
+        async def one(item):
+            ids, option_ids = item
+            req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), steering=steering,
+                                    option_ids=option_ids)
+            async for event in self.engine.generate(req):
+                if isinstance(event, PrefillDone):
+                    return event.option_logprobs
+            raise RuntimeError("prefill returned no option probabilities")
+
+        return await self._chunked(list(zip(prompts, options)), one)
 
     async def generate(
         self, prompts: list[list[int]], *, steering: RowSteering | None = None, max_new_tokens: int = 32

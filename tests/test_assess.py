@@ -75,4 +75,8 @@ def test_compare_mode_reports_the_shift(client):
     e = out["steered"]["dimensions"]["E-I"]["share"]["E"] - out["unsteered"]["dimensions"]["E-I"]["share"]["E"]
     assert out["shift"]["E-I"] == pytest.approx(e, abs=1e-3)
     assert client.post("/v1/assess", json={"compare": True}).status_code == 400
+    # The same limits as generation: assessment goes through the same steering checks.
+    too_strong = client.post("/v1/assess", json={"steering": {"optimistic": 1e6}})
+    assert too_strong.status_code == 400 and too_strong.json()["error"]["param"] == "steering[0].coefficient"
+    assert client.post("/v1/assess", json={"steering": {"nope": 1.0}}).status_code == 404
     assert client.post("/v1/assess", json={"repetitions": 1}).json()["error"]["param"] == "repetitions"

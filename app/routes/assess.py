@@ -8,11 +8,10 @@ from fastapi.responses import JSONResponse
 from app.auth import User
 from app.deps import State
 from app.errors import APIError
+from app.generation import count_steering, resolve_request_steering
 from app.schemas import AssessRequest, steering_entries
 from app.settings import REPO_VECTORS
 from steering.assess import Inventory, assess
-from steering.monitor import check_steering_caps
-from steering.steer import SteeringSpec, resolve_steering
 
 router = APIRouter()
 
@@ -28,12 +27,7 @@ def shifts(base: dict, steered: dict) -> dict:
 @router.post("/v1/assess")
 async def assess_route(body: AssessRequest, state: State, _user: User):
     entries = steering_entries(body.steering)
-    if len(entries) > state.settings.max_steering_entries:
-        raise APIError(400, f"at most {state.settings.max_steering_entries} steering entries are allowed", param="steering")
-    specs = [SteeringSpec(e.vector, e.coefficient, tuple(e.layers) if e.layers else None, e.positions, e.unit) for e in entries]
-    steering = resolve_steering(specs, state.registry) if specs else None
-    if specs:
-        check_steering_caps(specs, state.registry, state.monitors)
+    steering = resolve_request_steering(state, body.steering)
     if body.compare and steering is None:
         raise APIError(400, "compare needs a steering to compare with", param="compare")
     inventory = Inventory.load(REPO_VECTORS / "inventories" / f"{body.inventory}.json")
@@ -41,6 +35,7 @@ async def assess_route(body: AssessRequest, state: State, _user: User):
     if prompts > state.settings.max_assess_prompts:
         raise APIError(400, f"this assessment needs {prompts} prompts; the server allows {state.settings.max_assess_prompts}",
                        param="repetitions")
+    count_steering(state, steering)
 
     async def run(job=None) -> dict:
         def tick(n: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import asdict
 
@@ -14,7 +13,6 @@ from app.errors import APIError
 from app.schemas import CalibrateRequest, MonitorPut
 from app.settings import REPO_VECTORS
 from steering.chat import chat_prompt_ids
-from steering.engine import GenerationRequest, PrefillDone
 from steering.monitor import (
     MonitorConfig,
     calibrate_thresholds,
@@ -22,7 +20,7 @@ from steering.monitor import (
     scalar_projection,
     z_score,
 )
-from steering.sampling import SamplingParams
+from steering.runner import EngineRunner
 
 router = APIRouter()
 NEUTRAL_PROMPTS = REPO_VECTORS / "neutral_prompts.json"
@@ -67,18 +65,9 @@ async def prompt_scores(state: ServerState, vector_name: str, layer: int, kind: 
         if len(ids) > limit:
             raise APIError(400, f"prompt {i} has {len(ids)} tokens; at most {limit} are accepted", param=f"prompts[{i}]")
 
-    async def one(ids: list[int]) -> float:
-        req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), capture_layers=frozenset({layer}))
-        async for event in state.engine.generate(req):
-            if isinstance(event, PrefillDone):
-                proj = scalar_projection(event.prompt_states[layer], direction)
-                return z_score(proj, mean, std) if kind == "z" else proj
-        raise APIError(500, "prefill produced no state", type="server_error")
-
-    scores: list[float] = []
-    step = max(1, state.settings.max_batch_size)
-    for start in range(0, len(prompts), step):  # stay within the queue bound
-        scores += await asyncio.gather(*(one(ids) for ids in encoded[start : start + step]))
+    states = await EngineRunner(state.engine).last_states(encoded, [layer])
+    projections = [scalar_projection(h, direction) for h in states[:, 0]]
+    scores = [z_score(p, mean, std) for p in projections] if kind == "z" else projections
     return scores
 
 

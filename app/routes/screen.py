@@ -45,7 +45,7 @@ async def screen(http: Request, state: State, _user: User, vectors: str, top: in
     if not 1 <= max_new_tokens <= state.settings.max_tokens_limit:
         raise APIError(400, f"max_new_tokens must be in 1..{state.settings.max_tokens_limit}", param="max_new_tokens")
     resolved = []
-    for i, name in enumerate(names):
+    for name in names:
         try:
             resolved.append(state.registry.get(name))
         except KeyError:
