@@ -79,6 +79,9 @@ class GenerationRequest:
     # layer -> unit directions [M, hidden]: PrefillDone.projections[layer] holds the last prompt
     # token's M scalar projections, computed on the model's device.
     probes: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> [M] limits on those projections: one above its limit ends the request right
+    # after its prefill, before any token is sampled (an enforced block).
+    block_above: dict[int, torch.Tensor] = field(default_factory=dict)
     # The same for every generated token (TokenOut.projections), for response-phase monitors.
     response_probes: dict[int, torch.Tensor] = field(default_factory=dict)
     timeout_s: float | None = None
@@ -99,6 +102,7 @@ class PrefillDone:
     queue_wait_s: float
     span_mean: torch.Tensor | None = None
     option_logprobs: list[float] | None = None
+    blocked: bool = False
 
 
 @dataclass
@@ -113,7 +117,8 @@ class TokenOut:
 
 @dataclass
 class Done:
-    """The engine ended the request: ``stop`` (EOS or a stop token id) or ``length``."""
+    """The engine ended the request: ``stop`` (EOS or a stop token id), ``length``, or ``blocked``
+    (a probe crossed its ``block_above`` limit at the prefill)."""
 
     finish_reason: str
     prompt_tokens: int
@@ -171,15 +176,6 @@ class _Step:
     @property
     def rows(self) -> list[_Row]:
         return self.decode + [row for row, _a, _b in self.chunks]
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 beats fp32."""
-    try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 class Engine:
@@ -527,9 +523,14 @@ class Engine:
         request = row.request
         states = {layer: self._state(step, hooks, layer, row).cpu() for layer in request.capture_layers}
         projections = {}
+        blocked = False
         for layer, directions in request.probes.items():
             state = self._state(step, hooks, layer, row)
-            projections[layer] = (directions.to(state.device, torch.float32) @ state).tolist()
+            values = directions.to(state.device, torch.float32) @ state
+            limit = request.block_above.get(layer)
+            if limit is not None:
+                blocked = blocked or bool((values > limit.to(values.device)).any())
+            projections[layer] = values.tolist()
         span_mean = None
         if request.mean_from is not None:
             count = row.prompt_len - request.mean_from
@@ -538,8 +539,11 @@ class Engine:
         if request.option_ids:
             options = option_logprobs(logits[step.logit_rows.index(row)], request.option_ids)
         self._emit(row, PrefillDone(states=states, projections=projections, queue_wait_s=row.queue_wait_s,
-                                    span_mean=span_mean, option_logprobs=options))
-        if request.sampling.max_new_tokens == 0:  # prefill only (calibration, extraction, assessment)
+                                    span_mean=span_mean, option_logprobs=options, blocked=blocked))
+        if blocked:
+            row.done = True
+            self._emit(row, Done("blocked", row.prompt_len, 0))
+        elif request.sampling.max_new_tokens == 0:  # prefill only (calibration, extraction, assessment)
             row.done = True
             self._emit(row, Done("length", row.prompt_len, 0))
 
