@@ -127,8 +127,8 @@ class Done:
 
 @dataclass
 class _Handle:
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop | None  # None: events are appended to ``events`` (a list) directly
+    events: asyncio.Queue | list
     cancelled: bool = False
 
 
@@ -280,23 +280,14 @@ class Engine:
                 f"the prompt has {n} tokens and {request.sampling.max_new_tokens} more were asked for; "
                 f"this server's max_model_len is {self.max_model_len}")
 
-    async def generate(self, request: GenerationRequest):
-        """Queue ``request`` and yield its events; closing the stream cancels the request.
-
-        Raises :class:`QueueFullError` at once when the queue is full, :class:`RequestTooLongError`
-        when it cannot fit, :class:`EngineDeadError` when the worker has died.
-        """
+    def _new_row(self, request: GenerationRequest, handle: _Handle) -> _Row:
         self.check(request)
-        handle = _Handle(loop=asyncio.get_running_loop(), events=asyncio.Queue())
         now = time.monotonic()
-        row = _Row(
-            request=request,
-            handle=handle,
-            uid=next(self._uids),
-            generator=make_generator(request.sampling.seed, self._device),
-            submitted=now,
-            deadline=now + request.timeout_s if request.timeout_s else None,
-        )
+        return _Row(request=request, handle=handle, uid=next(self._uids),
+                    generator=make_generator(request.sampling.seed, self._device), submitted=now,
+                    deadline=now + request.timeout_s if request.timeout_s else None)
+
+    def _enqueue(self, row: _Row) -> None:
         with self._wake:
             if self._dead is not None:
                 raise EngineDeadError("the generation engine has stopped; the server must be restarted")
@@ -306,6 +297,38 @@ class Engine:
                 raise QueueFullError(len(self._pending))
             self._pending.append(row)
             self._wake.notify()
+
+    def add_request(self, request: GenerationRequest) -> list:
+        """Queue ``request`` for a caller that drives the engine with :meth:`step` itself (no
+        worker thread); its events are appended to the returned list as steps produce them."""
+        events: list = []
+        self._enqueue(self._new_row(request, _Handle(loop=None, events=events)))
+        return events
+
+    def step(self) -> bool:
+        """Run one scheduling step in the calling thread; False when there was nothing to do.
+
+        The worker thread calls this in its loop; tests and offline tools may call it directly
+        instead of :meth:`start`, which makes the order of joins and leaves exact."""
+        with self._wake:
+            self._expire_pending()
+            self._admit()
+        work = self._schedule()
+        if work.rows:
+            self._run_step(work)
+        self._release_finished()
+        self._flush()
+        return bool(work.rows)
+
+    async def generate(self, request: GenerationRequest):
+        """Queue ``request`` and yield its events; closing the stream cancels the request.
+
+        Raises :class:`QueueFullError` at once when the queue is full, :class:`RequestTooLongError`
+        when it cannot fit, :class:`EngineDeadError` when the worker has died.
+        """
+        handle = _Handle(loop=asyncio.get_running_loop(), events=asyncio.Queue())
+        row = self._new_row(request, handle)
+        self._enqueue(row)
         try:
             while True:
                 event = await handle.events.get()
@@ -334,13 +357,7 @@ class Engine:
                             self._wake.wait()
                         if self._stopping:
                             break
-                        self._expire_pending()
-                        self._admit()
-                    step = self._schedule()
-                    if step.rows:
-                        self._run_step(step)
-                    self._release_finished()
-                    self._flush()
+                    self.step()
             self._fail_all(EngineError("the engine shut down"))
         except BaseException as exc:  # the loop itself broke: fail everyone at once, never hang
             log.exception("the engine's worker died")
@@ -603,7 +620,10 @@ class Engine:
             return
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for handle, event in self._outbox:
-            by_loop.setdefault(handle.loop, []).append((handle, event))
+            if handle.loop is None:
+                handle.events.append(event)
+            else:
+                by_loop.setdefault(handle.loop, []).append((handle, event))
         self._outbox = []
         for loop, items in by_loop.items():
             try:
