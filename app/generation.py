@@ -235,6 +235,13 @@ class _ClientGone(Exception):
     pass
 
 
+async def _cancel(*tasks: asyncio.Future) -> None:
+    """Cancel ``tasks`` and wait until they have unwound (their streams are then closed)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _until(task: asyncio.Future, http: Request):
     """Await ``task``, cancelling it if the client disconnects meanwhile (queued or running)."""
     while True:
@@ -242,7 +249,7 @@ async def _until(task: asyncio.Future, http: Request):
         if done:
             return task.result()
         if await http.is_disconnected():
-            task.cancel()
+            await _cancel(task)
             raise _ClientGone()
 
 
@@ -322,13 +329,15 @@ async def respond(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
-    collector = asyncio.ensure_future(asyncio.gather(*(_collect(stream, timing) for stream in streams)))
+    tasks = [asyncio.ensure_future(_collect(stream, timing)) for stream in streams]
     try:
-        results = await _until(collector, http)
+        results = await _until(asyncio.gather(*tasks), http)
     except _ClientGone:
+        await _cancel(*tasks)
         await close_all()
         raise APIError(499, "client disconnected", code="client_closed_request") from None
     except Exception as exc:
+        await _cancel(*tasks)
         await close_all()
         raise as_api_error(exc) from exc
     for done, _tokens in results:
@@ -403,8 +412,7 @@ async def _merge(streams: list[AsyncIterator]):
             else:
                 yield index, event
     finally:
-        for task in tasks:
-            task.cancel()
+        await _cancel(*tasks)
         for stream in streams:
             await stream.aclose()
 

@@ -408,14 +408,21 @@ class Engine:
             budget -= n
         return _Step(decode, chunks)
 
-    def _run_step(self, step: _Step) -> None:
+    def _run_step(self, step: _Step, retry: bool = True) -> None:
         try:
             logits, hooks = self._forward(step)
         except Exception as exc:
-            # A failed forward may have half-written these rows' cache: they end, the rest go on.
             log.exception("forward pass failed")
-            for row in step.rows:
-                self._fail_row(row, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+            if not retry:
+                for row in step.rows:
+                    self._fail_row(row, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+                return
+            # Retry row by row: rewriting the same tokens at the same cache positions is harmless,
+            # so only a row that fails on its own ends, and a one-off fault costs nobody anything.
+            for row in step.decode:
+                self._run_step(_Step([row], []), retry=False)
+            for chunk in step.chunks:
+                self._run_step(_Step([], [chunk]), retry=False)
             return
         for row, _a, b in step.chunks:
             row.computed = b

@@ -32,7 +32,7 @@ CASES = [
     ("zero max_tokens", _body(max_tokens=0), 400, "max_tokens"),
     ("max_tokens above the limit", _body(max_tokens=100_000), 400, "max_tokens"),
     ("temperature out of range", _body(temperature=7), 400, "temperature"),
-    ("n above one", _body(n=3), 400, "n"),
+    ("n above 16", _body(n=17), 400, "n"),
     ("unknown model", {"model": "gpt-9", "messages": USER}, 404, "model"),
     ("missing model", {"messages": USER}, 400, "model"),
     ("too many stops", _body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
@@ -58,17 +58,18 @@ def test_nan_and_infinity_coefficients_are_refused(client):
         assert response.json()["error"]["param"] == "steering[0].coefficient"
 
 
-def test_oversized_prompt_reports_the_token_counts(client, lm):
-    long_text = "word " * (lm.context_length + 50)
+def test_oversized_prompt_reports_the_token_counts(client, server):
+    limit = server.state.engine.max_model_len
+    long_text = "word " * (limit + 50)
     response = client.post("/v1/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": long_text}]})
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
-    assert str(lm.context_length) in error["message"]
+    assert str(limit) in error["message"]
 
 
-def test_prompt_plus_max_tokens_beyond_the_context_is_refused(client, lm):
-    text = "word " * (lm.context_length - 200)
+def test_prompt_plus_max_tokens_beyond_the_context_is_refused(client, server):
+    text = "word " * (server.state.engine.max_model_len - 200)
     response = client.post("/v1/completions", json={"model": "default", "prompt": text, "max_tokens": 1000})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "max_tokens"

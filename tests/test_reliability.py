@@ -31,14 +31,20 @@ def test_a_failing_forward_fails_only_its_requests_and_the_engine_recovers(lm, t
     with make_server(lm, tmp_path) as live:
         engine = live.state.engine
         original = engine._forward
-        fault = {"prefill": False, "decode": False, "injected": 0}
+        # A request marked by max_tokens=7 breaks every forward it takes part in (prefill or decode);
+        # a transient fault breaks one forward only.
+        poison = {"prefill": False, "decode": False}
+        transient = {"armed": False, "injected": 0}
 
         def flaky(step):
-            kind = "prefill" if step.chunks else "decode"
-            if fault[kind]:
-                fault[kind] = False
-                fault["injected"] += 1
-                raise RuntimeError(f"injected {kind} fault")
+            if transient["armed"]:
+                transient["armed"] = False
+                transient["injected"] += 1
+                raise RuntimeError("injected transient fault")
+            for row in step.rows:
+                kind = "decode" if row in step.decode else "prefill"
+                if row.request.sampling.max_new_tokens == 7 and poison[kind]:
+                    raise RuntimeError(f"injected {kind} fault")
             return original(step)
 
         engine._forward = flaky
@@ -47,21 +53,22 @@ def test_a_failing_forward_fails_only_its_requests_and_the_engine_recovers(lm, t
                 running = pool.submit(c.post, CHAT, json=_body(max_tokens=120, ignore_eos=True))
                 while engine.running < 1:
                     time.sleep(0.01)
-                fault["prefill"] = True  # the next request's prefill fails
-                failed = c.post(CHAT, json=_body())
+                poison["prefill"] = True  # its prefill shares a step with the running row's decode
+                failed = c.post(CHAT, json=_body(max_tokens=7))
                 assert failed.status_code == 500
                 assert failed.json()["error"]["code"] == "engine_error" and "injected" in failed.json()["error"]["message"]
-                assert running.result().status_code == 200  # it was not in the failing forward
+                assert running.result().status_code == 200  # the shared step was retried row by row
                 assert running.result().json()["usage"]["completion_tokens"] == 120
-
-            fault["decode"] = True  # a decode step fails: the rows in it end with a clear error
-            broken = c.post(CHAT, json=_body(max_tokens=20))
+            poison["prefill"], poison["decode"] = False, True
+            broken = c.post(CHAT, json=_body(max_tokens=7, ignore_eos=True))
             assert broken.status_code == 500 and broken.json()["error"]["type"] == "server_error"
-            with c.stream("POST", CHAT, json=_body(max_tokens=20, stream=True)) as r:
-                fault["decode"] = True
+            with c.stream("POST", CHAT, json=_body(max_tokens=7, ignore_eos=True, stream=True)) as r:
                 lines = [line for line in r.iter_lines() if line.startswith("data: ")]
             assert any('"error"' in line for line in lines) and lines[-1] == "data: [DONE]"
-            assert fault["injected"] == 3
+            poison["decode"] = False
+            transient["armed"] = True  # a one-off fault: the step is retried and nobody notices
+            healed = c.post(CHAT, json=_body(max_tokens=5))
+            assert healed.status_code == 200 and transient["injected"] == 1
             after = c.post(CHAT, json=_body())
             assert after.status_code == 200 and c.get("/ready").status_code == 200
 

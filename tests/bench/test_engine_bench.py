@@ -19,7 +19,7 @@ import torch
 from app.bench import make_prompt, run_load, steering_mix
 from app.settings import REPO_VECTORS
 from steering.chat import chat_prompt_ids
-from steering.engine import Engine, Finished, GenerationRequest, TokenDelta
+from steering.engine import Done, Engine, GenerationRequest, PrefillDone, TokenOut
 from steering.model import load_model
 from steering.registry import VectorRegistry
 from steering.sampling import SamplingParams
@@ -63,7 +63,7 @@ def engine_run(engine: Engine, ids: list[list[int]], steering: list, *, new=NEW)
         req = GenerationRequest(prompt_ids=p, steering=s,
                                 sampling=SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True))
         async for ev in engine.generate(req):
-            if isinstance(ev, Finished):
+            if isinstance(ev, Done):
                 return ev.completion_tokens
 
     async def all_():
@@ -157,7 +157,7 @@ def test_r4_ttft_under_load(lm, record):
         start = time.perf_counter()
         req = GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
         async for ev in engine.generate(req):
-            if isinstance(ev, TokenDelta):
+            if isinstance(ev, TokenOut):
                 return time.perf_counter() - start  # leaving the stream cancels the rest
 
     async def background(p):
@@ -255,19 +255,17 @@ def test_r6_monitor_overhead(lm, registry, record, tmp_path):
     assert len(monitors.active()) == 4
     ids = prompts(lm)
 
-    def score_only(states):
-        monitors.score(states)  # annotate mode: compute, never block
-        return None
-
     def run(with_monitors: bool) -> float:
         async def one(p):
+            snap = monitors.snapshot()
             req = GenerationRequest(
                 prompt_ids=p, sampling=SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True),
-                capture_layers=monitors.layers() if with_monitors else frozenset(),
-                prefill_check=score_only if with_monitors else None,
+                probes=snap.probes if with_monitors else {},
             )
             async for ev in engine.generate(req):
-                if isinstance(ev, Finished):
+                if isinstance(ev, PrefillDone) and with_monitors:
+                    snap.readings(ev.projections)  # annotate mode: read, never block
+                if isinstance(ev, Done):
                     return ev.completion_tokens
 
         async def all_():
