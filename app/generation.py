@@ -124,7 +124,7 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
     asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
     field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     if asked is None:
-        max_new = min(settings.default_max_tokens, room)
+        max_new = min(state.sampling_defaults.max_tokens, room)
     else:
         if asked > settings.max_tokens_limit:
             raise APIError(400, f"{field} must be at most {settings.max_tokens_limit}", param=field)
@@ -140,8 +140,8 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
         raise APIError(400, f"min_tokens ({body.min_tokens}) exceeds max tokens ({max_new})", param="min_tokens")
     sampling = SamplingParams(
         max_new_tokens=max_new,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        temperature=state.sampling_defaults.temperature if body.temperature is None else body.temperature,
+        top_p=state.sampling_defaults.top_p if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=tuple(body.stop or ()),
         min_tokens=body.min_tokens,
@@ -243,7 +243,7 @@ async def respond(
             extra={"persona_monitor": {"scores": {r.vector: r.public() for r in monitor.readings}}},
         )
     headers = {"X-Persona-Flagged": ",".join(monitor.flagged())} if monitor.flagged() else {}
-    meta = {"id": f"{renderer.id_prefix}-{gen.request_id}", "created": int(time.time()), "model": state.lm.name}
+    meta = {"id": f"{renderer.id_prefix}-{http.scope['state']['request_id']}", "created": int(time.time()), "model": state.lm.name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
