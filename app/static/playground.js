@@ -160,21 +160,25 @@ function shellQuote(text) {
   return `'${text.replace(/'/g, `'\\''`)}'`;
 }
 
+const JSON_WORDS = { null: "null", true: "true", false: "false" };
 // JSON text is a Python literal once its three keywords are spelled the Python way.
-function pyLiteral(value) {
-  if (value === null) return "None";
-  if (value === true) return "True";
-  if (value === false) return "False";
+const PYTHON_WORDS = { null: "None", true: "True", false: "False" };
+
+// One-line JSON with a space after each separator, as people write it by hand.
+function literal(value, words) {
+  if (value === null || value === true || value === false) return words[String(value)];
   if (typeof value === "number" || typeof value === "string") return JSON.stringify(value);
-  if (Array.isArray(value)) return `[${value.map(pyLiteral).join(", ")}]`;
-  return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${pyLiteral(v)}`).join(", ")}}`;
+  if (Array.isArray(value)) return `[${value.map((v) => literal(v, words)).join(", ")}]`;
+  return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${literal(v, words)}`).join(", ")}}`;
 }
+
+const pyLiteral = (value) => literal(value, PYTHON_WORDS);
 
 function writeSnippets() {
   const body = steeredBody();
   const auth = page.key ? ` \\\n  -H "Authorization: Bearer $PERSONA_API_KEY"` : "";
-  $("curl-code").textContent =
-    `curl ${location.origin}/v1/chat/completions${auth} \\\n  -d ${shellQuote(JSON.stringify(body, null, 2))}`;
+  const json = `{\n${Object.entries(body).map(([k, v]) => `  ${JSON.stringify(k)}: ${literal(v, JSON_WORDS)}`).join(",\n")}\n}`;
+  $("curl-code").textContent = `curl ${location.origin}/v1/chat/completions${auth} \\\n  -d ${shellQuote(json)}`;
 
   const { model, messages, steering, monitor, ...sampling } = body;
   const args = [`    model=${pyLiteral(model)},`, `    messages=${pyLiteral(messages)},`];
