@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	# promtool and prometheus run the alert-rule tests and a real scrape test.
 	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus; } || echo "warning: could not install prometheus"
+	# chromium and its driver run the playground test in a real headless browser.
+	command -v chromedriver >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium chromium-driver; } || echo "warning: could not install chromium"
 	touch $(STAMP)
 
 serve: install

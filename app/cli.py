@@ -185,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--device", help="auto, cpu or cuda")
     serve.add_argument("--data-dir", dest="data_dir")
+    serve.add_argument("--generation-config", dest="generation_config", choices=["auto", "none"],
+                       help="auto: sampling defaults from the model's generation_config.json; none: ignore it")
+    serve.add_argument("--default-temperature", dest="default_temperature", type=float)
+    serve.add_argument("--default-top-p", dest="default_top_p", type=float)
+    serve.add_argument("--default-top-k", dest="default_top_k", type=int)
+    serve.add_argument("--default-repetition-penalty", dest="default_repetition_penalty", type=float)
+    serve.add_argument("--default-max-tokens", dest="default_max_tokens", type=int)
     serve.set_defaults(func=_serve)
 
     extract = sub.add_parser("extract", help="build a persona vector from a trait definition")

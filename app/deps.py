@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from app.jobs import JobStore
 from app.metrics import Metrics
+from app.sampling_defaults import SamplingDefaults
 from app.settings import Settings
 from steering.engine import Engine
 from steering.model import LoadedModel
@@ -24,6 +25,7 @@ class ServerState:
     engine: Engine
     metrics: Metrics
     monitors: MonitorSet
+    sampling_defaults: SamplingDefaults
     jobs: JobStore = field(default_factory=JobStore)
     screen_outputs: dict = field(default_factory=dict)
     ready: bool = False

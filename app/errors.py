@@ -95,6 +95,15 @@ def as_api_error(exc: Exception) -> APIError:
     return APIError(500, "internal server error", type="server_error", code="internal_error")
 
 
+# pydantic's wording where it would leave a client guessing.
+_MESSAGES = {
+    "extra_forbidden": "this field is not supported by this server",
+    "model_attributes_type": "should be a JSON object",
+    "model_type": "should be a JSON object",
+    "dict_type": "should be a JSON object",
+}
+
+
 def _loc_to_param(loc: tuple) -> str | None:
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
     # pydantic adds the union member's type name to the location; it means nothing to a client.
@@ -114,15 +123,17 @@ def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
     if errors[0].get("type") == "json_invalid":
         detail = errors[0].get("ctx", {}).get("error", "")
-        return APIError(400, f"request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
+        return APIError(400, f"request body is not valid JSON: {detail}".rstrip(": "), param="body", code="invalid_json")
     # A field typed as a union reports one error per member; the deepest location is the
     # member the client meant (e.g. steering.optimistic rather than "steering: not a list").
     first = max(errors, key=lambda e: len(e.get("loc", ())))
     loc = tuple(first.get("loc", ()))
-    param = _loc_to_param(loc)
-    message = f"{param}: {first['msg']}" if param else first["msg"]
+    # A body that is missing or not an object fails at the body itself: name it.
+    param = _loc_to_param(loc) or "body"
+    text = _MESSAGES.get(first.get("type"), first["msg"])
+    message = f"{param}: {text}"
     if "[key]" in loc:
-        message = f"{param}: key {str(loc[loc.index('[key]') - 1])[:80]!r}: {first['msg']}"
+        message = f"{param}: key {str(loc[loc.index('[key]') - 1])[:80]!r}: {text}"
     return APIError(400, message, param=param, code="invalid_value")
 
 

@@ -123,15 +123,17 @@ def _sampling(state: ServerState, body: _GenerationFields, max_new: int) -> Samp
     bad = [t for t in body.stop_token_ids or () if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"stop_token_ids must be in 0..{vocab - 1}; got {bad[0]}", param="stop_token_ids")
+    defaults = state.sampling_defaults
+    top_k = defaults.top_k if body.top_k is None else body.top_k
     return SamplingParams(
         max_new_tokens=max_new,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=0 if body.top_k is None or body.top_k < 0 else body.top_k,
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        top_k=max(top_k, 0),
         min_p=body.min_p or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        repetition_penalty=defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
         logit_bias=tuple(bias),
         seed=body.seed,
         stop=tuple(body.stop or ()),
@@ -166,7 +168,7 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
     asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
     field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     if asked is None:
-        max_new = min(settings.default_max_tokens, room)
+        max_new = min(state.sampling_defaults.max_tokens, room)
     else:
         if asked > settings.max_tokens_limit:
             raise APIError(400, f"{field} must be at most {settings.max_tokens_limit}", param=field)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from app import errors
 from app.deps import ServerState
@@ -21,12 +23,15 @@ from app.routes import (
     jobs,
     models,
     monitors,
+    playground,
     screen,
+    tokenize,
     vectors,
 )
+from app.sampling_defaults import resolve_sampling_defaults
 from app.settings import Settings
 from steering.engine import Engine
-from steering.model import LoadedModel, load_model
+from steering.model import DEFAULT_MODEL, LoadedModel, load_model
 from steering.monitor import MonitorSet
 from steering.registry import VectorRegistry
 
@@ -55,8 +60,12 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
     metrics.bind_engine(engine)
     metrics.model_info.info({"model": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch.")})
     metrics.set_thresholds(monitor_set.configs())
+    model_dir = getattr(lm.model, "name_or_path", None)
+    defaults = resolve_sampling_defaults(settings, Path(model_dir) if model_dir else None,
+                                         embedded=settings.model == DEFAULT_MODEL)
+    log.info("sampling defaults: %s", defaults.describe())
     return ServerState(settings=settings, lm=lm, registry=registry, engine=engine, metrics=metrics,
-                       monitors=monitor_set, created=int(time.time()))
+                       monitors=monitor_set, sampling_defaults=defaults, created=int(time.time()))
 
 
 def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = None) -> FastAPI:
@@ -86,9 +95,10 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
 
     app = FastAPI(title="persona-server", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for module in (chat, completions, models, jobs, vectors, monitors, screen, assess, health):
+    for module in (chat, completions, models, tokenize, jobs, vectors, monitors, screen, assess, health, playground):
         app.include_router(module.router)
-    app.add_middleware(JsonByDefault)
+    app.mount("/static", StaticFiles(directory=playground.STATIC_DIR), name="static")
+    app.add_middleware(JsonByDefault, exempt=(("PUT", "/v1/vectors/"),))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
                        exempt=(("PUT", "/v1/vectors/"), ("POST", "/v1/screen")))
     if settings.cors_origins:

@@ -71,21 +71,28 @@ class RequestObserver:
 
 
 class JsonByDefault:
-    """Read POST bodies as JSON when the client sent no JSON content type.
+    """Read every request body as JSON, whatever content type the client declared.
 
-    ``curl -d '{...}'`` labels its body ``application/x-www-form-urlencoded``; every POST route
-    that takes a form here takes JSON, so a missing or form content type is treated as JSON.
+    ``curl -d '{...}'`` labels its body ``application/x-www-form-urlencoded``, on POST and on
+    ``curl -X PUT`` alike, and other clients send ``text/plain`` or nothing. Every route that takes a
+    structured body takes JSON, so any other declared type is replaced by JSON on every method.
+    Routes that read raw bytes and look at the type themselves (vector uploads) are ``exempt``:
+    ``(method, path prefix)`` pairs.
+
+    Example::
+
+        app.add_middleware(JsonByDefault, exempt=(("PUT", "/v1/vectors/"),))
     """
 
-    _FORM = b"application/x-www-form-urlencoded"
-
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, exempt: tuple[tuple[str, str], ...] = ()):
+        self.app, self.exempt = app, exempt
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            current = _header(scope, b"content-type")
-            if current is None or current.split(b";")[0].strip() == self._FORM:
+        if scope["type"] == "http" and not any(
+            scope["method"] == method and scope["path"].startswith(prefix) for method, prefix in self.exempt
+        ):
+            current = (_header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
+            if not (current == b"application/json" or current.endswith(b"+json")):
                 # In place: the observer outside reads the routed scope afterwards.
                 scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
                     (b"content-type", b"application/json")]

@@ -13,6 +13,7 @@ from pydantic import (
     Field,
     StrictInt,
     field_validator,
+    model_validator,
 )
 
 from steering.vector import NAME_PATTERN
@@ -53,14 +54,37 @@ class MonitorRequestOptions(_Strict):
     return_scores: bool = False
 
 
-class StreamOptions(BaseModel):
+class _OpenAIRequest(BaseModel):
+    """An OpenAI-shaped request: a field this server does not implement is refused (400 naming
+    it), never ignored, so a client never gets an answer other than the one it asked for. A field
+    sent as ``null`` counts as not sent, as OpenAI reads it (clients send ``"tools": null``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(_OpenAIRequest):
     include_usage: bool = False
 
 
-class _GenerationFields(BaseModel):
-    """Fields shared by chat and text completions."""
+class _Informational(_OpenAIRequest):
+    """Fields OpenAI clients send that describe the caller or ask for OpenAI-side bookkeeping; they
+    do not change the answer, so they are accepted and ignored (this server stores nothing)."""
 
-    model_config = ConfigDict(extra="ignore")
+    user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+
+
+class _GenerationFields(_Informational):
+    """Fields shared by chat and text completions."""
 
     model: str
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -97,14 +121,12 @@ class _GenerationFields(BaseModel):
         return stops
 
 
-class TextPart(BaseModel):
+class TextPart(_OpenAIRequest):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -155,15 +177,41 @@ class CompletionRequest(_GenerationFields):
 
 
 class ModelCard(BaseModel):
+    """One entry of ``/v1/models``, as vLLM shows it: ``root`` is the model an alias serves."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "persona-server"
+    root: str
+    parent: str | None = None
+    max_model_len: int
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(_OpenAIRequest):
+    """Body of ``POST /tokenize`` (vLLM's): a text ``prompt`` or chat ``messages``, exactly one.
+
+    ``add_special_tokens`` is off by default for both, unlike vLLM's for a prompt: the ids are
+    the ones this server's completions generate from, and those add none."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_OpenAIRequest):
+    """Body of ``POST /detokenize`` (vLLM's)."""
+
+    model: str | None = None
+    tokens: list[StrictInt] = Field(max_length=1_000_000)
 
 
 class VectorUpload(_Strict):

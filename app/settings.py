@@ -40,7 +40,14 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16)
     kv_cache_gib: float = Field(4.0, gt=0)
     request_timeout_s: float | None = Field(600.0, gt=0)
-    default_max_tokens: int = Field(512, ge=1)
+    # Sampling defaults for fields a request leaves out; None defers to the model's
+    # generation_config.json (with generation_config="auto"), then to app/sampling_defaults.py.
+    generation_config: Literal["auto", "none"] = "auto"
+    default_max_tokens: int | None = Field(None, ge=1)
+    default_temperature: float | None = Field(None, ge=0.0, le=2.0)
+    default_top_p: float | None = Field(None, gt=0.0, le=1.0)
+    default_top_k: int | None = Field(None, ge=0)
+    default_repetition_penalty: float | None = Field(None, gt=0.0)
     max_tokens_limit: int = Field(4096, ge=1)
     max_steering_entries: int = Field(16, ge=1)
     max_abs_coefficient: float = Field(100.0, gt=0)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
+
+import httpx
 import pytest
 
-from tests.conftest import answer
+from tests.conftest import answer, make_server
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -92,3 +96,101 @@ def test_server_keeps_serving_after_bad_input(client):
         client.post("/v1/chat/completions", json=body)
     assert answer(client, "What is the capital of France?", max_tokens=8)
     assert client.get("/ready").status_code == 200
+
+
+# OpenAI fields this server does not implement: refused naming the field, never ignored.
+UNIMPLEMENTED = {
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "functions": [{"name": "f", "parameters": {}}],
+    "function_call": "auto",
+    "response_format": {"type": "json_object"},
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"},
+    "web_search_options": {},
+    "reasoning_effort": "low",
+    "frobnicate": 1,
+}
+
+
+@pytest.mark.parametrize("field", sorted(UNIMPLEMENTED))
+def test_unimplemented_chat_fields_are_refused_by_name(client, field):
+    response = client.post("/v1/chat/completions", json=_body(**{field: UNIMPLEMENTED[field]}))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and field in error["message"]
+
+
+@pytest.mark.parametrize("field,value", [("echo", True), ("suffix", "x"), ("best_of", 2), ("tools", [])])
+def test_unimplemented_completion_fields_are_refused_by_name(client, field, value):
+    response = client.post("/v1/completions", json={"model": "default", "prompt": "Hi", "max_tokens": 2, field: value})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("body,param", [
+    (_body(messages=[{"role": "user", "content": "Hi", "tool_calls": [{"id": "1"}]}]), "messages[0].tool_calls"),
+    (_body(messages=[{"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {}}]}]),
+     "messages[0].content[0].cache_control"),
+    (_body(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}),
+     "stream_options.continuous_usage_stats"),
+])
+def test_unknown_nested_fields_are_refused_by_path(client, body, param):
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_informational_fields_and_nulls_are_accepted(client):
+    informational = {"user": "u-1", "safety_identifier": "s-1", "metadata": {"team": "qa"}, "store": False,
+                     "service_tier": "auto", "prompt_cache_key": "k"}
+    nulls = {"tools": None, "response_format": None, "logprobs": None, "temperature": None}
+    response = client.post("/v1/chat/completions", json=_body(**informational, **nulls))
+    assert response.status_code == 200, response.text
+    message = {"role": "assistant", "content": "Hello.", "refusal": None, "tool_calls": None}
+    history = _body(messages=[*USER, message, {"role": "user", "content": "Again"}])
+    assert client.post("/v1/chat/completions", json=history).status_code == 200
+
+
+def test_a_body_is_json_whatever_its_content_type_on_every_method(lm, tmp_path):
+    with make_server(lm, tmp_path) as live, httpx.Client(base_url=live.url, timeout=120) as http:
+        # The README's first ops step, as curl -X PUT -d sends it.
+        put = http.put("/v1/monitors/evil", content=b'{"mode": "annotate", "score": "z"}',
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+        assert put.status_code == 200, put.text
+        assert put.json()["mode"] == "annotate"
+        plain = http.post("/v1/chat/completions", content=json.dumps(_body()).encode(), headers={"content-type": "text/plain"})
+        assert plain.status_code == 200, plain.text
+        bare = http.post("/tokenize", content=b'{"prompt": "Hi"}', headers={"content-type": ""})
+        assert bare.status_code == 200 and bare.json()["count"] >= 1
+        # A vector upload in its JSON form, sent the curl -d way, is read as JSON too.
+        directions = [[0.0] * lm.hidden_size for _ in range(lm.num_layers + 1)]
+        directions[19][0] = 1.0
+        upload = http.put("/v1/vectors/curl-d", content=json.dumps({"directions": directions, "recommended_layer": 19}).encode(),
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+        assert upload.status_code == 201, upload.text
+
+
+def _json_operations(spec: dict) -> list[tuple[str, str]]:
+    """(method, path) of every operation whose request body is JSON, path parameters filled in."""
+    out = []
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            if "application/json" in op.get("requestBody", {}).get("content", {}):
+                out.append((method.upper(), re.sub(r"\{[^}]+\}", "optimistic", path)))
+    return out
+
+
+def test_every_validation_error_names_its_field(client):
+    operations = _json_operations(client.get("/openapi.json").json())
+    assert len(operations) >= 9, operations
+    misses = []
+    for method, path in operations:
+        for content in (b"[]", b'"text"', b"{not json", b'{"no_such_field": 1}'):
+            response = client.request(method, path, content=content, headers={"content-type": "application/json"})
+            error = response.json().get("error", {}) if response.status_code >= 400 else {}
+            if response.status_code != 400 or not error.get("param"):
+                misses.append((method, path, content, response.status_code, error))
+    assert not misses, misses

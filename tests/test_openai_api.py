@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from pathlib import Path
+
 import httpx
+import pytest
 
-from tests.conftest import chat
+from app.sampling_defaults import EMBEDDED_RECOMMENDED, read_generation_config, resolve_sampling_defaults
+from app.settings import Settings
+from tests.conftest import chat, make_server
 
 
-def test_models_list_names_the_loaded_model(oai, lm):
+def test_models_list_names_the_loaded_model_and_its_alias(oai, client, lm):
     ids = [m.id for m in oai.models.list().data]
-    assert ids == [lm.name]
+    assert ids == [lm.name, "default"]
+    for card in client.get("/v1/models").json()["data"]:
+        assert card["root"] == lm.name
+        assert card["max_model_len"] == lm.context_length
+    assert oai.models.retrieve("default").id == "default"
+    missing = client.get("/v1/models/gpt-9")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
 
 
 def test_chat_completion_returns_text_and_consistent_usage(oai, lm):
@@ -114,3 +128,133 @@ def test_health_ready_and_metrics_move(client):
     assert counter(after, "persona_prompt_tokens_total") - counter(before, "persona_prompt_tokens_total") == usage["prompt_tokens"]
     assert "persona_time_to_first_token_seconds_bucket" in after
     assert 'persona_model_info{' in after
+
+
+def _sse_data(response: httpx.Response) -> list:
+    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+def test_stream_usage_arrives_on_the_last_chunk_only_when_asked(client):
+    body = {"model": "default", "prompt": "The three primary colors are", "temperature": 0, "max_tokens": 9, "stream": True}
+    with client.stream("POST", "/v1/completions", json={**body, "stream_options": {"include_usage": True}}) as response:
+        chunks = _sse_data(response)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 9
+    assert chunks[-1]["usage"]["total_tokens"] == chunks[-1]["usage"]["prompt_tokens"] + 9
+    assert all("usage" not in c for c in chunks[:-1])
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        assert all("usage" not in c for c in _sse_data(response))
+
+
+def test_response_id_carries_the_request_id_of_the_access_log(client, caplog):
+    caplog.set_level(logging.INFO, logger="persona_server.access")
+    given = chat(client, "Hi", max_tokens=3).json()
+    response = client.post("/v1/chat/completions", headers={"X-Request-Id": "trace-42.a"}, json={
+        "model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    assert response.json()["id"] == "chatcmpl-trace-42.a"
+    with client.stream("POST", "/v1/completions", headers={"X-Request-Id": "trace-43"}, json={
+            "model": "default", "prompt": "Hi", "max_tokens": 3, "stream": True}) as streamed:
+        assert {c["id"] for c in _sse_data(streamed)} == {"cmpl-trace-43"}
+
+    def logged_ids() -> set[str]:
+        return {json.loads(r.getMessage())["request_id"] for r in caplog.records if r.name == "persona_server.access"}
+
+    # The line is written once the response is sent, which the client may see first.
+    deadline = time.monotonic() + 10
+    while not {"trace-42.a", "trace-43"} <= logged_ids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {"trace-42.a", "trace-43"} <= logged_ids()
+    # Without a header the server's own id is used, and it is the one echoed and logged.
+    assert given["id"].removeprefix("chatcmpl-") in logged_ids()
+
+
+def test_tokenize_counts_what_the_chat_route_counts(client, lm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    tokens = client.post("/tokenize", json={"model": "default", "messages": messages, "return_token_strs": True}).json()
+    usage = client.post("/v1/chat/completions", json={"model": "default", "messages": messages, "max_tokens": 1}).json()["usage"]
+    assert tokens["count"] == len(tokens["tokens"]) == usage["prompt_tokens"]
+    assert tokens["max_model_len"] == lm.context_length
+    assert len(tokens["token_strs"]) == tokens["count"]
+    without = client.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert without["count"] < tokens["count"] and tokens["tokens"][: without["count"]] == without["tokens"]
+
+
+def test_tokenize_and_detokenize_round_trip_a_prompt(client):
+    text = "Persona vectors steer a model's personality."
+    tokens = client.post("/tokenize", json={"prompt": text}).json()
+    assert tokens["token_strs"] is None
+    usage = client.post("/v1/completions", json={"model": "default", "prompt": text, "max_tokens": 1}).json()["usage"]
+    assert tokens["count"] == usage["prompt_tokens"]
+    assert client.post("/detokenize", json={"model": "default", "tokens": tokens["tokens"]}).json() == {"prompt": text}
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/tokenize", {}, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+    ("/tokenize", {"prompt": "a", "continue_final_message": True}, "continue_final_message"),
+    ("/tokenize", {"messages": [{"role": "robot", "content": "b"}]}, "messages[0].role"),
+    ("/detokenize", {"tokens": [1, 10**9]}, "tokens[1]"),
+    ("/detokenize", {"tokens": "12"}, "tokens"),
+    ("/detokenize", {"model": "gpt-9", "tokens": [1]}, "model"),
+])
+def test_tokenize_and_detokenize_refuse_bad_input_naming_the_field(client, path, body, param):
+    response = client.post(path, json=body)
+    assert response.status_code in (400, 404), response.text
+    assert response.json()["error"]["param"] == param
+
+
+# Sampling defaults (vLLM's --generation-config auto): the model's file, the embedded model's
+# recommendation, settings on top.
+
+def _model_dir(tmp_path: Path, config: dict) -> Path:
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_generation_config_supplies_the_defaults_and_settings_override_them(tmp_path):
+    folder = _model_dir(tmp_path, {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05,
+                                   "max_new_tokens": 300, "bos_token_id": 1})
+    d = resolve_sampling_defaults(Settings(), folder, embedded=False)
+    assert (d.temperature, d.top_p, d.top_k, d.repetition_penalty, d.max_tokens) == (0.6, 0.95, 20, 1.05, 300)
+    assert set(d.sources.values()) == {"generation_config.json"}
+
+    d = resolve_sampling_defaults(Settings(default_temperature=0.0, default_max_tokens=8000, max_tokens_limit=1000),
+                                  folder, embedded=False)
+    assert (d.temperature, d.sources["temperature"], d.top_p) == (0.0, "settings", 0.95)
+    assert d.max_tokens == 1000  # never above the accepted maximum
+
+    ignored = resolve_sampling_defaults(Settings(generation_config="none"), folder, embedded=False)
+    assert (ignored.temperature, ignored.top_p, ignored.top_k, ignored.max_tokens) == (1.0, 1.0, 0, 512)
+    assert set(ignored.sources.values()) == {"openai"}
+
+
+def test_the_embedded_recommendation_fills_only_what_the_file_leaves_out(tmp_path):
+    folder = _model_dir(tmp_path, {"top_p": 0.8, "temperature": "hot", "max_new_tokens": -3})
+    d = resolve_sampling_defaults(Settings(), folder, embedded=True)
+    assert d.top_p == 0.8 and d.sources["top_p"] == "generation_config.json"
+    assert (d.temperature, d.max_tokens) == (EMBEDDED_RECOMMENDED["temperature"], EMBEDDED_RECOMMENDED["max_tokens"])
+    assert read_generation_config(folder) == {"top_p": 0.8}  # unusable values are skipped, not trusted
+    assert read_generation_config(tmp_path / "nowhere") == {}
+
+
+def test_the_missions_first_request_as_written_is_short_and_steered(server, client, lm):
+    """``curl localhost:8000/v1/chat/completions -d '{"model": "default", "messages": [...],
+    "steering": {"optimistic": 1.5}}'``: no temperature, no max_tokens."""
+    defaults = server.state.sampling_defaults
+    assert defaults.sources["temperature"] == "recommended" and defaults.temperature <= 0.3
+    body = {"model": "default", "messages": [{"role": "user", "content": "Describe your morning."}]}
+    steered = client.post("/v1/chat/completions", json={**body, "steering": {"optimistic": 1.5}, "seed": 7}).json()
+    plain = client.post("/v1/chat/completions", json={**body, "seed": 7}).json()
+    assert steered["usage"]["completion_tokens"] <= defaults.max_tokens == EMBEDDED_RECOMMENDED["max_tokens"]
+    text = steered["choices"][0]["message"]["content"]
+    assert text != plain["choices"][0]["message"]["content"]
+    words = text.split()
+    assert len(words) >= 20 and len(set(words)) / len(words) > 0.5  # prose, not a loop
+
+
+def test_settings_override_the_defaults_on_a_live_server(lm, tmp_path):
+    with make_server(lm, tmp_path, default_temperature=0.0, default_max_tokens=5) as live:
+        body = {"model": "default", "messages": [{"role": "user", "content": "Describe your morning."}]}
+        first = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=120).json()
+        second = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=120).json()
+    assert first["usage"]["completion_tokens"] == 5
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]  # greedy

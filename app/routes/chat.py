@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from app.auth import User
-from app.deps import State
+from app.deps import ServerState, State
 from app.errors import APIError
 from app.generation import Renderer, build_request, respond
-from app.schemas import ChatCompletionRequest
-from steering.chat import chat_prompt_ids
+from app.schemas import ChatCompletionRequest, ChatMessage
+from steering.chat import text_ids
 from steering.engine import TokenOut
 
 router = APIRouter()
@@ -46,14 +46,25 @@ def _logprobs(tokens: list[TokenOut], tokenizer, _offset: int) -> dict:
 CHAT = Renderer("chat.completion", "chat.completion.chunk", "chatcmpl", _final, _chunk, _logprobs)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, state: State, http: Request, _user: User):
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    if messages[-1]["role"] == "assistant":
-        raise APIError(400, "the last message must not be from the assistant", param="messages")
+def chat_text(state: ServerState, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+    """``messages`` rendered by the model's chat template (``developer`` is OpenAI's newer name
+    for ``system``); shared with ``/tokenize`` so both count the same tokens.
+
+    Example::
+
+        chat_text(state, [ChatMessage(role="user", content="Hi")])   # '<|im_start|>user\nHi<|im_end|>...'
+    """
+    plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
-        prompt_ids = chat_prompt_ids(state.lm.tokenizer, messages)
+        return state.lm.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as exc:  # the template itself refuses some role orders
         raise APIError(400, f"the model's chat template rejected the messages: {exc}", param="messages") from exc
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, state: State, http: Request, _user: User):
+    if body.messages[-1].role == "assistant":
+        raise APIError(400, "the last message must not be from the assistant", param="messages")
+    prompt_ids = text_ids(state.lm.tokenizer, chat_text(state, body.messages))
     gen, monitor = build_request(state, body, prompt_ids, "messages")
     return await respond(state, http, body, gen, monitor, CHAT, "/v1/chat/completions")

@@ -75,6 +75,16 @@ async def _read_limited(http: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _is_json(content_type: str, data: bytes) -> bool:
+    """Whether an upload is the JSON form: declared so, or sent without a binary type (``curl -d``)
+    and shaped like JSON. A safetensors file starts with an 8-byte little-endian header length,
+    which always holds a zero byte; JSON text never does."""
+    declared = content_type.split(";")[0].strip().lower()
+    if declared == "application/json":
+        return True
+    return declared != "application/octet-stream" and data.lstrip()[:1] == b"{" and b"\x00" not in data[:8]
+
+
 @router.put(
     "/v1/vectors/{name}",
     openapi_extra={
@@ -102,7 +112,7 @@ async def put_vector(name: str, state: State, http: Request, _admin: Admin, form
             vector = (import_gguf if format == "gguf" else import_pt)(path, name=name, model=ref)
     elif format != "safetensors":
         raise APIError(400, "format must be 'safetensors', 'gguf' or 'pt'", param="format")
-    elif http.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+    elif _is_json(http.headers.get("content-type", ""), data):
         try:
             upload = VectorUpload.model_validate_json(data)
         except ValidationError as exc:

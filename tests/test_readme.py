@@ -1,0 +1,136 @@
+"""The README cannot drift: every command in its shell blocks that calls the local server, and
+every Python block that talks to it, runs as written against a live server (only the address is
+rewritten) and must exit 0 with a non-error HTTP status.
+
+What is not run, and why:
+
+- commands that start their own server process or load their own model (``make serve``,
+  ``persona-server screen|assess|extract``): they do not call the local server;
+- nothing else. ``$ADMIN`` is set to the test server's admin key, ``@data.jsonl`` is a
+  three-sample dataset written for the test, and ``JOB_ID`` is the id the job-creating command
+  before it returned (its job is waited for before its output is read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_server
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SERVER_ADDRESS = re.compile(r"(?:localhost|127\.0\.0\.1):8000")
+ADMIN_KEY = "readme-admin-key"
+# curl exits 22 on an HTTP status >= 400 with --fail-with-body, so exit 0 means a non-error status.
+CURL = 'curl() { command curl -sS --fail-with-body --max-time 900 "$@"; }'
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block, including blocks indented inside list items."""
+    blocks = []
+    for match in re.finditer(r"^( *)```(\w*)\n(.*?)^\1```", text, re.S | re.M):
+        indent = len(match.group(1))
+        body = "\n".join(line[indent:] for line in match.group(3).splitlines())
+        blocks.append((match.group(2), body))
+    return blocks
+
+
+def shell_commands(body: str) -> list[str]:
+    """The commands of a shell block: lines joined across backslash continuations and across
+    quoted strings that span lines (a JSON body written over several lines)."""
+    commands, current = [], ""
+    for line in body.splitlines():
+        current += line + "\n"
+        if line.endswith("\\"):
+            continue
+        try:
+            shlex.split(current, comments=True)
+        except ValueError:  # a quote is still open
+            continue
+        if current.strip():
+            commands.append(current.strip())
+        current = ""
+    return commands
+
+
+def server_commands(text: str) -> list[str]:
+    commands = []
+    for lang, body in fenced_blocks(text):
+        if lang in ("sh", "bash", "shell"):
+            commands += [c for c in shell_commands(body) if c.startswith("curl") and SERVER_ADDRESS.search(c)]
+    return commands
+
+
+def python_blocks(text: str) -> list[str]:
+    return [body for lang, body in fenced_blocks(text) if lang == "python" and SERVER_ADDRESS.search(body)]
+
+
+def test_the_readme_has_examples_to_run():
+    commands = server_commands(README.read_text())
+    assert len(commands) >= 8, commands
+    assert any("/v1/chat/completions" in c for c in commands)
+    assert any("-X PUT" in c and "/v1/monitors/" in c for c in commands)
+    assert python_blocks(README.read_text())
+
+
+@pytest.fixture(scope="module")
+def readme_server(lm, tmp_path_factory):
+    with make_server(lm, tmp_path_factory.mktemp("readme"), admin_keys=[ADMIN_KEY]) as live:
+        yield live
+
+
+def _wait_for_job(url: str, job_id: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+        if job["status"] in ("succeeded", "failed"):
+            assert job["status"] == "succeeded", job
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_every_readme_command_that_calls_the_server_succeeds(readme_server, tmp_path):
+    samples = (Path(__file__).parent / "data" / "screen_mixed.jsonl").read_text().splitlines()[:3]
+    (tmp_path / "data.jsonl").write_text("\n".join(samples) + "\n")
+    env = {**os.environ, "ADMIN": ADMIN_KEY}
+    address = readme_server.url.removeprefix("http://")
+    job_id = None
+    ran = []
+    for command in server_commands(README.read_text()):
+        command = SERVER_ADDRESS.sub(address, command)
+        if "JOB_ID" in command:
+            assert job_id, f"no job was created before: {command}"
+            if "/output" in command:
+                _wait_for_job(readme_server.url, job_id)
+            command = command.replace("JOB_ID", job_id)
+        done = subprocess.run(["bash", "-c", f"set -eo pipefail; {CURL}; {command}"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, f"{command}\nexit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        try:
+            reply = json.loads(done.stdout)
+        except ValueError:
+            reply = None
+        if isinstance(reply, dict) and reply.get("object") == "job" and reply.get("status") != "succeeded":
+            job_id = reply["id"]
+        ran.append(command)
+    assert len(ran) >= 8
+
+
+def test_every_readme_python_example_that_calls_the_server_runs(readme_server, tmp_path):
+    address = readme_server.url.removeprefix("http://")
+    for block in python_blocks(README.read_text()):
+        script = tmp_path / "example.py"
+        script.write_text(SERVER_ADDRESS.sub(address, block))
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{block}\n{done.stderr[-3000:]}"
+        assert done.stdout.strip(), "the example printed no answer"
