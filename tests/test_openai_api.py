@@ -15,12 +15,12 @@ from app.settings import Settings
 from tests.conftest import chat, make_server
 
 
-def test_models_list_names_the_loaded_model_and_its_alias(oai, client, lm):
+def test_models_list_names_the_loaded_model_and_its_alias(oai, client, lm, server):
     ids = [m.id for m in oai.models.list().data]
     assert ids == [lm.name, "default"]
     for card in client.get("/v1/models").json()["data"]:
         assert card["root"] == lm.name
-        assert card["max_model_len"] == lm.context_length
+        assert card["max_model_len"] == server.state.engine.max_model_len <= lm.context_length
     assert oai.models.retrieve("default").id == "default"
     missing = client.get("/v1/models/gpt-9")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
@@ -167,12 +167,12 @@ def test_response_id_carries_the_request_id_of_the_access_log(client, caplog):
     assert given["id"].removeprefix("chatcmpl-") in logged_ids()
 
 
-def test_tokenize_counts_what_the_chat_route_counts(client, lm):
+def test_tokenize_counts_what_the_chat_route_counts(client, server):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     tokens = client.post("/tokenize", json={"model": "default", "messages": messages, "return_token_strs": True}).json()
     usage = client.post("/v1/chat/completions", json={"model": "default", "messages": messages, "max_tokens": 1}).json()["usage"]
     assert tokens["count"] == len(tokens["tokens"]) == usage["prompt_tokens"]
-    assert tokens["max_model_len"] == lm.context_length
+    assert tokens["max_model_len"] == server.state.engine.max_model_len
     assert len(tokens["token_strs"]) == tokens["count"]
     without = client.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
     assert without["count"] < tokens["count"] and tokens["tokens"][: without["count"]] == without["tokens"]
