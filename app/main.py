@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app import errors
 from app.deps import ServerState
+from app.jobs import JobStore
 from app.metrics import Metrics
 from app.middleware import BodyLimit, JsonByDefault, RequestObserver
 from app.routes import (
@@ -54,7 +55,7 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
     metrics.model_info.info({"model": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch.")})
     metrics.set_thresholds(monitor_set.configs())
     return ServerState(settings=settings, lm=lm, registry=registry, engine=engine, metrics=metrics,
-                       monitors=monitor_set, created=int(time.time()))
+                       monitors=monitor_set, jobs=JobStore.from_settings(settings), created=int(time.time()))
 
 
 def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = None) -> FastAPI:
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
             yield
         finally:
             state.ready = False
-            state.jobs.cancel_all()
+            await state.jobs.close()
             state.engine.shutdown()
 
     app = FastAPI(title="persona-server", version="0.1.0", lifespan=lifespan)
