@@ -43,7 +43,6 @@ class JobDeadlineError(Exception):
 class Job:
     id: str
     kind: str
-    owner: str
     status: str = "queued"  # queued | running | succeeded | failed
     created: float = field(default_factory=time.time)
     finished: float | None = None
@@ -101,10 +100,6 @@ class JobStore:
         self.prune()
         return self._jobs.get(job_id)
 
-    def active(self, owner: str) -> int:
-        """Jobs and synchronous calls of ``owner`` not finished yet."""
-        return self._active[owner]
-
     def check_room(self, owner: str) -> None:
         """Raise :class:`JobLimitError` when ``owner`` may not start more work now."""
         if self._active[owner] >= self.max_per_owner:
@@ -122,7 +117,7 @@ class JobStore:
         With ``output_suffix`` the job gets ``job.output`` (and its ``.part`` sibling for
         writing) in the jobs directory; ``files`` are deleted with the job as well."""
         self.check_room(owner)
-        job = Job(id=f"job-{uuid.uuid4().hex[:16]}", kind=kind, owner=owner, total=total, files=list(files))
+        job = Job(id=f"job-{uuid.uuid4().hex[:16]}", kind=kind, total=total, files=list(files))
         if output_suffix is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             job.output = self.output_dir / f"{job.id}{output_suffix}"

@@ -169,13 +169,15 @@ def test_finished_jobs_expire_after_the_ttl_with_their_files(lm, tmp_path):
         assert c.get(f"/v1/jobs/{job['id']}").status_code == 404
 
 
-def test_assessment_and_calibration_respect_the_prompt_limits(lm, tmp_path):
+def test_assessment_respects_the_prompt_limit(lm, tmp_path):
     with make_server(lm, tmp_path, max_prompt_tokens=40) as live, httpx.Client(base_url=live.url, timeout=120) as c:
         r = c.post("/v1/assess", json={"inventory": "mbti", "repetitions": 2})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "inventory" and r.json()["error"]["code"] == "prompt_too_long"
         assert "at most 40" in r.json()["error"]["message"]
-    # A max_prompt_tokens above the context does not lift the context limit.
+
+
+def test_a_max_prompt_tokens_above_the_context_does_not_lift_the_context_limit(lm, tmp_path):
     with make_server(lm, tmp_path, max_prompt_tokens=10**6) as live, httpx.Client(base_url=live.url, timeout=120) as c:
         r = c.post("/v1/monitors/optimistic/calibrate", json={"prompts": ["Hello there.", "x " * 9000], "apply": False})
         assert r.status_code == 400, r.text

@@ -4,6 +4,7 @@ response-phase stops, metrics, admin auth, and no extra forward pass."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -279,12 +280,10 @@ def test_calibrated_flag_rate_holds_on_held_out_prompts(live, c):
                        json={"prompts": fit, "target_flag_rate": target, "target_block_rate": 0.05})
         assert r.status_code == 200, r.text
         assert r.json()["flag_rate"] == pytest.approx(target, abs=0.5 / len(fit))  # exact on its own prompts
-        flagged = 0
-        for prompt in held_out:
-            reply = ask(c, None, prompt, max_tokens=1)
-            assert reply.status_code == 200, reply.text
-            flagged += reply.headers.get("X-Persona-Flagged") == "optimistic"
-        rates[name] = flagged / len(held_out)
+        with ThreadPoolExecutor(16) as pool:  # concurrent, so the engine batches the prefills
+            replies = list(pool.map(lambda prompt: ask(c, None, prompt, max_tokens=1), held_out))
+        assert all(reply.status_code == 200 for reply in replies)
+        rates[name] = sum(reply.headers.get("X-Persona-Flagged") == "optimistic" for reply in replies) / len(held_out)
     print(f"held-out flag rate at target {target}: fitted on even, measured on odd {rates['even']:.3f}; "
           f"fitted on odd, measured on even {rates['odd']:.3f}")
     for rate in rates.values():
