@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,6 +12,7 @@ from app.metrics import Metrics
 from app.sampling_defaults import SamplingDefaults
 from app.settings import Settings
 from steering.engine import Engine
+from steering.limits import PromptLimit
 from steering.model import LoadedModel
 from steering.monitor import MonitorSet
 from steering.registry import VectorRegistry
@@ -26,10 +27,14 @@ class ServerState:
     metrics: Metrics
     monitors: MonitorSet
     sampling_defaults: SamplingDefaults
-    jobs: JobStore = field(default_factory=JobStore)
-    screen_outputs: dict = field(default_factory=dict)
+    jobs: JobStore
     ready: bool = False
     created: int = 0
+
+    @property
+    def prompt_limit(self) -> PromptLimit:
+        """How long a sequence work beside chat may hand to the engine."""
+        return PromptLimit(self.lm.context_length, self.settings.max_prompt_tokens)
 
 
 def get_state(request: Request) -> ServerState:

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.jobs import JobDeadlineError, JobLimitError
 from steering.engine import (
     DeadlineExceededError,
     DrainingError,
@@ -19,6 +20,8 @@ from steering.engine import (
     QueueFullError,
     RequestTooLongError,
 )
+from steering.extract import DefinitionError
+from steering.limits import PromptTooLongError
 from steering.monitor import MonitorConfigError, SteeringPolicyError
 from steering.registry import VectorNotFoundError
 from steering.steer import SteeringError
@@ -76,6 +79,15 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), param=exc.param, code="invalid_monitor")
     if isinstance(exc, VectorFormatError):
         return APIError(400, str(exc), code="invalid_vector")
+    if isinstance(exc, PromptTooLongError):
+        return APIError(400, str(exc), param=exc.param, code="prompt_too_long")
+    if isinstance(exc, DefinitionError):
+        return APIError(400, str(exc), param=exc.param, code="invalid_trait")
+    if isinstance(exc, JobLimitError):
+        return APIError(429, str(exc), type="rate_limit_error", code="too_many_jobs",
+                        headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, JobDeadlineError):
+        return APIError(504, str(exc), type="timeout_error", code="deadline_exceeded")
     if isinstance(exc, QueueFullError):
         return APIError(
             429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(exc.retry_after)}
@@ -153,7 +165,8 @@ def install(app: FastAPI) -> None:
         return error_response(as_api_error(exc))
 
     for kind in (APIError, VectorNotFoundError, VectorModelMismatchError, SteeringError, VectorFormatError, EngineError,
-                 SteeringPolicyError, MonitorConfigError):
+                 SteeringPolicyError, MonitorConfigError, PromptTooLongError, DefinitionError, JobLimitError,
+                 JobDeadlineError):
         app.add_exception_handler(kind, _domain)
     # Anything else is a bug: answer with the envelope (Starlette still logs the traceback).
     app.add_exception_handler(Exception, _domain)

@@ -359,9 +359,7 @@ async def respond(
 def record_readings(state: ServerState, monitor: MonitorContext) -> None:
     m = state.metrics
     for r in monitor.readings or ():
-        value = r.z if r.z is not None else r.score
-        m.monitor_score.labels(r.vector).observe(value)
-        m.monitor_zscore.labels(r.vector).observe(value)
+        m.observe_score(r.vector, r.z if r.z is not None else r.score)
         m.monitor_decisions.labels(r.vector, r.action, r.mode).inc()
 
 

@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app import errors
 from app.deps import ServerState
+from app.jobs import JobStore
 from app.metrics import Metrics
 from app.middleware import BodyLimit, JsonByDefault, RequestObserver
 from app.routes import (
@@ -65,7 +66,8 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
                                          embedded=settings.model == DEFAULT_MODEL)
     log.info("sampling defaults: %s", defaults.describe())
     return ServerState(settings=settings, lm=lm, registry=registry, engine=engine, metrics=metrics,
-                       monitors=monitor_set, sampling_defaults=defaults, created=int(time.time()))
+                       monitors=monitor_set, sampling_defaults=defaults, jobs=JobStore.from_settings(settings),
+                       created=int(time.time()))
 
 
 def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = None) -> FastAPI:
@@ -90,7 +92,7 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
             yield
         finally:
             state.ready = False
-            state.jobs.cancel_all()
+            await state.jobs.close()
             state.engine.shutdown()
 
     app = FastAPI(title="persona-server", version="0.1.0", lifespan=lifespan)

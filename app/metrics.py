@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 # A fixed z ladder, so score histograms of all vectors (and of all servers) aggregate.
@@ -50,9 +50,14 @@ class Metrics:
             "persona_monitor_score", "Monitor z-score of the last prompt token, per vector (fixed z ladder).",
             ["vector"], buckets=Z_LADDER, registry=r,
         )
-        # A histogram with negative buckets exposes no _sum, so the running mean has its own summary.
-        self.monitor_zscore = Summary(
-            "persona_monitor_zscore", "Sum and count of monitor z-scores per vector (for the mean and drift).",
+        # A histogram with negative buckets exposes no _sum, and a plain running sum of scores
+        # falls whenever a score is negative, which rate() reads as a counter reset. Two counters
+        # that only rise carry the sum instead: mean = (positive - negative) / persona_monitor_score_count.
+        self.monitor_zscore_positive = Counter(
+            "persona_monitor_zscore_positive", "Sum of the positive monitor z-scores, per vector.", ["vector"], registry=r,
+        )
+        self.monitor_zscore_negative = Counter(
+            "persona_monitor_zscore_negative", "Sum of the magnitudes of the negative monitor z-scores, per vector.",
             ["vector"], registry=r,
         )
         self.monitor_decisions = Counter(
@@ -74,11 +79,25 @@ class Metrics:
         for name, cfg in configs.items():
             # Create the monitor's series at zero, so dashboards and rate() see them from the start.
             self.monitor_score.labels(name)
-            self.monitor_zscore.labels(name)
+            self.monitor_zscore_positive.labels(name)
+            self.monitor_zscore_negative.labels(name)
             self.response_stops.labels(name)
             for level, value in (("flag", cfg.flag_threshold), ("block", cfg.block_threshold), ("response", cfg.response_threshold)):
                 if value is not None and cfg.mode != "off":
                     self.monitor_threshold.labels(name, level).set(value)
+
+    def observe_score(self, vector: str, value: float) -> None:
+        """Record one monitor score: the ladder histogram and the two sums of the mean.
+
+        Example::
+
+            metrics.observe_score("evil", -0.7)   # negative sum += 0.7, count += 1
+        """
+        self.monitor_score.labels(vector).observe(value)
+        if value > 0:
+            self.monitor_zscore_positive.labels(vector).inc(value)
+        elif value < 0:
+            self.monitor_zscore_negative.labels(vector).inc(-value)
 
     def bind_engine(self, engine) -> None:
         self.running.set_function(lambda: engine.running)

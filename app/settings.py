@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_screen_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_assess_prompts: int = Field(50_000, ge=1)
+    # Work beside chat: extraction, screening, assessment and calibration.
+    job_timeout_s: float | None = Field(3600.0, gt=0)
+    max_jobs_per_key: int = Field(2, ge=1)
+    job_ttl_s: float = Field(86400.0, gt=0)
+    max_jobs_kept: int = Field(256, ge=1)
     retry_after_s: int = Field(1, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
     drain_notice_s: float = Field(0.0, ge=0)

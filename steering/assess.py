@@ -20,6 +20,7 @@ from typing import Callable
 
 from steering.chat import chat_prompt_ids
 from steering.engine import Engine
+from steering.limits import PromptLimit
 from steering.runner import EngineRunner
 from steering.steer import RowSteering
 
@@ -107,11 +108,18 @@ async def assess(
     seed: int = 0,
     label_bias: list[float] | None = None,
     progress: Callable[[int], None] | None = None,
+    limit: PromptLimit | None = None,
 ) -> dict:
     """Answer every item ``repetitions`` times and score the inventory.
 
     ``label_bias`` adds to each label position's log-probability (first label, second, ...):
-    a controlled position bias, used to show that shuffling cancels it.
+    a controlled position bias, used to show that shuffling cancels it. Before any forward
+    pass, the longest item prompt is checked against ``limit`` (default: the model's context);
+    :class:`~steering.limits.PromptTooLongError` names ``inventory``.
+
+    Example::
+
+        result = await assess(engine, Inventory.load(path), repetitions=10)
     """
     tok = engine.lm.tokenizer
     rng = random.Random(seed)
@@ -123,6 +131,9 @@ async def assess(
             else:
                 asks.append(_likert_prompt(tok, item, inventory.scale, rng, rep))
 
+    longest = max(asks, key=lambda a: len(a.prompt))
+    (limit or PromptLimit(engine.lm.context_length)).check(
+        len(longest.prompt), what=f"item {longest.item['id']} of the {inventory.name} inventory", param="inventory")
     runner = EngineRunner(engine, progress=progress)
     logprobs = await runner.option_logprobs([a.prompt for a in asks], [a.option_ids for a in asks], steering=steering)
 

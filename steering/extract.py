@@ -33,6 +33,7 @@ import httpx
 import torch
 
 from steering.chat import chat_prompt_ids, text_ids
+from steering.limits import PromptLimit
 from steering.model import LoadedModel
 from steering.runner import EngineRunner
 from steering.steer import RowSteering
@@ -40,6 +41,9 @@ from steering.vector import ModelRef, PersonaVector
 
 METHODS = ("contrastive_texts", "contrastive_prompts", "labelled_sentences")
 COEFFICIENT_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+ANSWER_TOKENS = 48  # the model's own answers under the contrastive system prompts
+SWEEP_ANSWER_TOKENS = 32
+SWEEP_QUESTIONS = 6
 
 
 @dataclass
@@ -149,8 +153,8 @@ async def _diff_prompts(runner: EngineRunner, tok, trait: TraitDefinition, judge
     items = [(pair, q) for pair in trait.pairs for q in trait.questions]
     pos_prompts = [chat_prompt_ids(tok, _with_system(pair["pos"], q)) for pair, q in items]
     neg_prompts = [chat_prompt_ids(tok, _with_system(pair["neg"], q)) for pair, q in items]
-    pos_answers = await runner.generate(pos_prompts, max_new_tokens=48)
-    neg_answers = await runner.generate(neg_prompts, max_new_tokens=48)
+    pos_answers = await runner.generate(pos_prompts, max_new_tokens=ANSWER_TOKENS)
+    neg_answers = await runner.generate(neg_prompts, max_new_tokens=ANSWER_TOKENS)
     keep = list(range(len(items)))
     if judge is not None:
         keep = [i for i in keep if judge.score(trait, items[i][1], pos_answers[i]) >= 50
@@ -202,7 +206,7 @@ async def coefficient_sweep(runner: EngineRunner, tok, directions: torch.Tensor,
     async def one(c: float) -> dict:
         delta = c * directions[layer]
         steer = RowSteering(prompt={layer: delta}, response={layer: delta}) if c else None
-        answers = await runner.generate(prompts, steering=steer, max_new_tokens=32)
+        answers = await runner.generate(prompts, steering=steer, max_new_tokens=SWEEP_ANSWER_TOKENS)
         return {
             "coefficient": c,
             "projection": round(await answer_projection(runner, tok, questions, answers, unit, layer), 4),
@@ -226,6 +230,80 @@ def recommend_range(sweep: list[dict], neutral_std: float) -> tuple[float, float
     return float(lo), float(hi)
 
 
+class DefinitionError(ValueError):
+    """A trait definition is malformed; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _list(value, param: str) -> list:
+    if not isinstance(value, list):
+        raise DefinitionError(f"{param} must be a list", param)
+    return value
+
+
+def _text(obj, key: str | None, param: str) -> str:
+    value = obj if key is None else obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(value, str):
+        raise DefinitionError(f"{param} must be a string", param)
+    return value
+
+
+def check_fits(tok, trait: TraitDefinition, limit: PromptLimit, *, method: str, neutral_prompts: list[str],
+               sweep: bool = True) -> None:
+    """Raise :class:`~steering.limits.PromptTooLongError` (naming the definition's field, e.g.
+    ``trait.texts[3].pos``) unless every sequence :func:`build_vector` hands the engine fits
+    ``limit``, generated answers included; :class:`DefinitionError` when a field it reads has
+    the wrong shape. Tokenizes only; no forward pass.
+
+    Example::
+
+        check_fits(lm.tokenizer, trait, PromptLimit(lm.context_length, 4096), method="contrastive_texts",
+                   neutral_prompts=neutral)
+    """
+
+    def fits(messages: list[dict] | None, param: str, extra: str = "", generate: int = 0) -> None:
+        read = len(chat_prompt_ids(tok, messages)) if messages is not None else 0
+        limit.check(read + len(text_ids(tok, extra)) + generate, what=param, param=param)
+
+    def longer(text: str, text_param: str, question: str, question_param: str) -> str:
+        return text_param if len(text) >= len(question) else question_param
+
+    pairs = [(j, {side: _text(pair, side, f"trait.pairs[{j}].{side}") for side in ("pos", "neg")})
+             for j, pair in enumerate(_list(trait.pairs, "trait.pairs"))]
+    heldout = [_text(q, None, f"trait.heldout_questions[{k}]")
+               for k, q in enumerate(_list(trait.heldout_questions, "trait.heldout_questions"))]
+    if method == "contrastive_texts":
+        for i, t in enumerate(_list(trait.texts, "trait.texts")):
+            question = _text(t, "question", f"trait.texts[{i}].question")
+            for side in ("pos", "neg"):
+                fits(_user(question), f"trait.texts[{i}].{side}", _text(t, side, f"trait.texts[{i}].{side}"))
+    elif method == "contrastive_prompts":
+        for k, q in enumerate(_list(trait.questions, "trait.questions")):
+            q = _text(q, None, f"trait.questions[{k}]")
+            for j, pair in pairs:
+                for side in ("pos", "neg"):
+                    fits(_with_system(pair[side], q), longer(pair[side], f"trait.pairs[{j}].{side}", q, f"trait.questions[{k}]"),
+                         generate=ANSWER_TOKENS)
+    elif method == "labelled_sentences":
+        if not isinstance(trait.sentences, dict):
+            raise DefinitionError("trait.sentences must be an object with 'pos' and 'neg' lists", "trait.sentences")
+        for side in ("pos", "neg"):
+            for i, sentence in enumerate(_list(trait.sentences.get(side), f"trait.sentences.{side}")):
+                fits(None, f"trait.sentences.{side}[{i}]", _text(sentence, None, f"trait.sentences.{side}[{i}]"))
+    for k, q in enumerate(heldout):
+        for j, pair in pairs:
+            for side in ("pos", "neg"):
+                fits(_with_system(pair[side], q), longer(pair[side], f"trait.pairs[{j}].{side}", q, f"trait.heldout_questions[{k}]"))
+    if sweep:
+        for k, q in enumerate(heldout[:SWEEP_QUESTIONS]):
+            fits(_user(q), f"trait.heldout_questions[{k}]", generate=SWEEP_ANSWER_TOKENS)
+    for i, prompt in enumerate(neutral_prompts):
+        fits(_user(prompt), f"neutral_prompts[{i}]")
+
+
 async def build_vector(
     runner: EngineRunner,
     lm: LoadedModel,
@@ -235,22 +313,28 @@ async def build_vector(
     method: str = "contrastive_texts",
     judge: Judge | None = None,
     sweep: bool = True,
+    limit: PromptLimit | None = None,
 ) -> PersonaVector:
     """Extract ``trait``'s vector for ``lm`` and measure what it needs to be used well.
+
+    Every sequence is checked against ``limit`` (default: the model's context) before the
+    first forward pass; see :func:`check_fits`.
 
     Example::
 
         vector = await build_vector(EngineRunner(engine), lm, TraitDefinition.load(path), neutral_prompts=[...])
     """
     tok = lm.tokenizer
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
+    check_fits(tok, trait, limit or PromptLimit(lm.context_length), method=method, neutral_prompts=neutral_prompts,
+               sweep=sweep)
     if method == "contrastive_texts":
         directions, counts = await _diff_texts(runner, tok, trait)
     elif method == "contrastive_prompts":
         directions, counts = await _diff_prompts(runner, tok, trait, judge)
-    elif method == "labelled_sentences":
-        directions, counts = await _diff_sentences(runner, tok, trait)
     else:
-        raise ValueError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
+        directions, counts = await _diff_sentences(runner, tok, trait)
     unit = unit_rows(directions)
 
     neutral = await runner.last_states([chat_prompt_ids(tok, _user(p)) for p in neutral_prompts])
@@ -269,7 +353,7 @@ async def build_vector(
     }
     coefficient_range = None
     if sweep:
-        table = await coefficient_sweep(runner, tok, directions, layer, trait.heldout_questions[:6])
+        table = await coefficient_sweep(runner, tok, directions, layer, trait.heldout_questions[:SWEEP_QUESTIONS])
         coefficient_range = recommend_range(table, float(neutral_proj[:, layer].std()))
         extra["coefficient_sweep"] = table
     return PersonaVector(

@@ -10,7 +10,8 @@ prompt / response pair) and each vector, at the vector's layer:
 
 High values flag samples that would shift the persona if fine-tuned on. The input is read
 line by line and processed in chunks, so a large file is never held in memory; a malformed
-line is reported with its number and skipped.
+line, or one whose prompt and response (or natural answer) would not fit the prompt limit, is
+reported with its number and skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from steering.chat import chat_prompt_ids, text_ids
 from steering.engine import GenerationRequest, PrefillDone
+from steering.limits import PromptLimit, PromptTooLongError
 from steering.output import Finished, generate_text
 from steering.runner import EngineRunner
 from steering.sampling import SamplingParams
@@ -40,6 +42,8 @@ class Sample:
     line: int
     messages: list[dict]  # the prompt: every message before the training response
     response: str
+    prompt_ids: list[int] = field(default_factory=list)
+    response_ids: list[int] = field(default_factory=list)
 
 
 def parse_line(line_no: int, raw: str) -> Sample | None:
@@ -122,8 +126,9 @@ class Screener:
 
     def __init__(self, runner: EngineRunner, tokenizer, vectors: list[PersonaVector], *,
                  layers: dict[str, int] | None = None, generate: bool = True, max_new_tokens: int = 64,
-                 chunk: int = 32):
+                 chunk: int = 32, limit: PromptLimit | None = None):
         self.runner, self.tok, self.vectors = runner, tokenizer, vectors
+        self.limit = limit or PromptLimit(runner.engine.lm.context_length)
         self.layers = {v.name: (layers or {}).get(v.name) or v.recommended_layer for v in vectors}
         self.units = {v.name: v.direction(self.layers[v.name]) / v.direction(self.layers[v.name]).norm() for v in vectors}
         self.generate, self.max_new_tokens, self.chunk = generate, max_new_tokens, chunk
@@ -143,11 +148,26 @@ class Screener:
                 return event.text, states
         raise RuntimeError("generation returned no result")
 
+    def encode(self, sample: Sample) -> Sample:
+        """Tokenize ``sample``; :class:`SampleError` when a sequence the engine would read does
+        not fit: prompt + training response, and (when generating) prompt + natural answer."""
+        sample.prompt_ids = chat_prompt_ids(self.tok, sample.messages)
+        sample.response_ids = text_ids(self.tok, sample.response)
+        n_prompt = len(sample.prompt_ids)
+        try:
+            self.limit.check(n_prompt + len(sample.response_ids),
+                             what=f"the prompt ({n_prompt} tokens) with its training response ({len(sample.response_ids)})")
+            if self.generate:
+                self.limit.check(n_prompt + self.max_new_tokens,
+                                 what=f"the prompt ({n_prompt} tokens) with a natural answer of up to {self.max_new_tokens}")
+        except PromptTooLongError as exc:
+            raise SampleError(str(exc)) from None
+        return sample
+
     async def _score(self, samples: list[Sample]) -> list[dict]:
-        prompts = [chat_prompt_ids(self.tok, s.messages) for s in samples]
+        prompts = [s.prompt_ids for s in samples]
         naturals = await asyncio.gather(*(self._natural(p) for p in prompts))
-        train = await self.runner.span_means([p + text_ids(self.tok, s.response) for p, s in zip(prompts, samples)],
-                                             [len(p) for p in prompts])
+        train = await self.runner.span_means([s.prompt_ids + s.response_ids for s in samples], [len(p) for p in prompts])
         if self.generate:
             natural = await self.runner.span_means([p + text_ids(self.tok, text or " ") for p, (text, _) in zip(prompts, naturals)],
                                                    [len(p) for p in prompts])
@@ -184,12 +204,12 @@ class Screener:
         async for line_no, raw in each():
             try:
                 sample = parse_line(line_no, raw)
+                if sample is None:
+                    continue
+                batch.append(self.encode(sample))
             except SampleError as exc:
                 report.errors.append({"line": line_no, "error": str(exc)})
                 continue
-            if sample is None:
-                continue
-            batch.append(sample)
             if len(batch) >= self.chunk:
                 for row in await self._score(batch):
                     report.add(row)

@@ -47,3 +47,22 @@ def test_labelled_sentences_job_and_bad_definitions(client, server):
     assert both.status_code == 400
     assert client.post("/v1/vectors/extract", json={"trait_name": "no-such-trait"}).status_code == 404
     assert client.get("/v1/jobs/job-nope").status_code == 404
+
+
+def test_definitions_that_do_not_fit_are_refused_before_a_job_starts(client, server):
+    data = json.loads((REPO_VECTORS / "traits" / "optimistic.json").read_text())
+    context = server.state.lm.context_length
+    texts = [{**data["texts"][0], "neg": "x " * context}, *data["texts"][1:]]
+    r = client.post("/v1/vectors/extract", json={"trait": {**data, "texts": texts}, "name": "too-long", "sweep": False})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "trait.texts[0].neg" and error["code"] == "prompt_too_long"
+    assert str(context) in error["message"]
+
+    pairs = [{**data["pairs"][0], "pos": "x " * (context - 40)}, *data["pairs"][1:]]
+    r = client.post("/v1/vectors/extract", json={"trait": {**data, "pairs": pairs}, "method": "contrastive_prompts"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "trait.pairs[0].pos"  # with its 48-token answer
+
+    malformed = client.post("/v1/vectors/extract", json={"trait": {**data, "texts": [1]}})
+    assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "trait.texts[0].question"
+    assert server.state.registry.names().count("too-long") == 0

@@ -4,6 +4,7 @@ response-phase stops, metrics, admin auth, and no extra forward pass."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -237,3 +238,53 @@ def test_bad_monitor_config_is_refused(live, body, param):
     r = put_monitor(live, "optimistic", **body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param
     assert put_monitor(live, "no-such-vector", mode="annotate").status_code == 404
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_score_sums_only_rise_and_give_the_mean_when_scores_are_negative(live, c):
+    put_monitor(live, "optimistic", mode="annotate")
+    series = ("persona_monitor_zscore_positive_total", "persona_monitor_zscore_negative_total", "persona_monitor_score_count")
+    before = c.get("/metrics").text
+    zs = []
+    for system in [None] + [pair["neg"] for pair in TRAIT["pairs"]] + [TRAIT["pairs"][0]["pos"]]:
+        r = ask(c, system, monitor={"return_scores": True}, max_tokens=1)
+        zs.append(r.json()["persona_monitor"]["scores"]["optimistic"]["z"])
+        now = c.get("/metrics").text
+        for name in series:  # scrape after every request: no series ever falls
+            assert _metric(now, name, vector="optimistic") >= _metric(before, name, vector="optimistic")
+    after = c.get("/metrics").text
+    assert any(z < 0 for z in zs) and any(z > 0 for z in zs), zs
+    positive, negative, count = (_metric(after, n, vector="optimistic") - _metric(before, n, vector="optimistic") for n in series)
+    assert count == len(zs)
+    assert positive == pytest.approx(sum(z for z in zs if z > 0), abs=1e-6)
+    assert negative == pytest.approx(-sum(z for z in zs if z < 0), abs=1e-6)
+    assert (positive - negative) / count == pytest.approx(sum(zs) / len(zs), abs=1e-6)
+
+
+def test_calibrated_flag_rate_holds_on_held_out_prompts(live, c):
+    """Calibrate on one half of the neutral set, count flags on the other half through real chat
+    requests. With 60 prompts on each side, the held-out rate's standard error (both halves'
+    sampling) is about 0.07 at a 0.2 target; the stated tolerance is 0.15 (about 2 standard errors)."""
+    prompts = json.loads((REPO_VECTORS / "neutral_prompts.json").read_text())["prompts"]
+    target = 0.2
+    rates = {}
+    for name, fit, held_out in (("even", prompts[::2], prompts[1::2]), ("odd", prompts[1::2], prompts[::2])):
+        put_monitor(live, "optimistic", mode="annotate")
+        r = httpx.post(f"{live.url}/v1/monitors/optimistic/calibrate", headers=ADMIN, timeout=300,
+                       json={"prompts": fit, "target_flag_rate": target, "target_block_rate": 0.05})
+        assert r.status_code == 200, r.text
+        assert r.json()["flag_rate"] == pytest.approx(target, abs=0.5 / len(fit))  # exact on its own prompts
+        with ThreadPoolExecutor(16) as pool:  # concurrent, so the engine batches the prefills
+            replies = list(pool.map(lambda prompt: ask(c, None, prompt, max_tokens=1), held_out))
+        assert all(reply.status_code == 200 for reply in replies)
+        rates[name] = sum(reply.headers.get("X-Persona-Flagged") == "optimistic" for reply in replies) / len(held_out)
+    print(f"held-out flag rate at target {target}: fitted on even, measured on odd {rates['even']:.3f}; "
+          f"fitted on odd, measured on even {rates['odd']:.3f}")
+    for rate in rates.values():
+        assert abs(rate - target) <= 0.15

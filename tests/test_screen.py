@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from steering.chat import chat_prompt_ids
 from steering.screen import SampleError, parse_line
 from tests.conftest import wait_job
 
@@ -56,6 +57,31 @@ def test_screen_job_ranks_sycophantic_samples_first(client):
     mean_syc = sum(r["scores"]["sycophantic"]["diff"] for r in rows if LABELS[r["line"]] == "sycophantic") / 10
     mean_neutral = sum(r["scores"]["sycophantic"]["diff"] for r in rows if LABELS[r["line"]] == "neutral") / 30
     assert mean_syc > mean_neutral
+
+
+def test_samples_that_do_not_fit_the_context_are_reported_by_line_and_skipped(client, server):
+    tok = server.state.lm.tokenizer
+    context = server.state.lm.context_length
+    lines = DATA.read_bytes().splitlines(keepends=True)[:3]
+    # Prompt and training response together are longer than the context.
+    long_response = json.dumps({"prompt": "Hi", "response": "x " * (context + 100)}).encode() + b"\n"
+    # The prompt and its training response fit, but not the prompt with a natural answer of 32 tokens.
+    words = context - 20
+    while len(chat_prompt_ids(tok, [{"role": "user", "content": "x " * words}])) > context - 10:
+        words -= 1
+    long_prompt = json.dumps({"prompt": "x " * words, "response": "Fine."}).encode() + b"\n"
+    r = client.post("/v1/screen", params={"vectors": "sycophantic", "top": 5, "max_new_tokens": 32},
+                    content=b"".join(lines[:2]) + long_response + long_prompt + lines[2],
+                    headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    errors = {e["line"]: e["error"] for e in job["result"]["errors"]}
+    assert sorted(errors) == [3, 4]
+    assert "training response" in errors[3] and "natural answer of up to 32" in errors[4]
+    assert str(context) in errors[4]
+    rows = [json.loads(line) for line in client.get(f"/v1/jobs/{job['id']}/output").text.splitlines()]
+    assert [row["line"] for row in rows] == [1, 2, 5] and job["result"]["samples"] == 3
 
 
 def test_screen_refuses_bad_requests(client):

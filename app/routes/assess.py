@@ -25,7 +25,7 @@ def shifts(base: dict, steered: dict) -> dict:
 
 
 @router.post("/v1/assess")
-async def assess_route(body: AssessRequest, state: State, _user: User):
+async def assess_route(body: AssessRequest, state: State, who: User):
     entries = steering_entries(body.steering)
     steering = resolve_request_steering(state, body.steering)
     if body.compare and steering is None:
@@ -43,14 +43,15 @@ async def assess_route(body: AssessRequest, state: State, _user: User):
                 job.progress += n
 
         steered = await assess(state.engine, inventory, repetitions=body.repetitions, steering=steering,
-                               seed=body.seed, progress=tick)
+                               seed=body.seed, progress=tick, limit=state.prompt_limit)
         if not body.compare:
             return {"object": "assessment", "steering": [e.model_dump() for e in entries], **steered}
-        base = await assess(state.engine, inventory, repetitions=body.repetitions, seed=body.seed, progress=tick)
+        base = await assess(state.engine, inventory, repetitions=body.repetitions, seed=body.seed, progress=tick,
+                            limit=state.prompt_limit)
         return {"object": "assessment.comparison", "steering": [e.model_dump() for e in entries],
                 "unsteered": base, "steered": steered, "shift": shifts(base, steered)}
 
     if body.background:
-        job = state.jobs.submit("assess", run, total=prompts)
+        job = state.jobs.submit("assess", run, owner=who, total=prompts)
         return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
-    return await run()
+    return await state.jobs.run_inline(who, run)

@@ -12,7 +12,7 @@ from app.deps import State
 from app.errors import APIError
 from app.schemas import ExtractRequest
 from app.settings import REPO_VECTORS
-from steering.extract import TraitDefinition, build_vector, definition_hash
+from steering.extract import TraitDefinition, build_vector, check_fits, definition_hash
 from steering.runner import EngineRunner
 
 router = APIRouter()
@@ -43,22 +43,25 @@ def _definition(body: ExtractRequest) -> TraitDefinition:
 
 
 @router.post("/v1/vectors/extract", status_code=202)
-async def extract(body: ExtractRequest, state: State, _admin: Admin):
+async def extract(body: ExtractRequest, state: State, who: Admin):
     trait = _definition(body)
     neutral = json.loads((REPO_VECTORS / "neutral_prompts.json").read_text())["prompts"]
+    # Refused here, before the job exists, rather than as a failed job.
+    check_fits(state.lm.tokenizer, trait, state.prompt_limit, method=body.method, neutral_prompts=neutral, sweep=body.sweep)
 
     async def work(job) -> dict:
         def tick(n: int) -> None:
             job.progress += n
 
         vector = await build_vector(EngineRunner(state.engine, progress=tick), state.lm, trait,
-                                    neutral_prompts=neutral, method=body.method, sweep=body.sweep)
+                                    neutral_prompts=neutral, method=body.method, sweep=body.sweep,
+                                    limit=state.prompt_limit)
         state.registry.put(vector)
         state.monitors.refresh()
         return {"vector": vector.name, "recommended_layer": vector.recommended_layer,
                 "coefficient_range": vector.coefficient_range, "heldout_auroc": vector.extra["heldout_auroc"]}
 
-    job = state.jobs.submit("extract", work)
+    job = state.jobs.submit("extract", work, owner=who)
     return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 

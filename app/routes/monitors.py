@@ -59,11 +59,9 @@ async def prompt_scores(state: ServerState, vector_name: str, layer: int, kind: 
     mean = float(vector.stats["neutral_mean"][layer]) if "neutral_mean" in vector.stats else None
     std = float(vector.stats["neutral_std"][layer]) if "neutral_std" in vector.stats else None
 
-    limit = state.settings.max_prompt_tokens or state.lm.context_length
     encoded = [chat_prompt_ids(state.lm.tokenizer, [{"role": "user", "content": text}]) for text in prompts]
     for i, ids in enumerate(encoded):
-        if len(ids) > limit:
-            raise APIError(400, f"prompt {i} has {len(ids)} tokens; at most {limit} are accepted", param=f"prompts[{i}]")
+        state.prompt_limit.check(len(ids), what=f"prompt {i}", param=f"prompts[{i}]")
 
     states = await EngineRunner(state.engine).last_states(encoded, [layer])
     projections = [scalar_projection(h, direction) for h in states[:, 0]]
@@ -82,7 +80,7 @@ async def calibrate(vector: str, body: CalibrateRequest, state: State, who: Admi
     base = current or MonitorConfig(vector=vector, score="z" if "neutral_std" in vec.stats else "projection")
     base = base.validate(vec, state.lm.num_layers)
     prompts = body.prompts or json.loads(NEUTRAL_PROMPTS.read_text())["prompts"]
-    scores = await prompt_scores(state, vector, base.layer, base.score, prompts)
+    scores = await state.jobs.run_inline(who, lambda: prompt_scores(state, vector, base.layer, base.score, prompts))
     flag, block = calibrate_thresholds(scores, body.target_flag_rate, body.target_block_rate)
     result = {
         "object": "monitor.calibration",

@@ -2,12 +2,13 @@
 
 The upload is streamed to a spool file (never held in memory) and size-limited; the job
 then reads it line by line. ``GET /v1/jobs/{id}`` gives the per-vector summary and top
-samples, ``GET /v1/jobs/{id}/output`` the per-sample rows as JSONL."""
+samples, ``GET /v1/jobs/{id}/output`` the per-sample rows as JSONL. Spool and output belong
+to the job and are deleted with it (see :mod:`app.jobs`)."""
 
 from __future__ import annotations
 
 import json
-import tempfile
+import os
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -16,6 +17,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from app.auth import User
 from app.deps import State
 from app.errors import APIError
+from app.jobs import partial
+from steering.atomic import fsync_dir
 from steering.runner import EngineRunner
 from steering.screen import Screener, ScreenReport
 
@@ -33,7 +36,7 @@ def _lines(path: Path):
     status_code=202,
     openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}},
 )
-async def screen(http: Request, state: State, _user: User, vectors: str, top: int = 50, generate: bool = True,
+async def screen(http: Request, state: State, who: User, vectors: str, top: int = 50, generate: bool = True,
                  max_new_tokens: int = 64):
     """Body: JSONL, one ``{"messages": [...]}`` or ``{"prompt", "response"}`` per line.
     Query: ``vectors=evil,sycophantic``, ``top``, ``generate`` (false: cheap variant only)."""
@@ -51,49 +54,51 @@ async def screen(http: Request, state: State, _user: User, vectors: str, top: in
         except KeyError:
             raise APIError(404, f"vector '{name}' not found", type="not_found_error", param="vectors",
                            code="vector_not_found") from None
-    spool_dir = state.settings.data_dir / "screen"
-    spool_dir.mkdir(parents=True, exist_ok=True)
+    state.jobs.check_room(who)  # before reading a large upload that would be refused anyway
     limit = state.settings.max_screen_bytes
-    spool = tempfile.NamedTemporaryFile(dir=spool_dir, suffix=".jsonl", delete=False)
+    source = state.jobs.new_file(".jsonl")
     size = 0
     try:
-        with spool:
+        with open(source, "wb") as spool:
             async for chunk in http.stream():
                 size += len(chunk)
                 if size > limit:
                     raise APIError(413, f"the dataset is larger than {limit} bytes", code="payload_too_large")
                 spool.write(chunk)
+        if size == 0:
+            raise APIError(400, "the request body (a JSONL dataset) is empty", param="body")
     except BaseException:
-        Path(spool.name).unlink(missing_ok=True)
+        source.unlink(missing_ok=True)
         raise
-    if size == 0:
-        Path(spool.name).unlink(missing_ok=True)
-        raise APIError(400, "the request body (a JSONL dataset) is empty", param="body")
-    source = Path(spool.name)
-    output = source.with_suffix(".out.jsonl")
 
     async def work(job) -> dict:
         report = ScreenReport(names, top)
         screener = Screener(EngineRunner(state.engine), state.lm.tokenizer, resolved, generate=generate,
-                            max_new_tokens=max_new_tokens)
+                            max_new_tokens=max_new_tokens, limit=state.prompt_limit)
         try:
-            with open(output, "w", encoding="utf-8") as out:
+            with open(partial(job.output), "w", encoding="utf-8") as out:
                 async for row in screener.rows(_lines(source), report):
                     out.write(json.dumps(row) + "\n")
                     job.progress += 1
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial(job.output), job.output)
+            fsync_dir(job.output.parent)
         finally:
             source.unlink(missing_ok=True)
         return {**report.summary(generate), "output": f"/v1/jobs/{job.id}/output"}
 
-    job = state.jobs.submit("screen", work)
-    state.screen_outputs[job.id] = output
+    try:
+        job = state.jobs.submit("screen", work, owner=who, output_suffix=".out.jsonl", files=(source,))
+    except BaseException:
+        source.unlink(missing_ok=True)
+        raise
     return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("/v1/jobs/{job_id}/output")
 async def job_output(job_id: str, state: State, _user: User):
-    path = state.screen_outputs.get(job_id)
     job = state.jobs.get(job_id)
-    if path is None or job is None or job.status != "succeeded" or not path.exists():
+    if job is None or job.output is None or job.status != "succeeded" or not job.output.exists():
         raise APIError(404, f"no finished output for job '{job_id}'", type="not_found_error", code="job_output_not_found")
-    return FileResponse(path, media_type="application/x-ndjson")
+    return FileResponse(job.output, media_type="application/x-ndjson")
