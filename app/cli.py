@@ -17,6 +17,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
+    problem = settings.exposure_problem()
+    if problem:
+        raise SystemExit(f"persona-server: {problem}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -31,14 +34,14 @@ def _extract(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from app.settings import REPO_VECTORS
+    from app.settings import Settings
     from steering.engine import Engine
     from steering.extract import Judge, TraitDefinition, build_vector
     from steering.model import load_model
     from steering.runner import EngineRunner
 
     lm = load_model(args.model, dtype="float32", device=args.device)
-    neutral = json.loads((REPO_VECTORS / "neutral_prompts.json").read_text())["prompts"]
+    neutral = json.loads(Settings().neutral_prompts_file.read_text())["prompts"]
     judge = Judge(args.judge_url, args.judge_model, args.judge_key) if args.judge_url else None
     engine = Engine(lm, max_batch_size=32, max_waiting=1 << 20)
     engine.start()
@@ -134,7 +137,7 @@ def _assess(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from app.settings import REPO_VECTORS
+    from app.settings import Settings
     from steering.assess import Inventory, assess
     from steering.steer import resolve_steering
 
@@ -142,7 +145,7 @@ def _assess(args: argparse.Namespace) -> int:
     try:
         specs = _parse_steering(args.steering or [])
         steering = resolve_steering(specs, registry) if specs else None
-        inventory = Inventory.load(REPO_VECTORS / "inventories" / f"{args.inventory}.json")
+        inventory = Inventory.load(Settings().inventories_dir / f"{args.inventory}.json")
         runs = [("unsteered", None)] if not steering or args.compare else []
         runs += [("steered", steering)] if steering else []
         results = {}

@@ -34,7 +34,7 @@ class ServerState:
     @property
     def prompt_limit(self) -> PromptLimit:
         """How long a sequence work beside chat may hand to the engine."""
-        return PromptLimit(self.lm.context_length, self.settings.max_prompt_tokens)
+        return PromptLimit(self.engine.max_model_len, self.settings.max_prompt_tokens)
 
 
 def get_state(request: Request) -> ServerState:

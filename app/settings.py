@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import ipaddress
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-REPO_VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+ASSETS_PACKAGE = "persona_server_assets"
+
+
+def shipped_assets_dir() -> Path:
+    """Where the data shipped with persona-server lives: the checkout's ``vectors/`` when the code
+    runs from a source checkout (so ``make vectors`` and edits take effect at once), else the copy
+    installed with the package as ``persona_server_assets``.
+
+    Example::
+
+        inventory = shipped_assets_dir() / "inventories" / "mbti.json"
+    """
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "vectors").is_dir():
+        return root / "vectors"
+    return Path(str(files(ASSETS_PACKAGE)))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts connections from this machine.
+
+    Example::
+
+        is_loopback("127.0.0.1"), is_loopback("0.0.0.0")  # True, False
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -29,7 +61,12 @@ class Settings(BaseSettings):
     device: str = "auto"
     data_dir: Path = Path("data")
     cache_dir: Path = Path.home() / ".cache" / "persona-server"
-    shipped_vectors_dir: Path = REPO_VECTORS
+    # Shipped data; each path defaults to its place under assets_dir.
+    assets_dir: Path = Field(default_factory=shipped_assets_dir)
+    shipped_vectors_dir: Path | None = None
+    traits_dir: Path | None = None
+    inventories_dir: Path | None = None
+    neutral_prompts_file: Path | None = None
     log_level: str = "info"
 
     max_batch_size: int = Field(32, ge=1)
@@ -70,6 +107,9 @@ class Settings(BaseSettings):
     # Comma-separated in the environment: PERSONA_API_KEYS=k1,k2
     api_keys: Annotated[list[str], NoDecode] = []
     admin_keys: Annotated[list[str], NoDecode] = []
+    # Admin routes change what every client gets (vectors, monitors, thresholds); serving them
+    # to the network without keys must be a deliberate choice, not the result of a forgotten env var.
+    allow_unauthenticated_admin: bool = False
 
     @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod
@@ -77,3 +117,24 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _asset_paths(self) -> Settings:
+        self.shipped_vectors_dir = self.shipped_vectors_dir or self.assets_dir
+        self.traits_dir = self.traits_dir or self.assets_dir / "traits"
+        self.inventories_dir = self.inventories_dir or self.assets_dir / "inventories"
+        self.neutral_prompts_file = self.neutral_prompts_file or self.assets_dir / "neutral_prompts.json"
+        return self
+
+    def exposure_problem(self) -> str | None:
+        """Why serving with these settings would open admin routes to the network, or None.
+
+        Example::
+
+            Settings(host="0.0.0.0").exposure_problem()  # "refusing to serve admin routes ..."
+        """
+        if self.admin_keys or self.allow_unauthenticated_admin or is_loopback(self.host):
+            return None
+        return (f"refusing to serve on {self.host}:{self.port} without admin keys: anyone who can reach it could "
+                "change vectors, monitors and thresholds. Set PERSONA_ADMIN_KEYS (comma-separated), bind "
+                "127.0.0.1, or set PERSONA_ALLOW_UNAUTHENTICATED_ADMIN=true if the server is meant to be open.")

@@ -19,6 +19,7 @@ from app.settings import Settings
 from steering.model import load_model
 
 CACHE_DIR = Path(os.environ.get("PERSONA_CACHE_DIR", Path.home() / ".cache" / "persona-server"))
+REPO_VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 
 
 def free_port() -> int:

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from app.settings import REPO_VECTORS
 from steering.assess import Inventory, assess, fleiss_kappa
 from steering.steer import SteeringSpec, resolve_steering
+from tests.conftest import REPO_VECTORS
 
 MBTI = Inventory.load(REPO_VECTORS / "inventories" / "mbti.json")
 

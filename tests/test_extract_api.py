@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from app.settings import REPO_VECTORS
-from tests.conftest import wait_job
+from tests.conftest import REPO_VECTORS, wait_job
 
 
 def test_extract_job_builds_a_vector_that_matches_the_shipped_one(client, server):

@@ -9,8 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from app.settings import REPO_VECTORS
-from tests.conftest import make_server
+from tests.conftest import REPO_VECTORS, make_server
 
 TRAIT = json.loads((REPO_VECTORS / "traits" / "optimistic.json").read_text())
 QUESTION = TRAIT["heldout_questions"][0]

@@ -93,7 +93,7 @@ MONITOR_WRITER = textwrap.dedent("""
 
 
 def test_kill_9_during_monitor_writes_leaves_the_last_complete_state(tmp_path, lm):
-    from app.settings import REPO_VECTORS
+    from tests.conftest import REPO_VECTORS
     from steering.registry import VectorRegistry
 
     shipped = REPO_VECTORS / lm.name / "optimistic.safetensors"

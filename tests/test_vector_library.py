@@ -11,7 +11,6 @@ import re
 import httpx
 import pytest
 
-from app.settings import REPO_VECTORS
 from steering.extract import (
     TraitDefinition,
     answer_projection,
@@ -22,7 +21,7 @@ from steering.extract import (
 )
 from steering.runner import EngineRunner
 from steering.vector import PersonaVector
-from tests.conftest import answer
+from tests.conftest import REPO_VECTORS, answer
 
 TRAITS = sorted(p.stem for p in (REPO_VECTORS / "traits").glob("*.json"))
 EXPECTED = {"optimistic", "evil", "sycophantic", "hallucinating", "impolite", "humorous", "apathetic",

@@ -10,7 +10,6 @@ from app.deps import State
 from app.errors import APIError
 from app.generation import count_steering, resolve_request_steering
 from app.schemas import AssessRequest, steering_entries
-from app.settings import REPO_VECTORS
 from steering.assess import Inventory, assess
 
 router = APIRouter()
@@ -30,7 +29,7 @@ async def assess_route(body: AssessRequest, state: State, who: User):
     steering = resolve_request_steering(state, body.steering)
     if body.compare and steering is None:
         raise APIError(400, "compare needs a steering to compare with", param="compare")
-    inventory = Inventory.load(REPO_VECTORS / "inventories" / f"{body.inventory}.json")
+    inventory = Inventory.load(state.settings.inventories_dir / f"{body.inventory}.json")
     prompts = len(inventory.items) * body.repetitions * (2 if body.compare else 1)
     if prompts > state.settings.max_assess_prompts:
         raise APIError(400, f"this assessment needs {prompts} prompts; the server allows {state.settings.max_assess_prompts}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -11,7 +12,6 @@ from app.auth import Admin, User
 from app.deps import State
 from app.errors import APIError
 from app.schemas import ExtractRequest
-from app.settings import REPO_VECTORS
 from steering.extract import TraitDefinition, build_vector, check_fits, definition_hash
 from steering.runner import EngineRunner
 
@@ -21,11 +21,11 @@ _REQUIRED = {"texts": ("questions", "heldout_questions", "texts", "pairs"),
              "sentences": ("sentences", "heldout_questions", "pairs")}
 
 
-def _definition(body: ExtractRequest) -> TraitDefinition:
+def _definition(body: ExtractRequest, traits_dir: Path) -> TraitDefinition:
     if (body.trait is None) == (body.trait_name is None):
         raise APIError(400, "give exactly one of 'trait' (a definition) or 'trait_name' (a shipped one)", param="trait")
     if body.trait_name is not None:
-        path = REPO_VECTORS / "traits" / f"{body.trait_name}.json"
+        path = traits_dir / f"{body.trait_name}.json"
         if not path.is_file():
             raise APIError(404, f"no shipped trait '{body.trait_name}'", type="not_found_error", param="trait_name")
         data = json.loads(path.read_text())
@@ -44,8 +44,8 @@ def _definition(body: ExtractRequest) -> TraitDefinition:
 
 @router.post("/v1/vectors/extract", status_code=202)
 async def extract(body: ExtractRequest, state: State, who: Admin):
-    trait = _definition(body)
-    neutral = json.loads((REPO_VECTORS / "neutral_prompts.json").read_text())["prompts"]
+    trait = _definition(body, state.settings.traits_dir)
+    neutral = json.loads(state.settings.neutral_prompts_file.read_text())["prompts"]
     # Refused here, before the job exists, rather than as a failed job.
     check_fits(state.lm.tokenizer, trait, state.prompt_limit, method=body.method, neutral_prompts=neutral, sweep=body.sweep)
 

@@ -11,7 +11,6 @@ from app.auth import Admin
 from app.deps import ServerState, State
 from app.errors import APIError
 from app.schemas import CalibrateRequest, MonitorPut
-from app.settings import REPO_VECTORS
 from steering.chat import chat_prompt_ids
 from steering.monitor import (
     MonitorConfig,
@@ -23,7 +22,6 @@ from steering.monitor import (
 from steering.runner import EngineRunner
 
 router = APIRouter()
-NEUTRAL_PROMPTS = REPO_VECTORS / "neutral_prompts.json"
 
 
 def _view(cfg: MonitorConfig) -> dict:
@@ -79,7 +77,7 @@ async def calibrate(vector: str, body: CalibrateRequest, state: State, who: Admi
     current = state.monitors.get(vector)
     base = current or MonitorConfig(vector=vector, score="z" if "neutral_std" in vec.stats else "projection")
     base = base.validate(vec, state.lm.num_layers)
-    prompts = body.prompts or json.loads(NEUTRAL_PROMPTS.read_text())["prompts"]
+    prompts = body.prompts or json.loads(state.settings.neutral_prompts_file.read_text())["prompts"]
     scores = await state.jobs.run_inline(who, lambda: prompt_scores(state, vector, base.layer, base.score, prompts))
     flag, block = calibrate_thresholds(scores, body.target_flag_rate, body.target_block_rate)
     result = {

@@ -9,13 +9,12 @@ import os
 
 import pytest
 
-from app.settings import REPO_VECTORS
 from steering.assess import Inventory, assess
 from steering.engine import Engine
 from steering.model import load_model
 from steering.registry import VectorRegistry
 from steering.steer import SteeringSpec, resolve_steering
-from tests.conftest import CACHE_DIR
+from tests.conftest import CACHE_DIR, REPO_VECTORS
 
 # Prompts run at about 10 per second on a 2-core CPU: enough repetitions for a stable kappa,
 # fewer for the steering matrix (PERSONA_ASSESS_REPS / PERSONA_MATRIX_REPS raise them).

@@ -17,14 +17,13 @@ import pytest
 import torch
 
 from app.bench import make_prompt, run_load, steering_mix
-from app.settings import REPO_VECTORS
 from steering.chat import chat_prompt_ids
 from steering.engine import Done, Engine, GenerationRequest, PrefillDone, TokenOut
 from steering.model import load_model
 from steering.registry import VectorRegistry
 from steering.sampling import SamplingParams
 from steering.steer import SteeringSpec, resolve_steering
-from tests.conftest import CACHE_DIR, spawn_server
+from tests.conftest import CACHE_DIR, REPO_VECTORS, spawn_server
 
 N, NEW = 32, 64
 REPS = int(os.environ.get("PERSONA_BENCH_REPS", "3"))
