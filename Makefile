@@ -56,8 +56,9 @@ container-tools:
 image: container-tools
 	PYTHON=$(PYTHON) docker/build-image.sh docker/Dockerfile $(IMAGE)
 
+# NVIDIA's CUDA base has no stand-in: it must be present or pullable.
 image-cuda: container-tools
-	PYTHON=$(PYTHON) docker/build-image.sh docker/Dockerfile.cuda $(CUDA_IMAGE)
+	PYTHON=$(PYTHON) STANDIN=0 docker/build-image.sh docker/Dockerfile.cuda $(CUDA_IMAGE)
 
 # Runs the built image as a user would (not part of `make test`: it builds an image first).
 image-test: install image

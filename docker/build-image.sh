@@ -4,11 +4,12 @@
 #
 # BASE_IMAGE (default: the Dockerfile's) is used when it is present or can be pulled; when no
 # registry answers, a stand-in is made locally with debootstrap from the Debian mirror apt uses
-# (STANDIN_SUITE, default bookworm, whose python3 is 3.11). pip's certificate bundle and wheel
-# directories, as pip on this host is configured (config files, or PIP_CERT / PIP_FIND_LINKS in
-# the environment), become the build arguments PIP_CERT and PIP_FIND_LINKS; buildah mounts them
-# read-only at the same paths. TORCH_INDEX_URL, when set (even empty), overrides the Dockerfile's;
-# EXTRA_BUILD_ARGS is passed on as is (e.g. "--build-arg X=y").
+# (STANDIN_SUITE, default bookworm, whose python3 is 3.11; STANDIN=0 forbids the stand-in).
+# pip's certificate bundle and wheel directories, as pip on this host is configured (config
+# files, or PIP_CERT / PIP_FIND_LINKS in the environment), become the build arguments PIP_CERT
+# and PIP_FIND_LINKS; buildah mounts them read-only at the same paths. An http(s) index-url and
+# no-index pass through as PIP_INDEX_URL and PIP_NO_INDEX. TORCH_INDEX_URL, when set (even
+# empty), overrides the Dockerfile's; EXTRA_BUILD_ARGS is passed on as is ("--build-arg X=y").
 set -euo pipefail
 
 usage="usage: build-image.sh DOCKERFILE IMAGE"
@@ -73,6 +74,10 @@ make_standin() {
 }
 
 if ! image_exists "$base" && ! pull "$base"; then
+  if [ "${STANDIN:-1}" != 1 ]; then
+    echo "build-image: $base can be neither found nor pulled, and a Debian stand-in cannot replace it" >&2
+    exit 1
+  fi
   base=$(make_standin)
 fi
 
@@ -93,6 +98,9 @@ if [ -n "$cert" ]; then
   cert=$(readlink -f "$cert")
   mounts+=(-v "$(dirname "$cert"):$(dirname "$cert"):ro")
 fi
+index_url=$(pip_setting index-url)
+[[ $index_url == http*://* ]] && args+=(--build-arg "PIP_INDEX_URL=$index_url")
+case $(pip_setting no-index) in 1|true|yes|on) args+=(--build-arg PIP_NO_INDEX=1) ;; esac
 [ -n "${TORCH_INDEX_URL+set}" ] && args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 read -r -a extra <<<"${EXTRA_BUILD_ARGS:-}"
 
