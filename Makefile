@@ -42,3 +42,27 @@ vectors: install
 
 clean:
 	rm -rf $(VENV) data .pytest_cache
+
+# Container images: docker when an engine answers, else buildah (installed here with apt-get when
+# missing, with podman and debootstrap for a local stand-in base when no registry answers).
+IMAGE      ?= persona-server:latest
+CUDA_IMAGE ?= persona-server:cuda
+
+.PHONY: container-tools image image-cuda image-test
+
+container-tools:
+	@{ command -v docker >/dev/null && docker info >/dev/null 2>&1; } \
+	 || { command -v buildah && command -v podman && command -v debootstrap; } >/dev/null \
+	 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends buildah podman debootstrap; }
+
+image: container-tools
+	PYTHON=$(PYTHON) docker/build-image.sh docker/Dockerfile $(IMAGE)
+
+# NVIDIA's CUDA base has no stand-in: it must be present or pullable.
+image-cuda: container-tools
+	PYTHON=$(PYTHON) STANDIN=0 docker/build-image.sh docker/Dockerfile.cuda $(CUDA_IMAGE)
+
+# Runs the built image as a user would (not part of `make test`: it builds an image first).
+image-test: install image
+	IMAGE=$(IMAGE) $(PY) -m pytest -q -s -o addopts="" tests/image
