@@ -273,10 +273,11 @@ async def run_prefill_probe(
     """``rows`` streams decode; then a ``long_words``-token prompt arrives. How long did they wait?
 
     First, on the idle server, prompts of about ``budget_words`` tokens measure the cost of a
-    full step (the median of three). Then the rows start, and once each has ``warm_tokens`` gaps behind it
-    the long prompt is sent (one output token). When every row has had two more tokens after
-    the long prompt's first token, the rows are cancelled by closing their streams. The rows
-    send prompts ``first_prompt`` onwards (as ``run_load``); ``seed`` picks the long prompts.
+    full step (the median of three). Then the rows start, and once every row has had
+    ``warm_tokens`` tokens since the last of them started, the long prompt is sent (one output
+    token). When every row has had two more tokens after the long prompt's first token, the
+    rows are cancelled by closing their streams. The rows send prompts ``first_prompt``
+    onwards (as ``run_load``); ``seed`` picks the long prompts.
 
     Example::
 

