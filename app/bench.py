@@ -1,9 +1,13 @@
-"""``persona-server bench``: an HTTP load generator for a running server.
+"""``persona-server bench``: an HTTP load generator for any OpenAI-compatible server.
 
 Sends ``--requests`` chat completions, at most ``--concurrency`` at a time, each streamed so
 time to first token and inter-token latency are measured as a client sees them. Output
-lengths are fixed with ``ignore_eos`` so runs compare. Prints a table and, with ``--json``,
-the raw summary.
+lengths are fixed with ``ignore_eos`` (vLLM's extra, which this server shares) so runs
+compare. Prints a table and, with ``--json``, the raw summary.
+
+``run_prefill_probe`` measures what a long prompt arriving mid-generation does to the rows
+already decoding (the chunked-prefill question); ``tests/bench/peers.py`` drives both against
+this server and vLLM side by side.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ import httpx
 
 _WORDS = ("river stone lamp garden morning letter window music paper bridge winter harvest "
           "market signal candle forest engine ladder harbor meadow").split()
+
+
+class BenchError(RuntimeError):
+    """The server under test refused or broke a request the benchmark depends on."""
 
 
 def steering_mix(i: int, vectors: list[str]) -> object:
@@ -38,8 +46,28 @@ def steering_mix(i: int, vectors: list[str]) -> object:
 
 
 def make_prompt(i: int, words: int) -> str:
+    """Prompt ``i`` of a workload: the same ``i`` always gives the same text.
+
+    Example::
+
+        make_prompt(0, 3)   # 'Write about ... .', 36 tokens with SmolLM2's chat template
+    """
     rng = random.Random(i)
     return "Write about " + " ".join(rng.choice(_WORDS) for _ in range(words)) + "."
+
+
+def long_prompt(seed: int, words: int) -> str:
+    """A prompt of about ``words`` tokens (each listed word is one token for SmolLM2's tokenizer).
+
+    Different seeds differ from the first word on, so a server's prefix cache cannot serve a
+    repeated probe from memory.
+
+    Example::
+
+        long_prompt(1, 1950)   # about 2,000 prompt tokens once the chat template is added
+    """
+    rng = random.Random(f"long-{seed}")
+    return "List again: " + " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
 @dataclass
@@ -49,7 +77,11 @@ class RequestResult:
     ttft: float = 0.0
     latency: float = 0.0
     tokens: int = 0
+    prompt_tokens: int = 0
     itl: list[float] = field(default_factory=list)
+    # perf_counter() of every chunk that carried text, appended as it arrives.
+    stamps: list[float] = field(default_factory=list)
+    error: str = ""
 
 
 @dataclass
@@ -63,6 +95,27 @@ class Summary:
     itl_ms: dict
     latency_s: dict
     statuses: dict
+    prompt_tokens_mean: float = 0.0
+
+
+@dataclass
+class PrefillProbe:
+    """What one long prompt's prefill did to ``rows`` streams that were already decoding.
+
+    ``before_itl_ms`` covers the rows' gaps between tokens once all of them were decoding and
+    before the long prompt was sent; ``during_itl_ms`` every gap that overlaps the long
+    prompt's wait for its first token. ``budget_ttft_ms`` is the idle time to first token of
+    a prompt the size of one step's token budget: the cost of one full step.
+    """
+
+    rows: int
+    long_prompt_tokens: int
+    long_ttft_ms: float
+    before_itl_ms: dict
+    during_itl_ms: dict
+    tokens_during: float
+    budget_prompt_tokens: int
+    budget_ttft_ms: float
 
 
 def _pct(values: list[float], scale: float = 1.0) -> dict:
@@ -73,17 +126,18 @@ def _pct(values: list[float], scale: float = 1.0) -> dict:
     def q(p):
         return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * scale, 2)
 
-    return {"mean": round(statistics.fmean(values) * scale, 2), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+    return {"mean": round(statistics.fmean(values) * scale, 2), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99),
+            "max": round(ordered[-1] * scale, 2)}
 
 
-async def _one(client: httpx.AsyncClient, body: dict) -> RequestResult:
+async def _one(client: httpx.AsyncClient, body: dict, result: RequestResult | None = None) -> RequestResult:
+    """Stream one chat completion into ``result``, which callers may watch while it fills."""
+    result = result or RequestResult(ok=False, status=0)
     start = time.perf_counter()
-    last = None
-    result = RequestResult(ok=False, status=0)
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         result.status = response.status_code
         if response.status_code != 200:
-            await response.aread()
+            result.error = (await response.aread()).decode(errors="replace")[:500]
             return result
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
@@ -91,16 +145,46 @@ async def _one(client: httpx.AsyncClient, body: dict) -> RequestResult:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 result.tokens = chunk["usage"]["completion_tokens"]
+                result.prompt_tokens = chunk["usage"]["prompt_tokens"]
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 now = time.perf_counter()
-                if last is None:
-                    result.ttft = now - start
+                if result.stamps:
+                    result.itl.append(now - result.stamps[-1])
                 else:
-                    result.itl.append(now - last)
-                last = now
+                    result.ttft = now - start
+                result.stamps.append(now)
     result.latency = time.perf_counter() - start
     result.ok = True
     return result
+
+
+def _body(model: str, content: str, max_tokens: int) -> dict:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def served_model(client: httpx.AsyncClient) -> str:
+    """The first model ``GET /v1/models`` lists: the name any OpenAI-compatible server accepts.
+
+    Example::
+
+        async with httpx.AsyncClient(base_url="http://127.0.0.1:8000") as c:
+            await served_model(c)   # 'SmolLM2-135M-Instruct'
+    """
+    response = await client.get("/v1/models")
+    if response.status_code != 200:
+        raise BenchError(f"GET /v1/models answered {response.status_code}: {response.text[:200]}")
+    return response.json()["data"][0]["id"]
+
+
+def _client(url: str, connections: int, api_key: str | None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=headers)
 
 
 async def run_load(
@@ -112,20 +196,26 @@ async def run_load(
     max_tokens: int = 64,
     vectors: list[str] | None = None,
     api_key: str | None = None,
+    model: str | None = None,
+    first_prompt: int = 0,
 ) -> Summary:
-    """Drive ``url`` and summarise; ``vectors`` turns on the mixed steering workload."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    """Drive ``url`` and summarise; ``vectors`` turns on the mixed steering workload.
+
+    ``model`` defaults to the first one the server lists; ``first_prompt`` shifts the prompt
+    set, so repeated runs need not send texts a prefix cache has already seen.
+
+    Example::
+
+        summary = asyncio.run(run_load("http://127.0.0.1:8000", requests=32, concurrency=32,
+                                       prompt_words=3, max_tokens=64))
+        summary.output_tokens_per_s, summary.ttft_ms["p50"]
+    """
     sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=headers) as client:
+    async with _client(url, concurrency, api_key) as client:
+        name = model or await served_model(client)
 
         async def guarded(i: int) -> RequestResult:
-            body = {
-                "model": "default",
-                "messages": [{"role": "user", "content": make_prompt(i, prompt_words)}],
-                "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True},
-            }
+            body = _body(name, make_prompt(first_prompt + i, prompt_words), max_tokens)
             steering = steering_mix(i, vectors or [])
             if steering is not None:
                 body["steering"] = steering
@@ -149,6 +239,96 @@ async def run_load(
         itl_ms=_pct([x for r in ok for x in r.itl], 1000),
         latency_s=_pct([r.latency for r in ok]),
         statuses=statuses,
+        prompt_tokens_mean=round(statistics.fmean(r.prompt_tokens for r in ok), 1) if ok else 0.0,
+    )
+
+
+async def _wait_for(condition, rows: list[asyncio.Task], deadline: float, what: str) -> None:
+    """Poll ``condition`` until it holds; a row that ended early or the deadline is an error."""
+    while not condition():
+        for task in rows:
+            if task.done():
+                r = task.result()
+                raise BenchError(f"a decoding row ended while waiting for {what}: status {r.status} {r.error}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def run_prefill_probe(
+    url: str,
+    *,
+    rows: int = 16,
+    long_words: int = 1950,
+    budget_words: int = 480,
+    prompt_words: int = 3,
+    warm_tokens: int = 8,
+    row_max_tokens: int = 2048,
+    first_prompt: int = 0,
+    seed: int = 0,
+    model: str | None = None,
+    api_key: str | None = None,
+    timeout_s: float = 300,
+) -> PrefillProbe:
+    """``rows`` streams decode; then a ``long_words``-token prompt arrives. How long did they wait?
+
+    First, on the idle server, prompts of about ``budget_words`` tokens measure the cost of a
+    full step (the median of three). Then the rows start, and once every row has had
+    ``warm_tokens`` tokens since the last of them started, the long prompt is sent (one output
+    token). When every row has had two more tokens after the long prompt's first token, the
+    rows are cancelled by closing their streams. The rows send prompts ``first_prompt``
+    onwards (as ``run_load``); ``seed`` picks the long prompts.
+
+    Example::
+
+        probe = asyncio.run(run_prefill_probe("http://127.0.0.1:8000"))
+        probe.during_itl_ms["max"], probe.before_itl_ms["p50"]
+    """
+    deadline = time.monotonic() + timeout_s
+    async with _client(url, rows + 1, api_key) as client:
+        name = model or await served_model(client)
+        budgets = []
+        for k in range(3):  # the median of three: one slow moment must not move the target
+            budget = await _one(client, _body(name, long_prompt(seed * 10 + k + 1, budget_words), 1))
+            if not budget.ok:
+                raise BenchError(f"the token-budget prompt failed: status {budget.status} {budget.error}")
+            budgets.append(budget.ttft)
+        results = [RequestResult(ok=False, status=0) for _ in range(rows)]
+        tasks = [asyncio.create_task(_one(client, _body(name, make_prompt(first_prompt + i, prompt_words),
+                                                        row_max_tokens), r))
+                 for i, r in enumerate(results)]
+        try:
+            await _wait_for(lambda: all(r.stamps for r in results), tasks, deadline, "every row's first token")
+            all_decoding = max(r.stamps[0] for r in results)
+            await _wait_for(lambda: all(sum(t > all_decoding for t in r.stamps) >= warm_tokens for r in results),
+                            tasks, deadline, f"{warm_tokens} tokens on every row")
+            sent = time.perf_counter()
+            long = await _one(client, _body(name, long_prompt(seed * 10, long_words), 1))
+            if not long.ok:
+                raise BenchError(f"the long prompt failed: status {long.status} {long.error}")
+            first = sent + long.ttft
+            seen = [len(r.stamps) for r in results]
+            await _wait_for(lambda: all(len(r.stamps) >= n + 2 for r, n in zip(results, seen)),
+                            tasks, deadline, "two tokens on every row after the long prompt's first")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    before, during, tokens_during = [], [], []
+    for r in results:
+        gaps = list(zip(r.stamps, r.stamps[1:]))
+        before += [b - a for a, b in gaps if a >= all_decoding and b <= sent]
+        during += [b - a for a, b in gaps if b > sent and a < first]
+        tokens_during.append(sum(sent < t <= first for t in r.stamps))
+    return PrefillProbe(
+        rows=rows,
+        long_prompt_tokens=long.prompt_tokens,
+        long_ttft_ms=round(long.ttft * 1000, 2),
+        before_itl_ms=_pct(before, 1000),
+        during_itl_ms=_pct(during, 1000),
+        tokens_during=statistics.median(tokens_during),
+        budget_prompt_tokens=budget.prompt_tokens,
+        budget_ttft_ms=round(statistics.median(budgets) * 1000, 2),
     )
 
 
@@ -164,8 +344,11 @@ def main(args) -> int:
     vectors = [v for v in (args.vectors or "").split(",") if v]
     if args.steering == "mixed" and not vectors:
         listing = httpx.get(f"{args.url}/v1/vectors", timeout=30,
-                            headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}).json()
-        vectors = [v["id"] for v in listing["data"]]
+                            headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {})
+        if listing.status_code != 200:
+            raise SystemExit(f"{args.url} has no vector registry (GET /v1/vectors: {listing.status_code}); "
+                             "use --steering none for a server without steering")
+        vectors = [v["id"] for v in listing.json()["data"]]
     summary = asyncio.run(run_load(
         args.url, requests=args.requests, concurrency=args.concurrency, prompt_words=args.prompt_words,
         max_tokens=args.max_tokens, vectors=vectors if args.steering == "mixed" else None, api_key=args.api_key,

