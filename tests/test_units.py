@@ -10,7 +10,7 @@ from steering.detokenize import TextStream
 from steering.layers import UnsupportedArchitectureError, decoder_blocks
 from steering.model import ModelLoadError, default_gguf_path, load_model
 from steering.registry import VectorRegistry
-from steering.steer import SteeringError, SteeringSpec, resolve_steering, stack_deltas
+from steering.steer import DeltaTable, SteeringError, SteeringSpec, resolve_steering
 from steering.vector import ModelRef, PersonaVector, VectorFormatError, validate_name
 
 
@@ -70,9 +70,13 @@ def test_resolve_steering_sums_units_and_phases(tmp_path):
     assert torch.allclose(row.response[1], torch.tensor([6.6, 8.8]))
     assert torch.allclose(row.prompt[2], torch.tensor([0.0, 5.0]))
     assert 2 not in row.response
-    deltas = stack_deltas([row, None], "prompt", hidden_size=2, dtype=torch.float32, device_of_layer=lambda _l: "cpu")
-    assert sorted(deltas) == [1, 2] and deltas[1].shape == (2, 1, 2)
-    assert torch.equal(deltas[1][1], torch.zeros(1, 2))
+    table = DeltaTable(hidden_size=2, dtype=torch.float32, device_of_layer=lambda _l: "cpu")
+    ids = table.add(row)
+    assert sorted(table.layers()) == [1, 2] and set(ids) == {(1, "prompt"), (1, "response"), (2, "prompt")}
+    assert torch.equal(table.tensor(1)[0], torch.zeros(2))  # entry 0: rows that do not steer the layer
+    assert torch.allclose(table.tensor(1)[ids[(1, "response")]], torch.tensor([6.6, 8.8]))
+    table.release(ids)
+    assert table.layers() == []
     with pytest.raises(SteeringError) as err:
         resolve_steering([SteeringSpec("v", 1.0), SteeringSpec("v", 1.0, (5,))], reg)
     assert err.value.param == "steering[1].layers"
