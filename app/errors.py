@@ -11,13 +11,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.steering_policy import SteeringPolicyError
 from steering.engine import (
     DeadlineExceededError,
     DrainingError,
     EngineError,
     QueueFullError,
 )
-from steering.monitor import MonitorConfigError, SteeringPolicyError
+from steering.monitor import MonitorConfigError
 from steering.registry import VectorNotFoundError
 from steering.steer import SteeringError
 from steering.vector import VectorFormatError, VectorModelMismatchError
