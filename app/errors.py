@@ -15,8 +15,10 @@ from app.steering_policy import SteeringPolicyError
 from steering.engine import (
     DeadlineExceededError,
     DrainingError,
+    EngineDeadError,
     EngineError,
     QueueFullError,
+    RequestTooLongError,
 )
 from steering.monitor import MonitorConfigError
 from steering.registry import VectorNotFoundError
@@ -84,6 +86,10 @@ def as_api_error(exc: Exception) -> APIError:
                         headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, DeadlineExceededError):
         return APIError(504, str(exc), type="timeout_error", code="deadline_exceeded")
+    if isinstance(exc, RequestTooLongError):
+        return APIError(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), type="server_error", code="engine_dead")
     if isinstance(exc, EngineError):
         return APIError(500, str(exc), type="server_error", code="engine_error")
     log.exception("unhandled error", exc_info=exc)

@@ -1,7 +1,9 @@
 """From a validated OpenAI request to engine events and back to an OpenAI response.
 
 Shared by ``/v1/chat/completions`` and ``/v1/completions``; each supplies a
-:class:`Renderer` for its response shapes."""
+:class:`Renderer` for its response shapes. The engine returns token ids; text, stop
+strings and deadlines are handled per request by :func:`steering.output.generate_text`, and
+monitor verdicts here, in the event loop, so one request's failure never reaches another."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
 from fastapi import Request
@@ -19,9 +21,10 @@ from app.deps import ServerState
 from app.errors import APIError, as_api_error, envelope
 from app.schemas import SteeringField, _GenerationFields
 from app.steering_policy import admit_steering
-from steering.engine import Finished, GenerationRequest, PrefillDone, TokenDelta
-from steering.monitor import Reading, ResponseWatch
-from steering.sampling import SamplingParams
+from steering.engine import GenerationRequest, PrefillDone, TokenOut
+from steering.monitor import MonitorSnapshot, Reading, ResponseWatch
+from steering.output import Finished, TokenDelta, generate_text
+from steering.sampling import MAX_SEED, SamplingParams
 from steering.steer import RowSteering
 
 
@@ -32,8 +35,9 @@ class Renderer:
     object_final: str
     object_chunk: str
     id_prefix: str
-    final_choice: Callable[[str, str], dict]  # (text, finish_reason) -> choice
-    chunk_choice: Callable[[str | None, str | None, bool], dict]  # (text, finish, first) -> choice
+    final_choice: Callable[[int, str, str, dict | None], dict]  # (index, text, finish, logprobs) -> choice
+    chunk_choice: Callable[[int, str | None, str | None, bool, dict | None], dict]  # (index, text, finish, first, logprobs)
+    logprobs: Callable[[list[TokenOut], object, int], dict]  # (tokens, tokenizer, text offset) -> logprobs field
 
 
 def check_model(state: ServerState, name: str) -> None:
@@ -46,17 +50,25 @@ def check_model(state: ServerState, name: str) -> None:
 
 @dataclass
 class MonitorContext:
-    """What the monitors saw for one request; filled in by the engine's worker."""
+    """What the monitors saw for one request (read in the event loop from the engine's projections)."""
 
     return_scores: bool
+    snapshot: MonitorSnapshot | None = None
+    steered_layers: frozenset[int] = frozenset()
     readings: list[Reading] | None = None
     watch: ResponseWatch | None = None
+    engine_blocked: bool = False
+
+    def read(self, event: PrefillDone) -> None:
+        self.engine_blocked = event.blocked
+        if self.snapshot:
+            self.readings = self.snapshot.readings(event.projections, self.steered_layers)
 
     def flagged(self) -> list[str]:
         return [r.vector for r in self.readings or () if r.action != "allow"]
 
     def blocked(self) -> bool:
-        return any(r.action == "block" and r.mode == "enforce" for r in self.readings or ())
+        return self.engine_blocked or any(r.action == "block" and r.mode == "enforce" for r in self.readings or ())
 
     def payload(self) -> dict | None:
         """The ``persona_monitor`` field, when the request was flagged or asked for scores."""
@@ -86,6 +98,35 @@ def count_steering(state: ServerState, steering: RowSteering | None) -> None:
         state.metrics.steering.labels(vector=name).inc()
 
 
+def _sampling(state: ServerState, body: _GenerationFields, max_new: int) -> SamplingParams:
+    vocab = len(state.lm.tokenizer)
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+            raise APIError(400, f"logit_bias keys must be token ids in 0..{vocab - 1}; got {key[:20]!r}", param="logit_bias")
+        bias.append((int(key), float(value)))
+    bad = [t for t in body.stop_token_ids or () if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"stop_token_ids must be in 0..{vocab - 1}; got {bad[0]}", param="stop_token_ids")
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k is None or body.top_k < 0 else body.top_k,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=tuple(bias),
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+        logprobs=body.logprob_count(),
+    )
+
+
 def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[int], prompt_param: str) -> tuple[GenerationRequest, MonitorContext]:
     """Apply the checks that need the model and registry; return what the engine runs."""
     settings, lm = state.settings, state.lm
@@ -98,11 +139,12 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
     if settings.max_prompt_tokens is not None and n_prompt > settings.max_prompt_tokens:
         raise APIError(400, f"the prompt has {n_prompt} tokens; this server accepts at most {settings.max_prompt_tokens}",
                        param=prompt_param, code="prompt_too_long")
-    room = lm.context_length - n_prompt
+    context = state.engine.max_model_len
+    room = context - n_prompt
     if room < 1:
         raise APIError(
             400,
-            f"the prompt has {n_prompt} tokens; the model's context is {lm.context_length} tokens "
+            f"the prompt has {n_prompt} tokens; this server's max_model_len is {context} tokens "
             "and at least one must remain for the answer",
             param=prompt_param, code="context_length_exceeded",
         )
@@ -116,44 +158,28 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
         if asked > room:
             raise APIError(
                 400,
-                f"{field} is {asked}, but the prompt has {n_prompt} tokens and the context is "
-                f"{lm.context_length}: at most {room} tokens can be generated",
+                f"{field} is {asked}, but the prompt has {n_prompt} tokens and max_model_len is "
+                f"{context}: at most {room} tokens can be generated",
                 param=field, code="context_length_exceeded",
             )
         max_new = asked
     if body.min_tokens > max_new:
         raise APIError(400, f"min_tokens ({body.min_tokens}) exceeds max tokens ({max_new})", param="min_tokens")
-    sampling = SamplingParams(
-        max_new_tokens=max_new,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed,
-        stop=tuple(body.stop or ()),
-        min_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos,
-    )
+    sampling = _sampling(state, body, max_new)
     count_steering(state, steering)
-    monitor = MonitorContext(return_scores=bool(body.monitor and body.monitor.return_scores))
-    monitors = state.monitors
-    steered_layers = frozenset(steering.prompt) if steering else frozenset()
-
-    def prefill_check(states):
-        monitor.readings = monitors.score(states, steered_layers)
-        return monitor.readings if monitor.blocked() else None
-
-    watched = [c.vector for c in monitors.active() if c.response_threshold is not None]
-    if watched:
-        monitor.watch = ResponseWatch(monitors, watched)
+    snapshot = state.monitors.snapshot()
+    monitor = MonitorContext(return_scores=bool(body.monitor and body.monitor.return_scores),
+                             snapshot=snapshot if snapshot else None,
+                             steered_layers=frozenset(steering.prompt) if steering else frozenset())
     gen = GenerationRequest(
         prompt_ids=prompt_ids,
         sampling=sampling,
         steering=steering,
         timeout_s=settings.request_timeout_s,
         request_id=uuid.uuid4().hex,
-        capture_layers=monitors.layers(),
-        prefill_check=prefill_check if monitors.active() else None,
-        response_layers=monitors.response_layers() if watched else frozenset(),
-        response_check=monitor.watch.update if watched else None,
+        probes=snapshot.probes if snapshot else {},
+        block_above=snapshot.block_above if snapshot else {},
+        response_probes=snapshot.response_probes if snapshot else {},
     )
     return gen, monitor
 
@@ -185,12 +211,34 @@ class _Timing:
             m.inter_token.labels(self.endpoint).observe((self.last - self.first) / (done.completion_tokens - 1))
 
 
-def _usage(done: Finished) -> dict:
-    return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-    }
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _until(task: asyncio.Future, http: Request):
+    """Await ``task``, cancelling it if the client disconnects meanwhile (queued or running)."""
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await http.is_disconnected():
+            task.cancel()
+            raise _ClientGone()
+
+
+def _children(gen: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """``n`` engine requests for one API request; a seeded request's choice i uses seed + i."""
+    out = [gen]
+    for i in range(1, n):
+        seed = gen.sampling.seed
+        out.append(replace(gen, request_id=f"{gen.request_id}-{i}",
+                           sampling=replace(gen.sampling, seed=None if seed is None else (seed + i) % (MAX_SEED + 1))))
+    return out
 
 
 async def respond(
@@ -202,25 +250,46 @@ async def respond(
     renderer: Renderer,
     endpoint: str,
 ):
-    """Run ``gen`` on the engine and answer as JSON or as an SSE stream."""
+    """Run ``gen`` (``n`` times) on the engine and answer as JSON or as an SSE stream."""
     timing = _Timing(state, endpoint)
-    events = state.engine.generate(gen)
-    # Wait for the prefill before answering, so queue-full and other refusals are real
-    # HTTP statuses rather than errors inside a 200 stream.
+    tokenizer = state.lm.tokenizer
+    children = _children(gen, body.n)
+    watches = [ResponseWatch(monitor.snapshot) if monitor.snapshot and monitor.snapshot.watched else None
+               for _ in children]
+    monitor.watch = watches[0]
+    streams = [generate_text(state.engine, child, tokenizer, watch=w.update if w else None)
+               for child, w in zip(children, watches)]
+
+    async def close_all():
+        for stream in streams:
+            await stream.aclose()
+
+    # Wait for every prefill before answering, so queue-full, blocks and other refusals are
+    # real HTTP statuses rather than errors inside a 200 stream.
     try:
-        first = await anext(events)
+        firsts = [await _until(asyncio.ensure_future(anext(stream)), http) for stream in streams]
+    except _ClientGone:
+        await close_all()
+        raise APIError(499, "client disconnected", code="client_closed_request") from None
     except Exception as exc:
-        await events.aclose()
+        await close_all()
         raise as_api_error(exc) from exc
-    timing.on_prefill(first)
+    for first in firsts:
+        timing.on_prefill(first)
+    try:
+        monitor.read(firsts[0])
+    except Exception as exc:
+        await close_all()
+        raise as_api_error(exc) from exc
     record_readings(state, monitor)
     log = http.scope.setdefault("state", {}).setdefault("log", {})
+    request_id = http.scope["state"].get("request_id") or gen.request_id
     log.update(prompt_tokens=len(gen.prompt_ids), steering=list(gen.steering.vectors) if gen.steering else [],
                monitor={r.vector: r.action for r in monitor.readings or ()})
     if state.settings.log_prompts:
-        log["prompt"] = state.lm.tokenizer.decode(gen.prompt_ids)
-    if first.blocked is not None:
-        await events.aclose()
+        log["prompt"] = tokenizer.decode(gen.prompt_ids)
+    if monitor.blocked():
+        await close_all()
         raise APIError(
             400, "the request was blocked by the persona monitor: " + ", ".join(
                 r.vector for r in monitor.readings if r.action == "block" and r.mode == "enforce"),
@@ -228,35 +297,34 @@ async def respond(
             extra={"persona_monitor": {"scores": {r.vector: r.public() for r in monitor.readings}}},
         )
     headers = {"X-Persona-Flagged": ",".join(monitor.flagged())} if monitor.flagged() else {}
-    meta = {"id": f"{renderer.id_prefix}-{gen.request_id}", "created": int(time.time()), "model": state.lm.name}
+    meta = {"id": f"{renderer.id_prefix}-{request_id}", "created": int(time.time()), "model": state.lm.name}
+    want_logprobs = gen.sampling.logprobs is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(events, meta, renderer, timing, include_usage, monitor, state, log),
+            _sse(streams, meta, renderer, timing, include_usage, monitor, state, log, tokenizer, want_logprobs,
+                 len(gen.prompt_ids)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
-    collector = asyncio.ensure_future(_collect(events, timing))
+    collector = asyncio.ensure_future(asyncio.gather(*(_collect(stream, timing) for stream in streams)))
     try:
-        while True:
-            done, _ = await asyncio.wait({collector}, timeout=0.5)
-            if done:
-                break
-            if await http.is_disconnected():
-                collector.cancel()
-                raise APIError(499, "client disconnected", code="client_closed_request")
-        result = collector.result()
+        results = await _until(collector, http)
+    except _ClientGone:
+        await close_all()
+        raise APIError(499, "client disconnected", code="client_closed_request") from None
     except Exception as exc:
-        collector.cancel()
+        await close_all()
         raise as_api_error(exc) from exc
-    record_response_stop(state, monitor, result)
-    log.update(completion_tokens=result.completion_tokens, finish_reason=result.finish_reason)
-    body_out = {
-        **meta,
-        "object": renderer.object_final,
-        "choices": [renderer.final_choice(result.text, result.finish_reason)],
-        "usage": _usage(result),
-    }
+    for done, _tokens in results:
+        record_response_stop(state, monitor, done)
+    completion = sum(done.completion_tokens for done, _tokens in results)
+    log.update(completion_tokens=completion, finish_reason=results[0][0].finish_reason)
+    choices = [renderer.final_choice(i, done.text, done.finish_reason,
+                                     renderer.logprobs(tokens, tokenizer, 0) if want_logprobs else None)
+               for i, (done, tokens) in enumerate(results)]
+    body_out = {**meta, "object": renderer.object_final, "choices": choices,
+                "usage": _usage(len(gen.prompt_ids), completion)}
     if (payload := monitor.payload()) is not None:
         body_out["persona_monitor"] = payload
     return JSONResponse(body_out, headers=headers)
@@ -276,14 +344,16 @@ def record_response_stop(state: ServerState, monitor: MonitorContext, done: Fini
         state.metrics.response_stops.labels(monitor.watch.tripped).inc()
 
 
-async def _collect(events: AsyncIterator, timing: _Timing) -> Finished:
+async def _collect(events: AsyncIterator, timing: _Timing) -> tuple[Finished, list[TokenOut]]:
+    tokens: list[TokenOut] = []
     try:
         async for event in events:
             if isinstance(event, TokenDelta):
                 timing.on_token()
+                tokens.extend(event.logprobs)
             elif isinstance(event, Finished):
                 timing.on_finish(event)
-                return event
+                return event, tokens
     finally:
         await events.aclose()
     raise APIError(500, "generation ended without a result", type="server_error")
@@ -293,30 +363,67 @@ def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(events: AsyncIterator, meta: dict, renderer: Renderer, timing: _Timing, include_usage: bool,
-               monitor: MonitorContext, state: ServerState, log: dict):
-    chunk = {**meta, "object": renderer.object_chunk}
-    first = True
+async def _merge(streams: list[AsyncIterator]):
+    """Yield (choice index, event) from every stream as they come; the first error ends all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator) -> None:
+        try:
+            async for event in stream:
+                await queue.put((index, event))
+        except Exception as exc:
+            await queue.put((index, exc))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
-        async for event in events:
+        live = len(streams)
+        while live:
+            index, event = await queue.get()
+            if event is None:
+                live -= 1
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+async def _sse(streams: list[AsyncIterator], meta: dict, renderer: Renderer, timing: _Timing, include_usage: bool,
+               monitor: MonitorContext, state: ServerState, log: dict, tokenizer, want_logprobs: bool,
+               prompt_tokens: int):
+    chunk = {**meta, "object": renderer.object_chunk}
+    first = [True] * len(streams)
+    offsets = [0] * len(streams)
+    completion = 0
+    finished: list[Finished | None] = [None] * len(streams)
+    try:
+        async for i, event in _merge(streams):
             if isinstance(event, TokenDelta):
                 timing.on_token()
-                yield _data({**chunk, "choices": [renderer.chunk_choice(event.text, None, first)]})
-                first = False
+                lp = renderer.logprobs(event.logprobs, tokenizer, offsets[i]) if want_logprobs else None
+                offsets[i] += len(event.text)
+                yield _data({**chunk, "choices": [renderer.chunk_choice(i, event.text, None, first[i], lp)]})
+                first[i] = False
             elif isinstance(event, Finished):
                 timing.on_finish(event)
                 record_response_stop(state, monitor, event)
-                log.update(completion_tokens=event.completion_tokens, finish_reason=event.finish_reason)
-                last = {**chunk, "choices": [renderer.chunk_choice(None if not first else "", event.finish_reason, first)]}
-                if (payload := monitor.payload()) is not None:
+                finished[i] = event
+                completion += event.completion_tokens
+                last = {**chunk, "choices": [renderer.chunk_choice(i, None if not first[i] else "", event.finish_reason,
+                                                                   first[i], None)]}
+                if all(f is not None for f in finished) and (payload := monitor.payload()) is not None:
                     last["persona_monitor"] = payload
                 yield _data(last)
-                if include_usage:
-                    yield _data({**chunk, "choices": [], "usage": _usage(event)})
-                break
+        log.update(completion_tokens=completion, finish_reason=finished[0].finish_reason if finished[0] else None)
+        if include_usage:
+            yield _data({**chunk, "choices": [], "usage": _usage(prompt_tokens, completion)})
     except Exception as exc:  # the status line is gone: report the error inside the stream
         err = as_api_error(exc)
         yield _data(envelope(err.message, err.type, err.param, err.code))
-    finally:
-        await events.aclose()
     yield "data: [DONE]\n\n"

@@ -48,7 +48,9 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
     if seeded:
         log.info("seeded vectors from %s: %s", settings.shipped_vectors_dir, ", ".join(seeded))
     monitor_set = MonitorSet(settings.data_dir / "monitors.json", registry, num_layers=lm.num_layers)
-    engine = Engine(lm, max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting)
+    engine = Engine(lm, max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
+                    max_model_len=settings.max_model_len, max_num_batched_tokens=settings.max_num_batched_tokens,
+                    kv_cache_bytes=int(settings.kv_cache_gib * 2**30))
     metrics = Metrics()
     metrics.bind_engine(engine)
     metrics.model_info.info({"model": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch.")})

@@ -15,6 +15,7 @@ from pydantic import (
     field_validator,
 )
 
+from steering.sampling import MAX_SEED
 from steering.vector import NAME_PATTERN
 
 VectorName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
@@ -22,7 +23,7 @@ Coefficient = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # torch seeds a generator from any integer in [-2**63, 2**64 - 1] (a negative seed s acts as
 # s + 2**64) and raises outside it; that covers OpenAI's and vLLM's signed 64-bit seeds and
 # unsigned 64-bit ones.
-Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=MAX_SEED)]
 
 
 class _Strict(BaseModel):
@@ -74,9 +75,17 @@ class _GenerationFields(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: StrictInt = Field(1, ge=1, le=16)
     user: str | None = None
-    # vLLM's extras, for benchmarks and load tests that need fixed output lengths.
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = Field(
+        None, max_length=1024)
+    # vLLM's extras: sampling controls, and fixed output lengths for benchmarks and load tests.
+    top_k: StrictInt | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
+    stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
     ignore_eos: bool = False
     min_tokens: StrictInt = Field(0, ge=0)
     steering: SteeringField = None
@@ -114,10 +123,26 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return v
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_GenerationFields):
     prompt: str | list[StrictInt] | list[str] = Field(...)
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(32, ge=1)
     max_waiting: int = Field(256, ge=0)
+    # Tokens one engine step processes: every decoding row's next token plus prompt chunks.
+    max_num_batched_tokens: int = Field(512, ge=16)
+    # Longest prompt + answer per request; None: the model's context, as far as the KV budget allows.
+    max_model_len: int | None = Field(None, ge=16)
+    kv_cache_gib: float = Field(4.0, gt=0)
     request_timeout_s: float | None = Field(600.0, gt=0)
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_limit: int = Field(4096, ge=1)

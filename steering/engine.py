@@ -1,32 +1,38 @@
-"""The generation engine: one worker thread owns the model and runs a step loop.
+"""The generation engine: one worker thread owns the model and runs a step loop over token ids.
 
-Flow: ``Engine.generate`` puts a request on a bounded queue and returns an async stream
-of events. At each step the worker either prefills the requests that arrived (as one
-left-padded batch) and merges them into the running batch, or runs one decode step for
-every running row. Rows leave the batch as soon as they finish or their client goes away.
-Each row carries its own steering: the hooks add ``delta[row]`` from tensors rebuilt only
-when the batch changes. The prefill forward also records the last prompt token's hidden
-state at the layers a request asks for (for the monitor), so that costs no extra pass.
+Flow: :meth:`Engine.generate` puts a request on a bounded queue and returns an async stream
+of events. Each step has a token budget: one token for every decoding row, then chunks of
+the prompts being prefilled (first come, first served) until the budget is spent. All of
+them run as one packed forward over a preallocated slot cache (:mod:`steering.kvcache`), so
+an arriving prompt delays running rows by at most one step, and rows join and leave without
+moving anyone's cache. Every token carries an index into per-layer tables of steering
+deltas (:class:`steering.steer.DeltaTable`), so rows steer independently and rows that do
+not steer cost nothing. Sampling runs on the model's device with per-row parameters.
+
+The engine moves token ids only: text, stop strings and monitor verdicts belong to the
+consumer (:mod:`steering.output`). It reports the last prompt token's state at the layers a
+request asks for, raw or already projected onto the request's probe directions on the
+model's device, during the prefill the request needs anyway. Events of a step reach the
+event loop in one hand-off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-from transformers import DynamicCache
 
-from steering.detokenize import TextStream
-from steering.hooks import SteeringHooks
+from steering import kvcache
+from steering.hooks import SteeringHooks, StepHooks
 from steering.model import LoadedModel
-from steering.sampling import SamplingParams, make_generator, pick_tokens
-from steering.steer import RowSteering, stack_deltas
+from steering.sampling import RowState, SamplingParams, make_generator, option_logprobs, sample
+from steering.steer import DeltaTable, RowSteering
 
 log = logging.getLogger(__name__)
 
@@ -53,111 +59,181 @@ class DeadlineExceededError(EngineError):
     """The request ran past its deadline."""
 
 
+class EngineDeadError(EngineError):
+    """The worker thread stopped; no request can be served until the process restarts."""
+
+
+class RequestTooLongError(EngineError):
+    """The prompt plus the tokens asked for do not fit the engine's ``max_model_len``."""
+
+
 @dataclass
 class GenerationRequest:
-    """What the engine needs to generate for one request (already validated and tokenized)."""
+    """What the engine needs for one request (validated, tokenized)."""
 
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     steering: RowSteering | None = None
+    # Layers whose last-prompt-token state PrefillDone.states reports (float32, on the CPU).
     capture_layers: frozenset[int] = frozenset()
+    # layer -> unit directions [M, hidden]: PrefillDone.projections[layer] holds the last prompt
+    # token's M scalar projections, computed on the model's device.
+    probes: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> [M] limits on those projections: one above its limit ends the request right
+    # after its prefill, before any token is sampled (an enforced block).
+    block_above: dict[int, torch.Tensor] = field(default_factory=dict)
+    # The same for every generated token (TokenOut.projections), for response-phase monitors.
+    response_probes: dict[int, torch.Tensor] = field(default_factory=dict)
     timeout_s: float | None = None
     request_id: str = ""
-    # Called in the worker with the prefill states; a non-None result blocks the request
-    # before any token is sampled and is reported in PrefillDone.blocked.
-    prefill_check: Callable[[dict[int, torch.Tensor]], object | None] | None = None
-    # Called in the worker with each generated token's states at these layers; True stops
-    # the request with finish_reason "content_filter".
-    response_layers: frozenset[int] = frozenset()
-    response_check: Callable[[dict[int, torch.Tensor]], bool] | None = None
     # Prompt position from which to average the state at every layer (teacher-forced
     # extraction): PrefillDone.span_mean is then [num_layers + 1, hidden].
     mean_from: int | None = None
-    # Token ids whose next-token log-probabilities after the prompt PrefillDone reports
-    # (answer options of an inventory item).
+    # Token ids whose next-token log-probabilities after the prompt PrefillDone reports.
     option_ids: tuple[int, ...] = ()
 
 
 @dataclass
 class PrefillDone:
-    """The prompt has been read. ``prompt_states[layer]`` is the last prompt token's state."""
+    """The prompt has been read (its last chunk ran in this step)."""
 
-    prompt_states: dict[int, torch.Tensor]
+    states: dict[int, torch.Tensor]
+    projections: dict[int, list[float]]
     queue_wait_s: float
-    blocked: object | None = None
     span_mean: torch.Tensor | None = None
     option_logprobs: list[float] | None = None
+    blocked: bool = False
 
 
 @dataclass
-class TokenDelta:
-    text: str
-    token_ids: list[int]
+class TokenOut:
+    """One generated token id, with its log-probabilities and probe projections when asked."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    projections: dict[int, list[float]] | None = None
 
 
 @dataclass
-class Finished:
-    finish_reason: str  # "stop" | "length" | "content_filter"
-    text: str
+class Done:
+    """The engine ended the request: ``stop`` (EOS or a stop token id), ``length``, or ``blocked``
+    (a probe crossed its ``block_above`` limit at the prefill)."""
+
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
 
 
 @dataclass
 class _Handle:
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop | None  # None: events are appended to ``events`` (a list) directly
+    events: asyncio.Queue | list
     cancelled: bool = False
 
-    def emit(self, event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the client's event loop is gone
-            self.cancelled = True
 
-
-@dataclass
+@dataclass(eq=False)
 class _Row:
     request: GenerationRequest
     handle: _Handle
-    text: TextStream
+    uid: int
     generator: torch.Generator | None
     submitted: float
     deadline: float | None
-    next_token: int = -1
+    slot: int = -1
+    computed: int = 0  # prompt tokens already in the cache
+    output: list[int] = field(default_factory=list)
+    steer_ids: dict[tuple[int, str], int] = field(default_factory=dict)
+    span_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    queue_wait_s: float = 0.0
     done: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def decoding(self) -> bool:
+        return self.computed == self.prompt_len
+
+    @property
+    def length(self) -> int:
+        return self.computed + len(self.output)
+
+
+@dataclass
+class _Step:
+    """The rows of one step and where their tokens sit in the packed sequence."""
+
+    decode: list[_Row]
+    chunks: list[tuple[_Row, int, int]]  # (row, first prompt position, end position)
+    # Filled by the forward: the packed position of each row's newest token, the rows whose
+    # logits were kept (in logits order), and per layer where each captured token's state is.
+    last: dict[_Row, int] = field(default_factory=dict)
+    logit_rows: list[_Row] = field(default_factory=list)
+    captured_at: dict[int, dict[int, int]] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[_Row]:
+        return self.decode + [row for row, _a, _b in self.chunks]
 
 
 class Engine:
-    """Continuous-batching generation over one :class:`LoadedModel`.
+    """Continuous batching with chunked prefill over one :class:`LoadedModel`.
 
     Example::
 
         engine = Engine(lm, max_batch_size=32, max_waiting=128)
         engine.start()
         async for event in engine.generate(GenerationRequest(prompt_ids=ids)):
-            ...   # PrefillDone, then TokenDelta*, then Finished
+            ...   # PrefillDone, then TokenOut*, then Done
         engine.shutdown()
 
-    The engine mutates nothing outside itself but the hook state on ``lm``'s blocks.
+    ``max_batch_size`` rows run at once, each in its own cache slot of ``max_model_len``
+    tokens; a step processes at most ``max_num_batched_tokens`` tokens. The engine mutates
+    nothing outside itself but the hook state on ``lm``'s blocks and the model's attention
+    implementation (plain forwards still get SDPA).
     """
 
-    def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, max_waiting: int = 256):
+    def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, max_waiting: int = 256,
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 512,
+                 kv_cache_bytes: int | None = None):
         self.lm = lm
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
+        self.max_num_batched_tokens = max(max_num_batched_tokens, max_batch_size)
+        config = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or lm.hidden_size // heads
+        per_token = kvcache.SlotKVCache.bytes_per_token(num_layers=lm.num_layers, kv_heads=kv_heads,
+                                                          head_dim=head_dim, dtype=lm.dtype)
+        max_len = min(max_model_len or lm.context_length, lm.context_length)
+        if kv_cache_bytes is not None:
+            max_len = min(max_len, kv_cache_bytes // (per_token * max_batch_size))
+        if max_len < 16:
+            raise ValueError("the KV cache budget leaves fewer than 16 tokens per row; raise it or lower max_batch_size")
+        self.max_model_len = int(max_len)
+        self.kv_cache_bytes = per_token * max_batch_size * self.max_model_len
+        self.cache = kvcache.SlotKVCache(num_layers=lm.num_layers, slots=max_batch_size, kv_heads=kv_heads,
+                                         head_dim=head_dim, max_len=self.max_model_len, dtype=lm.dtype,
+                                         device_of_layer=lm.block_device)
+        lm.model.set_attn_implementation(kvcache.register())
         self.hooks = SteeringHooks(lm.blocks, lm.model.get_input_embeddings())
+        self.deltas = DeltaTable(hidden_size=lm.hidden_size, dtype=lm.dtype, device_of_layer=lm.block_device)
         self.forward_passes = 0
+        self._device = lm.input_device
+        self._placeholder_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self._device)
         self._pending: collections.deque[_Row] = collections.deque()
         self._wake = threading.Condition()
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
-        self._decode_deltas: dict[int, torch.Tensor] = {}
+        self._free_slots = list(range(max_batch_size - 1, -1, -1))
+        self._uids = itertools.count()
+        self._outbox: list[tuple[_Handle, object]] = []
         self._stopping = False
         self._draining = False
+        self._dead: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._device = lm.input_device
 
     # ---- public surface ------------------------------------------------------------------
 
@@ -168,6 +244,11 @@ class Engine:
     @property
     def waiting(self) -> int:
         return len(self._pending)
+
+    @property
+    def alive(self) -> bool:
+        """False once the worker thread has died (``/ready`` then answers 503)."""
+        return self._dead is None and (self._thread is None or self._thread.is_alive())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="persona-engine", daemon=True)
@@ -189,284 +270,398 @@ class Engine:
             self._thread.join(timeout)
         self.hooks.remove()
 
-    async def generate(self, request: GenerationRequest):
-        """Queue ``request`` and yield its events; closing the stream cancels the request.
+    def check(self, request: GenerationRequest) -> None:
+        """Raise :class:`RequestTooLongError` if ``request`` cannot fit a cache slot."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise RequestTooLongError("the prompt is empty")
+        if n + request.sampling.max_new_tokens > self.max_model_len:
+            raise RequestTooLongError(
+                f"the prompt has {n} tokens and {request.sampling.max_new_tokens} more were asked for; "
+                f"this server's max_model_len is {self.max_model_len}")
 
-        Raises :class:`QueueFullError` at once when the queue is full.
-        """
-        handle = _Handle(loop=asyncio.get_running_loop(), events=asyncio.Queue())
+    def _new_row(self, request: GenerationRequest, handle: _Handle) -> _Row:
+        self.check(request)
         now = time.monotonic()
-        row = _Row(
-            request=request,
-            handle=handle,
-            text=TextStream(self.lm.tokenizer, request.sampling.stop),
-            generator=make_generator(request.sampling.seed, self._device),
-            submitted=now,
-            deadline=now + request.timeout_s if request.timeout_s else None,
-        )
+        return _Row(request=request, handle=handle, uid=next(self._uids),
+                    generator=make_generator(request.sampling.seed, self._device), submitted=now,
+                    deadline=now + request.timeout_s if request.timeout_s else None)
+
+    def _enqueue(self, row: _Row) -> None:
         with self._wake:
+            if self._dead is not None:
+                raise EngineDeadError("the generation engine has stopped; the server must be restarted")
             if self._stopping or self._draining:
                 raise DrainingError("the server is shutting down; retry on another replica")
             if len(self._pending) >= self.max_waiting:
                 raise QueueFullError(len(self._pending))
             self._pending.append(row)
             self._wake.notify()
+
+    def add_request(self, request: GenerationRequest) -> list:
+        """Queue ``request`` for a caller that drives the engine with :meth:`step` itself (no
+        worker thread); its events are appended to the returned list as steps produce them."""
+        events: list = []
+        self._enqueue(self._new_row(request, _Handle(loop=None, events=events)))
+        return events
+
+    def step(self) -> bool:
+        """Run one scheduling step in the calling thread; False when there was nothing to do.
+
+        The worker thread calls this in its loop; tests and offline tools may call it directly
+        instead of :meth:`start`, which makes the order of joins and leaves exact."""
+        with self._wake:
+            self._expire_pending()
+            self._admit()
+        work = self._schedule()
+        if work.rows:
+            self._run_step(work)
+        self._release_finished()
+        self._flush()
+        return bool(work.rows)
+
+    async def generate(self, request: GenerationRequest):
+        """Queue ``request`` and yield its events; closing the stream cancels the request.
+
+        Raises :class:`QueueFullError` at once when the queue is full, :class:`RequestTooLongError`
+        when it cannot fit, :class:`EngineDeadError` when the worker has died.
+        """
+        handle = _Handle(loop=asyncio.get_running_loop(), events=asyncio.Queue())
+        row = self._new_row(request, handle)
+        self._enqueue(row)
         try:
             while True:
                 event = await handle.events.get()
                 if isinstance(event, Exception):
                     raise event
                 yield event
-                if isinstance(event, Finished):
+                if isinstance(event, Done):
                     return
         finally:
             handle.cancelled = True
+            with self._wake:
+                # A request that leaves while queued stops counting toward max_waiting at once.
+                try:
+                    self._pending.remove(row)
+                except ValueError:
+                    pass
 
     # ---- worker --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not self._stopping and not self._pending and not self._rows:
-                        self._wake.wait()
-                    if self._stopping:
-                        break
-                    new = self._take_new()
-                # A failed forward fails the rows that were in it, not the server: a failed
-                # prefill leaves the running batch untouched; a failed decode step may have
-                # half-updated the cache, so its rows end and the batch starts afresh.
-                affected = new or self._rows
-                try:
-                    if new:
-                        self._prefill(new)
-                    elif self._rows:
-                        self._decode()
-                except Exception as exc:
-                    log.exception("forward pass failed")
-                    for row in affected:
-                        row.done = True
-                        row.handle.emit(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
-                    if not new:
-                        self._reset_batch()
-                self._drop_finished()
-        self._fail_all(EngineError("the engine shut down"))
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._wake:
+                        while not self._stopping and not self._pending and not self._rows:
+                            self._wake.wait()
+                        if self._stopping:
+                            break
+                    self.step()
+            self._fail_all(EngineError("the engine shut down"))
+        except BaseException as exc:  # the loop itself broke: fail everyone at once, never hang
+            log.exception("the engine's worker died")
+            self._dead = exc
+            self._fail_all(EngineDeadError(f"the generation engine stopped: {type(exc).__name__}: {exc}"))
+        finally:
+            self._flush()
 
-    def _take_new(self) -> list[_Row]:
-        room = self.max_batch_size - len(self._rows)
-        new = []
-        while self._pending and len(new) < room:
-            row = self._pending.popleft()
-            if not row.handle.cancelled:
-                new.append(row)
-        return new
-
-    def _prefill(self, new: list[_Row]) -> None:
-        width = max(len(r.request.prompt_ids) for r in new)
-        pad = self.lm.tokenizer.pad_token_id or 0
-        ids = torch.full((len(new), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
-        for i, row in enumerate(new):
-            prompt = row.request.prompt_ids
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        deltas = self._stack([r.request.steering for r in new], "prompt")
-        capture = frozenset().union(*(r.request.capture_layers for r in new))
-        spans = [(i, width - len(r.request.prompt_ids) + r.request.mean_from, width)
-                 for i, r in enumerate(new) if r.request.mean_from is not None]
-        span_row = {row: k for k, (row, _a, _b) in enumerate(spans)}
-        cache = DynamicCache()
-        with self.hooks.state(deltas, capture, spans) as captured:
-            out = self._forward(ids, mask, positions, cache)
-        means = self.hooks.span_means
-        logits = out.logits[:, -1, :].float()
-        started = time.monotonic()
-        for i, row in enumerate(new):
-            states = {layer: captured[layer][i] for layer in row.request.capture_layers}
-            check = row.request.prefill_check
-            blocked = check(states) if check is not None else None
-            span_mean = None
-            if i in span_row:
-                span_mean = torch.stack([means[layer][span_row[i]].cpu() for layer in range(self.lm.num_layers + 1)])
-            options = None
-            if row.request.option_ids:
-                options = torch.log_softmax(logits[i], dim=-1)[list(row.request.option_ids)].tolist()
-            row.handle.emit(PrefillDone(prompt_states=states, queue_wait_s=started - row.submitted,
-                                        blocked=blocked, span_mean=span_mean, option_logprobs=options))
-            if blocked is not None:
-                row.done = True
-            elif row.request.sampling.max_new_tokens == 0:  # prefill only (monitor calibration)
-                row.done = True
-                row.handle.emit(Finished("length", "", len(row.request.prompt_ids), 0))
-        self._advance(new, logits)
-        self._merge(new, out.past_key_values, mask)
-
-    def _decode(self) -> None:
-        ids = torch.tensor([[r.next_token] for r in self._rows], dtype=torch.long)
-        positions = self._mask.sum(-1, keepdim=True)
-        self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=-1)
-        watch = frozenset().union(*(r.request.response_layers for r in self._rows))
-        with self.hooks.state(self._decode_deltas, watch) as captured:
-            out = self._forward(ids, self._mask, positions, self._cache)
-        self._cache = out.past_key_values
-        if watch:
-            self._watch_responses(captured)
-        self._advance(self._rows, out.logits[:, -1, :].float())
-
-    def _watch_responses(self, captured: dict[int, torch.Tensor]) -> None:
-        for i, row in enumerate(self._rows):
-            check = row.request.response_check
-            if check is None or row.done:
-                continue
-            if check({layer: captured[layer][i] for layer in row.request.response_layers}):
-                row.done = True
-                tail = row.text.flush()
-                if tail:
-                    row.handle.emit(TokenDelta(text=tail, token_ids=[]))
-                row.handle.emit(Finished("content_filter", row.text.text, len(row.request.prompt_ids),
-                                         len(row.text.token_ids)))
-
-    def _forward(self, ids, mask, positions, cache):
-        self.forward_passes += 1
-        dev = self._device
-        return self.lm.model(
-            input_ids=ids.to(dev),
-            attention_mask=mask.to(dev),
-            position_ids=positions.to(dev),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-
-    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        eos = self.lm.eos_token_ids
+    def _expire_pending(self) -> None:
         now = time.monotonic()
-        tokens = pick_tokens(
-            logits.cpu(),
-            [r.request.sampling for r in rows],
-            [r.generator for r in rows],
-            block_eos=[r.request.sampling.ignore_eos or len(r.text.token_ids) < r.request.sampling.min_tokens for r in rows],
-            eos_ids=sorted(eos),
-        )
-        for i, row in enumerate(rows):
-            if row.done:
+        for row in list(self._pending):
+            if row.handle.cancelled:
+                self._pending.remove(row)
+            elif row.deadline is not None and now > row.deadline:
+                self._pending.remove(row)
+                self._emit(row, DeadlineExceededError(
+                    f"request exceeded its deadline of {row.request.timeout_s:g} s while queued"))
+
+    def _admit(self) -> None:
+        while self._pending and self._free_slots:
+            row = self._pending.popleft()
+            row.queue_wait_s = time.monotonic() - row.submitted
+            row.slot = self._free_slots.pop()
+            try:
+                row.steer_ids = self.deltas.add(row.request.steering)
+            except Exception as exc:
+                self._fail_row(row, exc)
                 continue
+            self._rows.append(row)
+
+    def _schedule(self) -> _Step:
+        now = time.monotonic()
+        for row in self._rows:
             if row.handle.cancelled:
                 row.done = True
+            elif row.deadline is not None and now > row.deadline and not row.done:
+                self._fail_row(row, DeadlineExceededError(f"request exceeded its deadline of {row.request.timeout_s:g} s"))
+        decode = [r for r in self._rows if not r.done and r.decoding]
+        budget = self.max_num_batched_tokens - len(decode)
+        chunks = []
+        for row in self._rows:
+            if budget <= 0:
+                break
+            if row.done or row.decoding:
                 continue
-            params = row.request.sampling
-            token = tokens[i]
-            row.next_token = token
-            finish = None
-            if token in eos and not params.ignore_eos:
-                row.text.token_ids.append(token)
-                delta, finish = row.text.flush(), "stop"
-            else:
-                delta = row.text.push(token)
-                if row.text.stopped:
-                    finish = "stop"
-                elif len(row.text.token_ids) >= params.max_new_tokens:
-                    delta, finish = delta + row.text.flush(), "length"
-            if delta:
-                row.handle.emit(TokenDelta(text=delta, token_ids=[token]))
-            if finish is None and row.deadline is not None and now > row.deadline:
-                row.done = True
-                row.handle.emit(
-                    DeadlineExceededError(f"request exceeded its deadline of {row.request.timeout_s:g} s")
-                )
-                continue
-            if finish is not None:
-                row.done = True
-                row.handle.emit(
-                    Finished(
-                        finish_reason=finish,
-                        text=row.text.text,
-                        prompt_tokens=len(row.request.prompt_ids),
-                        completion_tokens=len(row.text.token_ids),
-                    )
-                )
+            n = min(row.prompt_len - row.computed, budget)
+            chunks.append((row, row.computed, row.computed + n))
+            budget -= n
+        return _Step(decode, chunks)
 
-    # ---- batch bookkeeping ---------------------------------------------------------------
+    def _run_step(self, step: _Step) -> None:
+        try:
+            logits, hooks = self._forward(step)
+        except Exception as exc:
+            # A failed forward may have half-written these rows' cache: they end, the rest go on.
+            log.exception("forward pass failed")
+            for row in step.rows:
+                self._fail_row(row, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+            return
+        for row, _a, b in step.chunks:
+            row.computed = b
+            for layer, total in hooks.sums.get(row.uid, {}).items():
+                row.span_sums[layer] = row.span_sums[layer] + total if layer in row.span_sums else total
+            if b == row.prompt_len and not row.done:
+                self._guarded(row, self._prefill_done, row, step, hooks, logits)
+        sampling = [(j, r) for j, r in enumerate(step.logit_rows)
+                    if not r.done and r.request.sampling.max_new_tokens > 0]
+        if sampling:
+            picks = self._sample([r for _j, r in sampling], logits, [j for j, _r in sampling])
+            for (_j, row), picked in zip(sampling, picks):
+                if picked is not None:
+                    self._guarded(row, self._push_token, row, picked, step, hooks)
 
-    def _stack(self, steering: list[RowSteering | None], phase: str) -> dict[int, torch.Tensor]:
-        return stack_deltas(
-            steering,
-            phase,
-            hidden_size=self.lm.hidden_size,
-            dtype=self.lm.dtype,
-            device_of_layer=self.lm.block_device,
+    def _guarded(self, row: _Row, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # one row's bad input or callback fails that row only
+            log.exception("request %s failed", row.request.request_id or row.uid)
+            self._fail_row(row, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _forward(self, step: _Step):
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        hooks = StepHooks()
+        for row in step.decode:
+            ids.append(row.output[-1])
+            positions.append(row.length - 1)
+            slots.append(row.slot)
+        chunks = []
+        for row, a, b in step.chunks:
+            start = len(ids)
+            ids.extend(row.request.prompt_ids[a:b])
+            positions.extend(range(a, b))
+            slots.extend([row.slot] * (b - a))
+            chunks.append(kvcache.Chunk(start=start, end=len(ids), slot=row.slot, past=a))
+            mean_from = row.request.mean_from
+            if mean_from is not None and b > mean_from:
+                hooks.spans.append((row.uid, start + max(0, mean_from - a), len(ids)))
+        dev = self._device
+        nd = len(step.decode)
+        # Zero-fill is only ever done ahead of every position written or read in this step.
+        self.cache.ensure(max(positions) + 1)
+        layout = kvcache.StepLayout(
+            cache=self.cache,
+            slots=torch.tensor(slots, device=dev),
+            positions=torch.tensor(positions, device=dev),
+            num_decode=nd,
+            chunks=chunks,
         )
+        if nd:
+            decode_slots = [r.slot for r in step.decode]
+            span = max(decode_slots) + 1
+            lengths = [1] * span
+            for row in step.decode:
+                lengths[row.slot] = row.length
+            width = max(lengths)
+            layout.decode_span = span
+            layout.decode_dense = decode_slots == list(range(nd))
+            layout.decode_slots = torch.tensor(decode_slots, device=dev)
+            layout.decode_mask = (torch.arange(width, device=dev)[None, :]
+                                  < torch.tensor(lengths, device=dev)[:, None])[:, None, None, :]
+        # Token positions (in the packed step) of the rows whose next token is sampled here,
+        # and of the tokens whose states are captured.
+        capture: dict[int, list[int]] = {}
+        for i, row in enumerate(step.decode):
+            step.last[row] = i
+            step.logit_rows.append(row)
+            for layer in row.request.response_probes:
+                capture.setdefault(layer, []).append(i)
+        for chunk, (row, _a, b) in zip(chunks, step.chunks):
+            if b != row.prompt_len:
+                continue
+            last = step.last[row] = chunk.end - 1
+            if row.request.sampling.max_new_tokens > 0 or row.request.option_ids:
+                step.logit_rows.append(row)
+            for layer in row.request.capture_layers | row.request.probes.keys():
+                capture.setdefault(layer, []).append(last)
+        step.captured_at = {layer: {token: k for k, token in enumerate(where)} for layer, where in capture.items()}
+        hooks.capture = {layer: torch.tensor(where, device=dev) for layer, where in capture.items()}
+        self._steer(step, hooks, len(ids))
+        keep = [step.last[row] for row in step.logit_rows] or [len(ids) - 1]
+        self.forward_passes += 1
+        with self.hooks.state(hooks):
+            out = self.lm.model(
+                input_ids=torch.tensor([ids], device=dev),
+                position_ids=torch.tensor([positions], device=dev),
+                attention_mask=self._placeholder_mask,
+                use_cache=False,
+                logits_to_keep=torch.tensor(keep, device=dev),
+                persona_layout=layout,
+            )
+        return out.logits[0], hooks
 
-    def _merge(self, new: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        keep = [i for i, r in enumerate(new) if not r.done]
-        if not keep:
+    def _steer(self, step: _Step, hooks: StepHooks, total: int) -> None:
+        """Per steered layer, an index from every packed token into that layer's delta table."""
+        if not any(row.steer_ids for row in step.rows):
             return
-        if len(keep) < len(new):
-            cache, mask = _select(cache, mask, keep)
-        rows = [new[i] for i in keep]
-        if not self._rows:
-            self._cache, self._mask, self._rows = cache, mask, rows
-        else:
-            self._cache, self._mask = _concat(self._cache, self._mask, cache, mask)
-            self._rows = self._rows + rows
-        self._decode_deltas = self._stack([r.request.steering for r in self._rows], "response")
+        for layer in self.deltas.layers():
+            entries: list[int] = []
+            counts: list[int] = []
+            for row in step.decode:
+                entries.append(row.steer_ids.get((layer, "response"), 0))
+                counts.append(1)
+            for row, a, b in step.chunks:
+                entries.append(row.steer_ids.get((layer, "prompt"), 0))
+                counts.append(b - a)
+            if not any(entries):
+                continue
+            table = self.deltas.tensor(layer)
+            index = torch.repeat_interleave(torch.tensor(entries, device=table.device),
+                                            torch.tensor(counts, device=table.device), output_size=total)
+            hooks.steer[layer] = (table, index)
 
-    def _drop_finished(self) -> None:
-        keep = [i for i, r in enumerate(self._rows) if not (r.done or r.handle.cancelled)]
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._reset_batch()
-            return
-        self._cache, self._mask = _select(self._cache, self._mask, keep)
-        self._rows = [self._rows[i] for i in keep]
-        self._decode_deltas = self._stack([r.request.steering for r in self._rows], "response")
+    @staticmethod
+    def _state(step: _Step, hooks: StepHooks, layer: int, row: _Row) -> torch.Tensor:
+        return hooks.captured[layer][step.captured_at[layer][step.last[row]]]
 
-    def _reset_batch(self) -> None:
-        self._rows, self._cache, self._mask, self._decode_deltas = [], None, None, {}
+    def _prefill_done(self, row: _Row, step: _Step, hooks: StepHooks, logits: torch.Tensor) -> None:
+        request = row.request
+        states = {layer: self._state(step, hooks, layer, row).cpu() for layer in request.capture_layers}
+        projections = {}
+        blocked = False
+        for layer, directions in request.probes.items():
+            state = self._state(step, hooks, layer, row)
+            values = directions.to(state.device, torch.float32) @ state
+            limit = request.block_above.get(layer)
+            if limit is not None:
+                blocked = blocked or bool((values > limit.to(values.device)).any())
+            projections[layer] = values.tolist()
+        span_mean = None
+        if request.mean_from is not None:
+            count = row.prompt_len - request.mean_from
+            span_mean = torch.stack([row.span_sums[layer].cpu() / count for layer in range(self.lm.num_layers + 1)])
+        options = None
+        if request.option_ids:
+            options = option_logprobs(logits[step.logit_rows.index(row)], request.option_ids)
+        self._emit(row, PrefillDone(states=states, projections=projections, queue_wait_s=row.queue_wait_s,
+                                    span_mean=span_mean, option_logprobs=options, blocked=blocked))
+        if blocked:
+            row.done = True
+            self._emit(row, Done("blocked", row.prompt_len, 0))
+        elif request.sampling.max_new_tokens == 0:  # prefill only (calibration, extraction, assessment)
+            row.done = True
+            self._emit(row, Done("length", row.prompt_len, 0))
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, positions: list[int]) -> list:
+        index = torch.tensor(positions, device=logits.device)
+        states = [self._sampler_state(r) for r in rows]
+        try:
+            return sample(logits.index_select(0, index), states)
+        except Exception:
+            # Find the row whose parameters broke the batched call; the others still get tokens.
+            picks = []
+            for j, (row, state) in enumerate(zip(rows, states)):
+                try:
+                    picks.append(sample(logits.index_select(0, index[j:j + 1]), [state])[0])
+                except Exception as exc:
+                    self._fail_row(row, EngineError(f"sampling failed: {type(exc).__name__}: {exc}"))
+                    picks.append(None)
+            return picks
+
+    def _sampler_state(self, row: _Row) -> RowState:
+        params = row.request.sampling
+        block: tuple[int, ...] = ()
+        if len(row.output) < params.min_tokens:
+            block = tuple(self.lm.eos_token_ids) + params.stop_token_ids
+        elif params.ignore_eos:
+            block = tuple(self.lm.eos_token_ids)
+        return RowState(params, row.generator, row.request.prompt_ids, row.output, block)
+
+    def _push_token(self, row: _Row, picked, step: _Step, hooks: StepHooks) -> None:
+        params = row.request.sampling
+        decoded = row.decoding and row.output  # the token fed in this step was a generated one
+        row.output.append(picked.token)
+        projections = None
+        if row.request.response_probes and decoded:
+            projections = {}
+            for layer, directions in row.request.response_probes.items():
+                state = self._state(step, hooks, layer, row)
+                projections[layer] = (directions.to(state.device, torch.float32) @ state).tolist()
+        self._emit(row, TokenOut(picked.token, picked.logprob, picked.top, projections))
+        finish = None
+        if (picked.token in self.lm.eos_token_ids and not params.ignore_eos) or picked.token in params.stop_token_ids:
+            finish = "stop"
+        elif len(row.output) >= params.max_new_tokens:
+            finish = "length"
+        if finish is not None:
+            row.done = True
+            self._emit(row, Done(finish, row.prompt_len, len(row.output)))
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+
+    def _emit(self, row: _Row, event) -> None:
+        self._outbox.append((row.handle, event))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops, one call per loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, event in self._outbox:
+            if handle.loop is None:
+                handle.events.append(event)
+            else:
+                by_loop.setdefault(handle.loop, []).append((handle, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that client's event loop is gone
+                for handle, _event in items:
+                    handle.cancelled = True
+
+    def _fail_row(self, row: _Row, exc: Exception) -> None:
+        if not row.done:
+            row.done = True
+            self._emit(row, exc)
+
+    def _release_finished(self) -> None:
+        keep = []
+        for row in self._rows:
+            if row.done or row.handle.cancelled:
+                row.done = True
+                self.deltas.release(row.steer_ids)
+                self.cache.clear(row.slot, row.length)
+                self._free_slots.append(row.slot)
+            else:
+                keep.append(row)
+        if len(keep) != len(self._rows):
+            self._rows = keep
+            # Lowest slots first keeps the running rows packed at the front of the cache.
+            self._free_slots.sort(reverse=True)
 
     def _fail_all(self, exc: Exception) -> None:
-        for row in list(self._pending) + self._rows:
-            row.handle.emit(exc)
-        self._pending.clear()
-        self._reset_batch()
+        with self._wake:
+            rows = list(self._pending) + self._rows
+            self._pending.clear()
+        for row in rows:
+            self._fail_row(row, exc)
+        self._rows = []
 
 
-def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _select(cache: DynamicCache, mask: torch.Tensor, keep: list[int]):
-    """Keep rows ``keep`` and drop leading columns that are padding in every kept row."""
-    mask = mask[keep]
-    first = int((mask.sum(0) > 0).nonzero()[0]) if mask.numel() else 0
-    index = torch.tensor(keep, device=cache.layers[0].keys.device)
-    kv = [
-        (k.index_select(0, index.to(k.device))[:, :, first:], v.index_select(0, index.to(v.device))[:, :, first:])
-        for k, v in _layers(cache)
-    ]
-    return DynamicCache(ddp_cache_data=kv), mask[:, first:]
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    extra = width - t.shape[-2]
-    if extra == 0:
-        return t
-    pad = t.new_zeros(t.shape[:-2] + (extra, t.shape[-1]))
-    return torch.cat([pad, t], dim=-2)
-
-
-def _concat(cache_a, mask_a, cache_b, mask_b):
-    """Stack two batches' caches, left-padding the shorter one with masked zeros."""
-    width = max(mask_a.shape[1], mask_b.shape[1])
-    kv = [
-        (
-            torch.cat([_left_pad(ka, width), _left_pad(kb, width)], dim=0),
-            torch.cat([_left_pad(va, width), _left_pad(vb, width)], dim=0),
-        )
-        for (ka, va), (kb, vb) in zip(_layers(cache_a), _layers(cache_b))
-    ]
-    def pad_mask(m):
-        return torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1)
-    return DynamicCache(ddp_cache_data=kv), torch.cat([pad_mask(mask_a), pad_mask(mask_b)], dim=0)
+def _deliver(items) -> None:
+    for handle, event in items:
+        if not handle.cancelled:
+            handle.events.put_nowait(event)

@@ -1,42 +1,53 @@
-"""Forward hooks on the decoder blocks: add per-row steering deltas, capture prefill states.
+"""Forward hooks on the decoder blocks: per-token steering and captures for a packed step.
 
 The hooks are installed once for the life of the model. Around each forward the engine
-enters :meth:`SteeringHooks.state` with the deltas (``layer -> [batch, 1, hidden]``), the
-layers to capture and the spans to average; the hooks only read those. Nothing here is
-thread-safe on purpose: only the engine's worker thread runs the model.
+enters :meth:`SteeringHooks.state` with a :class:`StepHooks`: for each steered layer a table
+of deltas ``[entries, hidden]`` (row 0 is zeros) and a per-token index into it, the token
+positions whose states to capture at each layer, and the spans to sum (extraction). The
+hooks only read that state. Nothing here is thread-safe on purpose: only the engine's worker
+runs the model, and forwards from any other thread (a test, ``model.generate``) are left alone.
 """
 
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 
+@dataclass
+class StepHooks:
+    """What the hooks do during one packed forward (token positions index the packed step)."""
+
+    # layer -> (table [entries, hidden] on the layer's device, index [T] into it)
+    steer: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # layer -> token positions whose state (before this layer's steering) to keep, float32
+    capture: dict[int, torch.Tensor] = field(default_factory=dict)
+    # (key, start, end): sum every layer's states over tokens start:end into sums[key]
+    spans: list[tuple[object, int, int]] = field(default_factory=list)
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    sums: dict[object, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+
 class SteeringHooks:
-    """Hooks on every block of a model that read the engine's per-batch steering state.
+    """Hooks on every block (and the embeddings, layer 0) that apply a :class:`StepHooks`.
 
     Example::
 
-        hooks = SteeringHooks(lm.blocks)
-        with hooks.state({15: torch.zeros(batch, 1, hidden)}, frozenset({15})) as captured:
-            model(**inputs)
-        captured[15]              # [batch, hidden]: last-position state before steering
+        hooks = SteeringHooks(lm.blocks, lm.model.get_input_embeddings())
+        step = StepHooks(capture={15: torch.tensor([3])})
+        with hooks.state(step):
+            model(**packed_inputs)
+        step.captured[15]         # [1, hidden]: state of token 3 before layer 15's steering
 
-    Mutates the outputs of the hooked blocks in place while a delta is set for them.
+    Mutates the outputs of the hooked blocks in place where a step steers them.
     """
 
     def __init__(self, blocks: list[nn.Module], embeddings: nn.Module | None = None):
-        self.deltas: dict[int, torch.Tensor] = {}
-        self.capture_layers: frozenset[int] = frozenset()
-        self.captured: dict[int, torch.Tensor] = {}
-        # (row, start, end) position spans whose mean state is wanted at every layer (extraction).
-        self.spans: list[tuple[int, int, int]] = []
-        self.span_means: dict[int, torch.Tensor] = {}
-        # Only forwards run by the thread inside state() are touched: another engine (or a
-        # test) running the same model in another thread never sees this engine's steering.
+        self.step: StepHooks | None = None
         self._owner: int | None = None
         self._handles = [block.register_forward_hook(self._make_hook(i + 1)) for i, block in enumerate(blocks)]
         if embeddings is not None:
@@ -44,33 +55,35 @@ class SteeringHooks:
 
     def _make_hook(self, layer: int):
         def hook(_module, _args, output):
-            if self._owner != threading.get_ident():
+            step = self.step
+            if step is None or self._owner != threading.get_ident():
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            if layer in self.capture_layers:
-                # Read before this layer's delta, so monitors see the unsteered residual here.
-                self.captured[layer] = hidden[:, -1, :].detach().to(torch.float32, copy=True)
-            if self.spans:
-                self.span_means[layer] = torch.stack([hidden[r, a:b].float().mean(dim=0) for r, a, b in self.spans])
-            if layer == 0:
-                return None  # the embedding output is read, never steered
-            delta = self.deltas.get(layer)
-            if delta is not None:
-                hidden.add_(delta)
+            flat = hidden.view(-1, hidden.shape[-1])
+            where = step.capture.get(layer)
+            if where is not None:
+                # Read before this layer's delta, so monitors see the residual before steering here.
+                step.captured[layer] = flat.index_select(0, where.to(flat.device)).float()
+            for key, start, end in step.spans:
+                total = flat[start:end].float().sum(dim=0)
+                sums = step.sums.setdefault(key, {})
+                sums[layer] = sums[layer] + total.to(sums[layer].device) if layer in sums else total
+            steer = step.steer.get(layer)
+            if steer is not None and layer > 0:
+                table, index = steer
+                flat.add_(table.index_select(0, index))
             return None
 
         return hook
 
     @contextmanager
-    def state(self, deltas: dict[int, torch.Tensor], capture: frozenset[int] = frozenset(), spans=()):
-        """Set deltas, capture layers and spans for the forwards inside the block, then clear them."""
-        self.deltas, self.capture_layers, self.captured = deltas, capture, {}
-        self.spans, self.span_means = list(spans), {}
-        self._owner = threading.get_ident()
+    def state(self, step: StepHooks):
+        """Apply ``step`` to the forwards this thread runs inside the block."""
+        self.step, self._owner = step, threading.get_ident()
         try:
-            yield self.captured
+            yield step
         finally:
-            self.deltas, self.capture_layers, self.spans, self._owner = {}, frozenset(), [], None
+            self.step, self._owner = None, None
 
     def remove(self) -> None:
         for handle in self._handles:

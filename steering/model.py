@@ -136,12 +136,23 @@ def convert_gguf(gguf: Path, cache_root: Path) -> Path:
     return target
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), where bfloat16
+    decodes faster than float32; elsewhere bfloat16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """Map ``auto|float32|bfloat16|float16`` to a torch dtype for ``device``."""
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:

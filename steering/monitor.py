@@ -239,55 +239,107 @@ class MonitorSet:
     def active(self) -> list[MonitorConfig]:
         return [c.config for c in self._compiled.values() if c.config.mode != "off"]
 
-    def layers(self) -> frozenset[int]:
-        return frozenset(c.layer for c in self.active())
+    def snapshot(self) -> "MonitorSnapshot":
+        """The active monitors as they are now; a request keeps its snapshot, so a change made
+        while it runs (even a delete) never reaches into it halfway."""
+        return MonitorSnapshot([c for c in self._compiled.values() if c.config.mode != "off"])
 
-    def response_layers(self) -> frozenset[int]:
-        return frozenset(c.layer for c in self.active() if c.response_threshold is not None)
 
-    def score_one(self, name: str, hidden: torch.Tensor) -> tuple[float, float | None, float]:
-        c = self._compiled[name]
-        proj = float(hidden.float() @ c.unit)
-        z = z_score(proj, c.mean, c.std) if c.mean is not None else None
-        return proj, z, (z if c.config.score == "z" else proj)
+class MonitorSnapshot:
+    """Frozen monitors for one request: the probe directions the engine projects onto, per
+    layer, and the reading of those projections.
 
-    def score(self, states: dict[int, torch.Tensor], steered_layers: frozenset[int] = frozenset()) -> list[Reading]:
-        """Readings of every active monitor from the prefill states ``layer -> [hidden]``."""
-        out = []
-        for name, c in list(self._compiled.items()):
+    Example::
+
+        snap = monitors.snapshot()
+        request = GenerationRequest(prompt_ids=ids, probes=snap.probes)
+        ...   # the engine reports PrefillDone.projections
+        readings = snap.readings(event.projections)
+    """
+
+    def __init__(self, compiled: list[_Compiled]):
+        self._compiled = list(compiled)
+        self.probes = self._stack(self._compiled)
+        self.block_above = self._limits(self._compiled)
+        self.watched = [c for c in self._compiled if c.config.response_threshold is not None]
+        self.response_probes = self._stack(self.watched)
+
+    def __bool__(self) -> bool:
+        return bool(self._compiled)
+
+    @staticmethod
+    def _stack(compiled: list[_Compiled]) -> dict[int, torch.Tensor]:
+        by_layer: dict[int, list[torch.Tensor]] = {}
+        for c in compiled:
+            by_layer.setdefault(c.config.layer, []).append(c.unit)
+        return {layer: torch.stack(units) for layer, units in by_layer.items()}
+
+    @classmethod
+    def _limits(cls, compiled: list[_Compiled]) -> dict[int, torch.Tensor]:
+        """Per layer, each probe's enforced block threshold in projection units (inf: never blocks)."""
+        limits: dict[int, list[float]] = {}
+        for c, _k in cls._positions(compiled):
             cfg = c.config
-            if cfg.mode == "off" or cfg.layer not in states:
-                continue
-            proj, z, score = self.score_one(name, states[cfg.layer])
+            limit = math.inf
+            if cfg.mode == "enforce" and cfg.block_threshold is not None:
+                limit = cfg.block_threshold
+                if cfg.score == "z":
+                    limit = c.mean + cfg.block_threshold * max(c.std, 1e-6)
+            limits.setdefault(cfg.layer, []).append(limit)
+        return {layer: torch.tensor(values) for layer, values in limits.items() if any(math.isfinite(v) for v in values)}
+
+    @staticmethod
+    def _positions(compiled: list[_Compiled]):
+        seen: dict[int, int] = {}
+        for c in compiled:
+            k = seen.get(c.config.layer, 0)
+            seen[c.config.layer] = k + 1
+            yield c, k
+
+    @staticmethod
+    def value(c: _Compiled, projection: float) -> tuple[float | None, float]:
+        """(z, score) for a projection onto ``c``'s direction."""
+        z = z_score(projection, c.mean, c.std) if c.mean is not None else None
+        return z, (z if c.config.score == "z" else projection)
+
+    def readings(self, projections: dict[int, list[float]], steered_layers: frozenset[int] = frozenset()) -> list[Reading]:
+        """Every monitor's verdict from the last prompt token's projections ``layer -> [M]``."""
+        out = []
+        for c, k in self._positions(self._compiled):
+            cfg = c.config
+            proj = projections[cfg.layer][k]
+            z, score = self.value(c, proj)
             steered = any(layer < cfg.layer for layer in steered_layers)
-            out.append(Reading(name, cfg.layer, round(proj, 4), None if z is None else round(z, 4), round(score, 4),
-                               decide(score, cfg), cfg.mode, "steered" if steered else "unsteered"))
+            out.append(Reading(cfg.vector, cfg.layer, round(proj, 4), None if z is None else round(z, 4),
+                               round(score, 4), decide(score, cfg), cfg.mode, "steered" if steered else "unsteered"))
         return out
+
+    def score_states(self, states: dict[int, torch.Tensor]) -> list[Reading]:
+        """Readings from raw states ``layer -> [hidden]`` (projected here, on the states' device)."""
+        projections = {layer: (units.to(states[layer].device, torch.float32) @ states[layer].float()).tolist()
+                       for layer, units in self.probes.items()}
+        return self.readings(projections)
 
 
 @dataclass
 class ResponseWatch:
-    """Running mean score over generated tokens for the monitors that watch responses."""
+    """Running mean score over generated tokens for the monitors of a snapshot that watch responses."""
 
-    monitors: MonitorSet
-    names: list[str]
+    snapshot: MonitorSnapshot
     sums: dict[str, float] = field(default_factory=dict)
     count: int = 0
     tripped: str | None = None
 
-    def update(self, states: dict[int, torch.Tensor]) -> bool:
-        """Add one generated token's states; True when an enforced threshold is crossed."""
+    def update(self, projections: dict[int, list[float]]) -> bool:
+        """Add one generated token's projections ``layer -> [M]``; True when an enforced threshold is crossed."""
         self.count += 1
-        for name in self.names:
-            c = self.monitors._compiled.get(name)
-            if c is None or c.config.layer not in states:
-                continue
-            _, _, score = self.monitors.score_one(name, states[c.config.layer])
-            self.sums[name] = self.sums.get(name, 0.0) + score
+        for c, k in MonitorSnapshot._positions(self.snapshot.watched):
             cfg = c.config
+            _, score = MonitorSnapshot.value(c, projections[cfg.layer][k])
+            self.sums[cfg.vector] = self.sums.get(cfg.vector, 0.0) + score
             if (cfg.mode == "enforce" and self.count >= cfg.response_min_tokens
-                    and self.sums[name] / self.count > cfg.response_threshold):
-                self.tripped = name
+                    and self.sums[cfg.vector] / self.count > cfg.response_threshold):
+                self.tripped = cfg.vector
                 return True
         return False
 

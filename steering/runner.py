@@ -8,7 +8,8 @@ from typing import Callable
 
 import torch
 
-from steering.engine import Engine, Finished, GenerationRequest, PrefillDone
+from steering.engine import Engine, GenerationRequest, PrefillDone
+from steering.output import Finished, generate_text
 from steering.sampling import SamplingParams
 from steering.steer import RowSteering
 
@@ -60,7 +61,7 @@ class EngineRunner:
                                     capture_layers=frozenset(layers))
             async for event in self.engine.generate(req):
                 if isinstance(event, PrefillDone):
-                    return torch.stack([event.prompt_states[layer].cpu() for layer in layers])
+                    return torch.stack([event.states[layer] for layer in layers])
             raise RuntimeError("prefill returned no states")
 
         return torch.stack(await self._chunked(prompts, one))
@@ -89,7 +90,7 @@ class EngineRunner:
         async def one(ids):
             req = GenerationRequest(prompt_ids=ids, steering=steering,
                                     sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
-            async for event in self.engine.generate(req):
+            async for event in generate_text(self.engine, req, self.engine.lm.tokenizer):
                 if isinstance(event, Finished):
                     return event.text
             raise RuntimeError("generation returned no result")

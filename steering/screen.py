@@ -24,7 +24,8 @@ from typing import AsyncIterator, Iterable
 import torch
 
 from steering.chat import chat_prompt_ids, text_ids
-from steering.engine import Finished, GenerationRequest, PrefillDone
+from steering.engine import GenerationRequest, PrefillDone
+from steering.output import Finished, generate_text
 from steering.runner import EngineRunner
 from steering.sampling import SamplingParams
 from steering.vector import PersonaVector
@@ -135,9 +136,9 @@ class Screener:
         req = GenerationRequest(prompt_ids=prompt, capture_layers=frozenset(self.layers.values()),
                                 sampling=SamplingParams(max_new_tokens=self.max_new_tokens if self.generate else 0, temperature=0))
         states: dict[int, torch.Tensor] = {}
-        async for event in self.runner.engine.generate(req):
+        async for event in generate_text(self.runner.engine, req, self.tok):
             if isinstance(event, PrefillDone):
-                states = event.prompt_states
+                states = event.states
             elif isinstance(event, Finished):
                 return event.text, states
         raise RuntimeError("generation returned no result")

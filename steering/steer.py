@@ -120,25 +120,61 @@ def _scaled(vector, layer: int, spec: SteeringSpec, index: int) -> torch.Tensor:
     return spec.coefficient * float(residual[layer]) * unit_dir
 
 
-def stack_deltas(
-    rows: list[RowSteering | None],
-    phase: Literal["prompt", "response"],
-    *,
-    hidden_size: int,
-    dtype: torch.dtype,
-    device_of_layer,
-) -> dict[int, torch.Tensor]:
-    """Build ``layer -> [batch, 1, hidden]`` for the layers any row steers in ``phase``.
+class DeltaTable:
+    """Per-layer tables of steering deltas that running rows point into, one entry per (row, phase).
 
-    Rows that do not steer a layer get zeros there; layers no row steers are absent, so
-    their hooks return at once.
+    Entry 0 of every table is zeros (tokens of rows that do not steer that layer). Entries are
+    written once when a row joins and freed when it leaves, so a step only builds small index
+    tensors, and layers no running row steers cost nothing.
+
+    Example::
+
+        table = DeltaTable(hidden_size=576, dtype=torch.bfloat16, device_of_layer=lm.block_device)
+        ids = table.add(row_steering)          # {(layer, phase): entry}
+        table.tensor(19)                       # [entries, hidden] on layer 19's device
+        table.release(ids)
     """
-    layers = sorted({layer for row in rows if row is not None for layer in getattr(row, phase)})
-    out: dict[int, torch.Tensor] = {}
-    for layer in layers:
-        block = torch.zeros(len(rows), 1, hidden_size, dtype=torch.float32)
-        for r, row in enumerate(rows):
-            if row is not None and layer in getattr(row, phase):
-                block[r, 0] = getattr(row, phase)[layer]
-        out[layer] = block.to(device=device_of_layer(layer), dtype=dtype)
-    return out
+
+    def __init__(self, *, hidden_size: int, dtype: torch.dtype, device_of_layer):
+        self.hidden_size, self.dtype, self.device_of_layer = hidden_size, dtype, device_of_layer
+        self._tables: dict[int, torch.Tensor] = {}
+        self._free: dict[int, list[int]] = {}
+        self._used: dict[int, int] = {}
+
+    def add(self, steering: "RowSteering | None") -> dict[tuple[int, str], int]:
+        ids: dict[tuple[int, str], int] = {}
+        if steering is None:
+            return ids
+        for phase in ("prompt", "response"):
+            for layer, delta in getattr(steering, phase).items():
+                entry = self._take(layer)
+                self._tables[layer][entry] = delta.to(self._tables[layer].device, self.dtype)
+                ids[(layer, phase)] = entry
+        return ids
+
+    def release(self, ids: dict[tuple[int, str], int]) -> None:
+        for (layer, _phase), entry in ids.items():
+            self._free[layer].append(entry)
+            self._used[layer] -= 1
+            if not self._used[layer]:
+                del self._tables[layer], self._free[layer], self._used[layer]
+
+    def tensor(self, layer: int) -> torch.Tensor:
+        return self._tables[layer]
+
+    def layers(self) -> list[int]:
+        return list(self._tables)
+
+    def _take(self, layer: int) -> int:
+        if layer not in self._tables:
+            self._tables[layer] = torch.zeros(8, self.hidden_size, dtype=self.dtype, device=self.device_of_layer(layer))
+            self._free[layer] = list(range(7, 0, -1))
+            self._used[layer] = 0
+        if not self._free[layer]:
+            old = self._tables[layer]
+            grown = torch.zeros(2 * len(old), self.hidden_size, dtype=self.dtype, device=old.device)
+            grown[: len(old)] = old
+            self._tables[layer] = grown
+            self._free[layer] = list(range(len(grown) - 1, len(old) - 1, -1))
+        self._used[layer] += 1
+        return self._free[layer].pop()

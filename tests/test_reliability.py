@@ -33,13 +33,13 @@ def test_a_failing_forward_fails_only_its_requests_and_the_engine_recovers(lm, t
         original = engine._forward
         fault = {"prefill": False, "decode": False, "injected": 0}
 
-        def flaky(ids, mask, positions, cache):
-            kind = "prefill" if ids.shape[1] > 1 else "decode"
+        def flaky(step):
+            kind = "prefill" if step.chunks else "decode"
             if fault[kind]:
                 fault[kind] = False
                 fault["injected"] += 1
                 raise RuntimeError(f"injected {kind} fault")
-            return original(ids, mask, positions, cache)
+            return original(step)
 
         engine._forward = flaky
         with httpx.Client(base_url=live.url, timeout=120) as c:

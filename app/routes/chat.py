@@ -10,24 +10,40 @@ from app.errors import APIError
 from app.generation import Renderer, build_request, respond
 from app.schemas import ChatCompletionRequest
 from steering.chat import chat_prompt_ids
+from steering.engine import TokenOut
 
 router = APIRouter()
 
 
-def _final(text: str, finish: str) -> dict:
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+def _final(index: int, text: str, finish: str, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+            "logprobs": logprobs}
 
 
-def _chunk(text: str | None, finish: str | None, first: bool) -> dict:
+def _chunk(index: int, text: str | None, finish: str | None, first: bool, logprobs: dict | None) -> dict:
     delta: dict = {}
     if first:
         delta["role"] = "assistant"
     if text is not None:
         delta["content"] = text
-    return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
 
-CHAT = Renderer("chat.completion", "chat.completion.chunk", "chatcmpl", _final, _chunk)
+def _entry(tokenizer, token_id: int, logprob: float) -> dict:
+    text = tokenizer.decode([token_id])
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _logprobs(tokens: list[TokenOut], tokenizer, _offset: int) -> dict:
+    """OpenAI's chat ``logprobs`` object: per token its text, log-probability, bytes and top alternatives."""
+    return {"content": [
+        {**_entry(tokenizer, t.token_id, t.logprob),
+         "top_logprobs": [_entry(tokenizer, tid, lp) for tid, lp in t.top_logprobs or ()]}
+        for t in tokens
+    ]}
+
+
+CHAT = Renderer("chat.completion", "chat.completion.chunk", "chatcmpl", _final, _chunk, _logprobs)
 
 
 @router.post("/v1/chat/completions")

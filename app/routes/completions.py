@@ -10,19 +10,35 @@ from app.errors import APIError
 from app.generation import Renderer, build_request, respond
 from app.schemas import CompletionRequest
 from steering.chat import text_ids
+from steering.engine import TokenOut
 
 router = APIRouter()
 
 
-def _final(text: str, finish: str) -> dict:
-    return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+def _final(index: int, text: str, finish: str, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
 
-def _chunk(text: str | None, finish: str | None, _first: bool) -> dict:
-    return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+def _chunk(index: int, text: str | None, finish: str | None, _first: bool, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
 
 
-COMPLETION = Renderer("text_completion", "text_completion", "cmpl", _final, _chunk)
+def _logprobs(tokens: list[TokenOut], tokenizer, offset: int) -> dict:
+    """The legacy completions ``logprobs`` object: parallel lists per token."""
+    texts = [tokenizer.decode([t.token_id]) for t in tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{tokenizer.decode([tid]): lp for tid, lp in t.top_logprobs or ()} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+COMPLETION = Renderer("text_completion", "text_completion", "cmpl", _final, _chunk, _logprobs)
 
 
 @router.post("/v1/completions")

@@ -18,6 +18,8 @@ async def health():
 
 @router.get("/ready")
 async def ready(state: State):
+    if not state.engine.alive:
+        return JSONResponse({"status": "engine stopped"}, status_code=503)
     if not state.ready or state.engine.draining:
         return JSONResponse({"status": "draining" if state.engine.draining else "not ready"}, status_code=503)
     return {"status": "ready", "model": state.lm.name}

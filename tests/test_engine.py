@@ -1,0 +1,209 @@
+"""The engine on its own, stepped by the test (no worker thread), so joins, leaves and chunked
+prefill happen at exact steps; and the worker's failure handling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from steering.chat import chat_prompt_ids
+from steering.engine import (
+    DeadlineExceededError,
+    Done,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    PrefillDone,
+    QueueFullError,
+    RequestTooLongError,
+    TokenOut,
+)
+from steering.sampling import SamplingParams
+
+
+def _prompt(lm, text: str) -> list[int]:
+    return chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": text}])
+
+
+def _greedy(ids: list[int], max_new: int, **request) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=max_new, temperature=0,
+                                                                     ignore_eos=True), **request)
+
+
+def _tokens(events: list) -> list[int]:
+    return [e.token_id for e in events if isinstance(e, TokenOut)]
+
+
+def _finished(events: list) -> bool:
+    return any(isinstance(e, (Done, Exception)) for e in events)
+
+
+@pytest.fixture()
+def engine(lm):
+    eng = Engine(lm, max_batch_size=4, max_waiting=8, max_num_batched_tokens=48, max_model_len=1024)
+    yield eng
+    eng.hooks.remove()
+
+
+def _solo(engine: Engine, request: GenerationRequest) -> list[int]:
+    events = engine.add_request(request)
+    while not _finished(events):
+        engine.step()
+    return _tokens(events)
+
+
+def test_rows_joining_mid_decode_and_leaving_early_get_their_solo_tokens(lm, engine):
+    short = _prompt(lm, "Name a colour.")
+    long = _prompt(lm, "Tell me about rivers, lakes and the sea. " * 12)  # several chunks of the 48-token budget
+    medium = _prompt(lm, "Write one sentence about a cat that likes to sleep in the sun.")
+    assert len(long) > 3 * 48
+    solo = {key: _solo(engine, _greedy(list(key), n)) for key, n in ((tuple(short), 30), (tuple(long), 8),
+                                                                      (tuple(medium), 4))}
+
+    first = engine.add_request(_greedy(short, 30))
+    joined = {}
+    steps = 0
+    while not _finished(first):
+        if steps == 3:
+            joined["long"] = engine.add_request(_greedy(long, 8))
+        if steps == 5:
+            joined["medium"] = engine.add_request(_greedy(medium, 4))
+        before = len(_tokens(first))
+        engine.step()
+        steps += 1
+        if steps > 1:  # decoding rows get a token every step, whatever is being prefilled beside them
+            assert len(_tokens(first)) == before + 1
+    while not all(_finished(e) for e in joined.values()):
+        engine.step()
+    assert _tokens(first) == solo[tuple(short)]
+    assert _tokens(joined["long"]) == solo[tuple(long)]
+    assert _tokens(joined["medium"]) == solo[tuple(medium)]
+    assert engine.running == 0 and sorted(engine._free_slots) == [0, 1, 2, 3]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_within_the_step_budget(lm, engine):
+    decoding = engine.add_request(_greedy(_prompt(lm, "Count slowly."), 40))
+    engine.step()  # prefill of the short prompt
+    long = _prompt(lm, "Describe the history of bridges in great detail. " * 15)
+    arriving = engine.add_request(_greedy(long, 2))
+    sizes = []
+    original = engine._forward
+
+    def spy(step):
+        sizes.append(len(step.decode) + sum(b - a for _r, a, b in step.chunks))
+        return original(step)
+
+    engine._forward = spy
+    while not any(isinstance(e, PrefillDone) for e in arriving):
+        engine.step()
+    assert max(sizes) <= engine.max_num_batched_tokens
+    assert len(sizes) >= len(long) // (engine.max_num_batched_tokens - 1)
+    # The decoding row advanced one token in every one of those steps.
+    assert len(_tokens(decoding)) == len(sizes) + 1
+
+
+def test_a_prompt_that_cannot_fit_is_refused_at_submission(lm, engine):
+    with pytest.raises(RequestTooLongError):
+        engine.add_request(_greedy([1] * 1000, 100))
+
+
+def test_one_rows_bad_probe_fails_that_row_only(lm, engine):
+    ids = _prompt(lm, "Say hello.")
+    good = engine.add_request(_greedy(ids, 5, probes={10: torch.ones(2, lm.hidden_size)}))
+    bad = engine.add_request(_greedy(ids, 5, probes={10: torch.ones(2, lm.hidden_size + 1)}))
+    while not (_finished(good) and _finished(bad)):
+        engine.step()
+    assert isinstance(bad[-1], EngineError)
+    assert isinstance(good[-1], Done) and len(_tokens(good)) == 5
+    assert len(next(e for e in good if isinstance(e, PrefillDone)).projections[10]) == 2
+
+
+def test_tiny_temperature_is_greedy_and_does_not_fail_the_batch(lm, engine):
+    ids = _prompt(lm, "What is the capital of France?")
+    greedy = [engine.add_request(_greedy(ids, 8)) for _ in range(3)]
+    tiny = engine.add_request(GenerationRequest(prompt_ids=ids, sampling=SamplingParams(
+        max_new_tokens=8, temperature=1e-38, ignore_eos=True)))
+    while not all(_finished(e) for e in greedy + [tiny]):
+        engine.step()
+    assert all(isinstance(e[-1], Done) for e in greedy + [tiny])
+    assert _tokens(tiny) == _tokens(greedy[0])
+
+
+def test_queued_requests_expire_and_cancelled_ones_free_their_place(lm):
+    engine = Engine(lm, max_batch_size=1, max_waiting=1, max_num_batched_tokens=64, max_model_len=512)
+    engine.start()
+    ids = _prompt(lm, "Tell me a long story.")
+
+    async def scenario():
+        running = asyncio.ensure_future(_drain(engine.generate(_greedy(ids, 120))))
+        while engine.running < 1:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError, match="queued"):
+            await _drain(engine.generate(GenerationRequest(prompt_ids=ids, timeout_s=0.3,
+                                                           sampling=SamplingParams(max_new_tokens=4))))
+        assert time.monotonic() - started < 5
+        assert engine.running == 1  # it never took a slot: no prefill was spent on it
+        leaving = engine.generate(_greedy(ids, 4))
+        waiter = asyncio.ensure_future(anext(leaving))
+        while engine.waiting < 1:
+            await asyncio.sleep(0.01)
+        waiter.cancel()
+        await asyncio.sleep(0)
+        await leaving.aclose()
+        assert engine.waiting == 0  # the place it held is free again at once
+        queued = engine.generate(_greedy(ids, 2))
+        next_event = asyncio.ensure_future(anext(queued))
+        await asyncio.sleep(0.05)
+        assert engine.waiting == 1 and not next_event.done()  # queued, not refused with QueueFullError
+        next_event.cancel()
+        await asyncio.sleep(0)
+        await queued.aclose()
+        with pytest.raises(QueueFullError):  # the limit itself still holds
+            second = engine.generate(_greedy(ids, 2))
+            blocker = engine.generate(_greedy(ids, 2))
+            first_wait = asyncio.ensure_future(anext(second))
+            await asyncio.sleep(0.05)
+            try:
+                await anext(blocker)
+            finally:
+                first_wait.cancel()
+                await asyncio.sleep(0)
+                await second.aclose()
+        await running
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+        engine.hooks.remove()
+
+
+async def _drain(stream) -> list:
+    return [event async for event in stream]
+
+
+def test_a_dead_worker_fails_waiting_clients_at_once_and_is_not_alive(lm):
+    engine = Engine(lm, max_batch_size=2, max_waiting=4, max_model_len=512)
+
+    def boom():
+        raise SystemError("bookkeeping broke")
+
+    engine._release_finished = boom
+    engine.start()
+
+    async def scenario():
+        with pytest.raises(EngineError, match="stopped"):
+            await _drain(engine.generate(_greedy(_prompt(lm, "Hi"), 4)))
+        with pytest.raises(EngineError, match="stopped"):
+            await _drain(engine.generate(_greedy(_prompt(lm, "Hi"), 4)))
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+        assert not engine.alive
+    finally:
+        engine.shutdown()
+        engine.hooks.remove()
