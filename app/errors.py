@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.jobs import JobDeadlineError, JobLimitError
+from app.steering_policy import SteeringPolicyError
 from steering.engine import (
     DeadlineExceededError,
     DrainingError,
@@ -22,7 +23,7 @@ from steering.engine import (
 )
 from steering.extract import DefinitionError
 from steering.limits import PromptTooLongError
-from steering.monitor import MonitorConfigError, SteeringPolicyError
+from steering.monitor import MonitorConfigError
 from steering.registry import VectorNotFoundError
 from steering.steer import SteeringError
 from steering.vector import VectorFormatError, VectorModelMismatchError

@@ -19,12 +19,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import ServerState
 from app.errors import APIError, as_api_error, envelope
-from app.schemas import _GenerationFields, steering_entries
+from app.schemas import SteeringField, _GenerationFields
+from app.steering_policy import admit_steering
 from steering.engine import GenerationRequest, PrefillDone, TokenOut
-from steering.monitor import MonitorSnapshot, Reading, ResponseWatch, check_steering_caps
+from steering.monitor import MonitorSnapshot, Reading, ResponseWatch
 from steering.output import Finished, TokenDelta, generate_text
 from steering.sampling import MAX_SEED, SamplingParams
-from steering.steer import RowSteering, SteeringSpec, resolve_steering
+from steering.steer import RowSteering
 
 
 @dataclass
@@ -85,26 +86,10 @@ class MonitorContext:
         return out
 
 
-def resolve_request_steering(state: ServerState, field) -> RowSteering | None:
-    """A request's ``steering`` field checked against the server's limits and ops caps, resolved
-    to per-layer deltas. Every route that takes ``steering`` goes through here."""
-    settings = state.settings
-    entries = steering_entries(field)
-    if len(entries) > settings.max_steering_entries:
-        raise APIError(400, f"at most {settings.max_steering_entries} steering entries are allowed", param="steering")
-    for i, entry in enumerate(entries):
-        if abs(entry.coefficient) > settings.max_abs_coefficient:
-            raise APIError(
-                400, f"|coefficient| must be at most {settings.max_abs_coefficient:g}", param=f"steering[{i}].coefficient"
-            )
-    specs = [
-        SteeringSpec(e.vector, e.coefficient, tuple(e.layers) if e.layers else None, e.positions, e.unit) for e in entries
-    ]
-    if not specs:
-        return None
-    steering = resolve_steering(specs, state.registry)
-    check_steering_caps(specs, state.registry, state.monitors)
-    return steering
+def resolve_request_steering(state: ServerState, field: SteeringField) -> RowSteering | None:
+    """A request's ``steering`` field admitted by the server's steering policy and resolved to
+    per-layer deltas. Every route that takes ``steering`` goes through here."""
+    return admit_steering(field, state.registry, state.monitors, state.settings)
 
 
 def count_steering(state: ServerState, steering: RowSteering | None) -> None:

@@ -100,9 +100,15 @@ class JsonByDefault:
 
 
 class BodyLimit:
-    """Refuse request bodies above a limit with 413 (declared length or counted bytes).
+    """Refuse request bodies above a limit with 413.
 
-    Routes that take large uploads (vectors, screening datasets) enforce their own limits.
+    A body with a ``Content-Length`` is judged by it. A body without one (``Transfer-Encoding:
+    chunked``) is read here, up to the limit, before the route runs: a route parses its body
+    itself and would turn any failure inside that read into a 400. Every route that reaches
+    this middleware buffers its whole body anyway, so reading it first costs no memory.
+
+    Routes that take large uploads (vectors, screening datasets) are exempt and enforce their
+    own limits.
     """
 
     def __init__(self, app, limit: int, exempt: tuple[tuple[str, str], ...] = ()):
@@ -114,32 +120,26 @@ class BodyLimit:
         ):
             return await self.app(scope, receive, send)
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_error(send, 413, f"request body is larger than {self.limit} bytes", "payload_too_large")
-        seen = 0
-
-        async def counting_receive():
-            nonlocal seen
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        buffered, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
 
-        started = {"sent": False}
+        async def replay():
+            return buffered.pop(0) if buffered else await receive()
 
-        async def tracking_send(message):
-            if message["type"] == "http.response.start":
-                started["sent"] = True
-            await send(message)
+        await self.app(scope, replay, send)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started["sent"]:
-                await _send_error(send, 413, f"request body is larger than {self.limit} bytes", "payload_too_large")
-
-
-class _TooLarge(Exception):
-    pass
+    async def _refuse(self, send) -> None:
+        await _send_error(send, 413, f"request body is larger than {self.limit} bytes", "payload_too_large")

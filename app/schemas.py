@@ -16,10 +16,15 @@ from pydantic import (
     model_validator,
 )
 
+from steering.sampling import MAX_SEED
 from steering.vector import NAME_PATTERN
 
 VectorName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 Coefficient = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# torch seeds a generator from any integer in [-2**63, 2**64 - 1] (a negative seed s acts as
+# s + 2**64) and raises outside it; that covers OpenAI's and vLLM's signed 64-bit seeds and
+# unsigned 64-bit ones.
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=MAX_SEED)]
 
 
 class _Strict(BaseModel):
@@ -90,7 +95,7 @@ class _GenerationFields(_Informational):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -274,5 +279,5 @@ class AssessRequest(_Strict):
     repetitions: StrictInt = Field(30, ge=2, le=100)
     steering: SteeringField = None
     compare: bool = False
-    seed: StrictInt = 0
+    seed: Seed = 0
     background: bool = False
