@@ -123,3 +123,11 @@ def _wait_ready(client: httpx.Client, proc: subprocess.Popen, log: Path) -> None
             pass
         time.sleep(0.3)
     raise AssertionError(f"the installed server was not ready in 180 s:\n{log.read_text()}")
+
+
+def test_a_missing_asset_path_stops_serve_at_startup_naming_the_setting(tmp_path):
+    env = {**os.environ, "PERSONA_DATA_DIR": str(tmp_path), "PERSONA_INVENTORIES_DIR": str(tmp_path / "nowhere")}
+    out = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"PERSONA_INVENTORIES_DIR={tmp_path / 'nowhere'} does not exist" in out.stderr
