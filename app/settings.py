@@ -124,6 +124,10 @@ class Settings(BaseSettings):
         self.traits_dir = self.traits_dir or self.assets_dir / "traits"
         self.inventories_dir = self.inventories_dir or self.assets_dir / "inventories"
         self.neutral_prompts_file = self.neutral_prompts_file or self.assets_dir / "neutral_prompts.json"
+        # Fail at startup, not with a 500 on the first assessment, calibration or extraction.
+        for name in ("traits_dir", "inventories_dir", "neutral_prompts_file"):
+            if not getattr(self, name).exists():
+                raise ValueError(f"PERSONA_{name.upper()}={getattr(self, name)} does not exist")
         return self
 
     def exposure_problem(self) -> str | None:

@@ -3,6 +3,7 @@ checkout serves assessment, built-in calibration and extraction by trait name.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -68,14 +69,17 @@ def test_wheel_holds_every_module_and_every_data_file(wheel):
 
 
 def test_installed_copy_imports_from_the_venv_not_the_checkout(venv, tmp_path):
-    probe = ("import sys, app, steering; from app.settings import shipped_assets_dir; "
-             "print(app.__file__); print(steering.__file__); print(shipped_assets_dir()); print(sys.path)")
+    probe = ("import json, os, sys, app, steering; from app.settings import shipped_assets_dir; "
+             "print(json.dumps([app.__file__, steering.__file__, str(shipped_assets_dir()), "
+             "[os.path.abspath(p) for p in sys.path]]))")
     out = subprocess.run([venv / "bin" / "python", "-c", probe], cwd=tmp_path, env=_clean_env(),
-                         check=True, capture_output=True, text=True).stdout.splitlines()
-    app_file, steering_file, assets, path = out
+                         check=True, capture_output=True, text=True).stdout
+    app_file, steering_file, assets, path = json.loads(out)
     for located in (app_file, steering_file, assets):
         assert Path(located).is_relative_to(venv), located
-    assert str(ROOT) not in path and not Path(assets).is_relative_to(ROOT)
+    # The project venv may live inside the checkout (make install puts it in .venv); the checkout
+    # itself must not be on the path.
+    assert str(ROOT) not in path
     assert (Path(assets) / "inventories" / "mbti.json").is_file()
 
 
@@ -123,3 +127,11 @@ def _wait_ready(client: httpx.Client, proc: subprocess.Popen, log: Path) -> None
             pass
         time.sleep(0.3)
     raise AssertionError(f"the installed server was not ready in 180 s:\n{log.read_text()}")
+
+
+def test_a_missing_asset_path_stops_serve_at_startup_naming_the_setting(tmp_path):
+    env = {**os.environ, "PERSONA_DATA_DIR": str(tmp_path), "PERSONA_INVENTORIES_DIR": str(tmp_path / "nowhere")}
+    out = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"PERSONA_INVENTORIES_DIR={tmp_path / 'nowhere'} does not exist" in out.stderr
