@@ -33,6 +33,11 @@ class RequestObserver:
     """Give every request an id (``X-Request-Id``, honoured when safe, echoed), then count and
     time it by route template and write one JSON access-log line.
 
+    The line and the counters are written just before the response's last body message goes
+    out, so whoever holds a whole response (a client, a log shipper joining on the request id,
+    a test) finds them already there. A request that ends without a complete response is
+    recorded when it ends.
+
     Routes add fields for the log line in ``scope["state"]["log"]`` (tokens, monitor verdicts).
     """
 
@@ -42,21 +47,16 @@ class RequestObserver:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.monotonic(), {"code": 500}
+        start, status, recorded = time.monotonic(), {"code": 500}, {"done": False}
         given = (_header(scope, b"x-request-id") or b"").decode("latin-1")
         request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         scope["state"]["log"] = {}
 
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                message = {**message, "headers": list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
+        def record() -> None:
+            if recorded["done"]:
+                return
+            recorded["done"] = True
             elapsed = time.monotonic() - start
             route = getattr(scope.get("route"), "path", None) or "other"
             server = getattr(self.fastapi_app.state, "server", None)
@@ -68,6 +68,19 @@ class RequestObserver:
                 "method": scope["method"], "route": route, "status": status["code"],
                 "latency_s": round(elapsed, 4), **scope["state"]["log"],
             }))
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message = {**message, "headers": list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            record()
 
 
 class JsonByDefault:

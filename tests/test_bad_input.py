@@ -28,6 +28,16 @@ CASES = [
     ("unknown steering field", _body(steering=[{"vector": "optimistic", "coefficient": 1, "strength": 2}]), 400, "steering[0].strength"),
     ("path in vector name", _body(steering={"../etc/passwd": 1.0}), 400, "steering"),
     ("coefficient too large", _body(steering={"optimistic": 1e6}), 400, "steering[0].coefficient"),
+    # Limits hold for the request as a whole: entries that add up, or a repeated layer.
+    ("entries add up past the limit", _body(steering=[{"vector": "optimistic", "coefficient": 60.0}] * 2), 400,
+     "steering[1].coefficient"),
+    ("repeated layer", _body(steering=[{"vector": "optimistic", "coefficient": 60.0, "layers": [19, 19]}]), 400,
+     "steering[0].layers"),
+    # 20 residual units is about 180 raw on this vector: the limit is in raw units, whatever the entry's unit.
+    ("residual coefficient past the limit in raw units", _body(steering=[{"vector": "optimistic", "coefficient": 20.0,
+                                                                          "unit": "residual"}]), 400, "steering[0].coefficient"),
+    ("seed above 64 bits", _body(seed=2**64), 400, "seed"),
+    ("seed below signed 64 bits", _body(seed=-(2**63) - 1), 400, "seed"),
     ("empty messages", {"model": "default", "messages": []}, 400, "messages"),
     ("wrong role", {"model": "default", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ("missing content", {"model": "default", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
@@ -194,3 +204,19 @@ def test_every_validation_error_names_its_field(client):
             if response.status_code != 400 or not error.get("param"):
                 misses.append((method, path, content, response.status_code, error))
     assert not misses, misses
+def test_seed_is_bounded_on_every_route_that_takes_one(client):
+    for route, body in (("/v1/completions", {"model": "default", "prompt": "Hi", "max_tokens": 2}),
+                        ("/v1/assess", {"repetitions": 2})):
+        for bad in (2**64, -(2**63) - 1):
+            response = client.post(route, json={**body, "seed": bad})
+            assert response.status_code == 400, (route, bad, response.text)
+            assert response.json()["error"]["param"] == "seed"
+
+
+def test_the_whole_64_bit_seed_range_samples(client):
+    """The edges of the accepted range reach the sampler; a negative seed is its unsigned twin."""
+    def sample(seed: int) -> str:
+        return answer(client, "Name a colour.", max_tokens=8, temperature=1.0, seed=seed)
+
+    assert sample(2**64 - 1) == sample(-1)
+    assert sample(-(2**63)) == sample(2**63)

@@ -29,17 +29,21 @@ def _jsonl(_ctx, value) -> bytes:
 
 @pytest.fixture(scope="module")
 def fuzz_server(lm, tmp_path_factory):
-    # Small limits keep each generated request cheap; the admin key keeps fuzzed writes out.
+    # Small limits keep each generated request cheap (the smallest assessment needs 100 prompts, so
+    # assessments stop at their budget check; tests/test_assess.py runs them); the admin key keeps
+    # fuzzed writes out.
     with make_server(lm, tmp_path_factory.mktemp("fuzz"), default_max_tokens=2, max_tokens_limit=4,
-                     max_assess_prompts=256, max_prompt_tokens=256, admin_keys=["fuzz-admin"]) as live:
+                     max_assess_prompts=64, max_prompt_tokens=128, admin_keys=["fuzz-admin"]) as live:
         yield live
 
 
-def servable(model: str, vectors: list[str], num_layers: int) -> st.SearchStrategy[dict]:
+def servable(model: str, vectors: list[str], num_layers: int, vocab: int) -> st.SearchStrategy[dict]:
     """The fields a generated request would almost never get right by chance (the served model,
-    existing vectors, steerable layers, a short answer); the schema's generator fills in the rest.
-    Without them every generated generation request stops at 404 on ``model``."""
+    existing vectors and steerable layers, token ids inside the vocabulary, a non-empty prompt, a
+    short answer, one or two choices); the schema's generator fills in the rest. Without them every generated
+    generation request stops at 404 on ``model`` or at 400 on a token id."""
     coefficient = st.floats(-3.0, 3.0)
+    token = st.integers(0, vocab - 1)
     entry = st.fixed_dictionaries(
         {"vector": st.sampled_from(vectors), "coefficient": coefficient},
         optional={"layers": st.lists(st.integers(1, num_layers), min_size=1, max_size=3, unique=True),
@@ -50,9 +54,16 @@ def servable(model: str, vectors: list[str], num_layers: int) -> st.SearchStrate
     return st.fixed_dictionaries({
         "model": st.sampled_from([model, "default"]),
         "max_tokens": st.integers(1, 4),
+        "n": st.integers(1, 2),
         "min_tokens": st.just(0),
         "steering": steering,
+        "stop_token_ids": st.none() | st.lists(token, max_size=4),
+        "logit_bias": st.none() | st.dictionaries(token.map(str), st.floats(-100.0, 100.0), max_size=4),
     })
+
+
+def prompts(vocab: int) -> st.SearchStrategy:
+    return st.text(min_size=1, max_size=64) | st.lists(st.integers(0, vocab - 1), min_size=1, max_size=16)
 
 
 def test_every_operation_survives_generated_input(fuzz_server):
@@ -60,7 +71,9 @@ def test_every_operation_survives_generated_input(fuzz_server):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15
     vectors = [v["id"] for v in httpx.get(f"{fuzz_server.url}/v1/vectors").json()["data"]]
-    fields = servable(fuzz_server.state.lm.name, vectors, fuzz_server.state.lm.num_layers)
+    lm = fuzz_server.state.lm
+    vocab = len(lm.tokenizer)
+    fields = servable(lm.name, vectors, lm.num_layers, vocab)
     seen: dict[str, list[int]] = {}
 
     for operation in operations:
@@ -73,6 +86,8 @@ def test_every_operation_survives_generated_input(fuzz_server):
             headers = {"Authorization": "Bearer fuzz-admin"} if data.draw(st.booleans(), "admin") else {}
             if operation.label in GENERATION and isinstance(case.body, dict) and data.draw(st.booleans(), "servable"):
                 case.body = {**case.body, **data.draw(fields, "servable fields")}
+                if "prompt" in case.body:
+                    case.body["prompt"] = data.draw(prompts(vocab), "prompt")
             response = case.call(base_url=fuzz_server.url, timeout=120, headers=headers)
             seen.setdefault(operation.label, []).append(response.status_code)
             assert response.status_code < 500, (case.method, case.path, response.text[:500])

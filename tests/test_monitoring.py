@@ -152,6 +152,59 @@ def test_steering_cap_refuses_with_403(live, c):
     assert unit_over.status_code == 403 and float(vector.direction(vector.recommended_layer).norm()) > 0
 
 
+def test_steering_caps_hold_for_the_request_as_a_whole(live, c):
+    """A cap bounds what a (vector, layer, phase) receives in total, not each entry."""
+    assert put_monitor(live, "optimistic", mode="off", steering_max=1.0, steering_min=-1.0).status_code == 200
+    layer = live.state.registry.get("optimistic").recommended_layer
+    four = ask(c, None, steering=[{"vector": "optimistic", "coefficient": 1.0}] * 4)
+    assert four.status_code == 403, four.text
+    assert four.json()["error"]["param"] == "steering[3].coefficient"
+    assert four.json()["error"]["code"] == "steering_not_allowed"
+    repeated = ask(c, None, steering=[{"vector": "optimistic", "coefficient": 1.0, "layers": [layer, layer, layer]}])
+    assert repeated.status_code == 400 and repeated.json()["error"]["param"] == "steering[0].layers"
+    below = ask(c, None, steering=[{"vector": "optimistic", "coefficient": -0.6}, {"vector": "optimistic", "coefficient": -0.6}])
+    assert below.status_code == 403 and below.json()["error"]["param"] == "steering[1].coefficient"
+    # Within the cap per (layer, phase): halves that meet it, other layers, other phases.
+    for steering in (
+        [{"vector": "optimistic", "coefficient": 0.5}] * 2,
+        [{"vector": "optimistic", "coefficient": 1.0, "layers": [layer]},
+         {"vector": "optimistic", "coefficient": 1.0, "layers": [layer + 1]}],
+        [{"vector": "optimistic", "coefficient": 1.0, "positions": "prompt"},
+         {"vector": "optimistic", "coefficient": 1.0, "positions": "response"}],
+        [{"vector": "optimistic", "coefficient": 1.0}, {"vector": "optimistic", "coefficient": -1.0},
+         {"vector": "optimistic", "coefficient": 1.0}],
+    ):
+        assert ask(c, None, steering=steering).status_code == 200, steering
+
+
+def test_an_enforced_monitor_cannot_be_steered_around(live, c):
+    """Prompt-phase steering below an enforced monitor's layer changes what it reads, so it is refused."""
+    high_prompt = TRAIT["pairs"][0]["pos"]
+    layer = live.state.registry.get("optimistic").recommended_layer
+    evade = [{"vector": "optimistic", "coefficient": -4.0, "layers": [layer - 4]}]
+    put_monitor(live, "optimistic", mode="annotate")
+    high, low = score(c, high_prompt), score(c, None)
+    steered = ask(c, high_prompt, steering=evade, monitor={"return_scores": True}).json()["persona_monitor"]["scores"]["optimistic"]
+    assert steered["residual"] == "steered" and steered["score"] < high  # annotate keeps reading, labelled
+    cut = (high + low) / 2
+    assert put_monitor(live, "optimistic", mode="enforce", flag_threshold=cut, block_threshold=cut).status_code == 200
+
+    assert ask(c, high_prompt).status_code == 400  # blocked unsteered
+    for positions in ("all", "prompt"):
+        for vector in ("optimistic", "evil"):  # any vector moves the residual the monitor reads
+            refused = ask(c, high_prompt, steering=[{**evade[0], "vector": vector, "positions": positions}])
+            assert refused.status_code == 403, (vector, positions, refused.text)
+            error = refused.json()["error"]
+            assert error["param"] == "steering[0].layers" and error["code"] == "steering_not_allowed"
+            assert error["type"] == "permission_error"
+    shorthand = ask(c, None, steering={"evil": 1.0})  # evil's recommended layer is below optimistic's
+    assert shorthand.status_code == 403 and shorthand.json()["error"]["param"] == "steering[0].layers"
+    # Generated tokens only, or at the monitored layer and above: the reading is untouched.
+    assert ask(c, None, steering=[{**evade[0], "positions": "response"}]).status_code == 200
+    assert ask(c, None, steering=[{"vector": "optimistic", "coefficient": 1.0, "layers": [layer, layer + 2]}]).status_code == 200
+    assert ask(c, high_prompt, steering=[{**evade[0], "positions": "response"}]).status_code == 400  # and still blocked
+
+
 def test_response_phase_monitor_stops_generation(live, c):
     body = {"model": "default", "messages": _messages(None), "max_tokens": 40, "ignore_eos": True, "temperature": 0}
     free = c.post("/v1/chat/completions", json=body).json()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -221,14 +222,15 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
             proc.kill()
 
 
-def test_access_log_is_one_json_line_per_request_with_the_request_id(client, caplog):
-    import logging
+def _access_lines(caplog) -> list[dict]:
+    return [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "persona_server.access"]
 
+
+def test_access_log_is_one_json_line_per_request_with_the_request_id(client, caplog):
     with caplog.at_level(logging.INFO, logger="persona_server.access"):
         r = client.post(CHAT, json=_body(max_tokens=3), headers={"X-Request-Id": "trace-123"})
+        mine = [line for line in _access_lines(caplog) if line["request_id"] == "trace-123"]
     assert r.headers["x-request-id"] == "trace-123"
-    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "persona_server.access"]
-    mine = [line for line in lines if line["request_id"] == "trace-123"]
     assert len(mine) == 1
     entry = mine[0]
     assert entry["status"] == 200 and entry["route"] == CHAT and entry["completion_tokens"] == 3
@@ -237,6 +239,43 @@ def test_access_log_is_one_json_line_per_request_with_the_request_id(client, cap
     assert len(generated.headers["x-request-id"]) == 32
     for bad in ("has spaces in it", "x" * 200, "quote\"d"):
         assert client.get("/health", headers={"X-Request-Id": bad}).headers["x-request-id"] != bad
+
+
+def test_the_access_log_line_exists_once_the_client_has_the_response(client, caplog):
+    """The line used to be written after the last byte went out, so a reader holding the whole
+    response could look before it existed (and the suite, under load, sometimes did)."""
+    calls = [
+        lambda h: client.post(CHAT, json=_body(max_tokens=2), headers=h),
+        lambda h: client.post(CHAT, json=_body(max_tokens=2, stream=True), headers=h).read(),
+        lambda h: client.post(CHAT, json={"model": "default"}, headers=h),
+        lambda h: client.get("/health", headers=h),
+        lambda h: client.get("/v1/nothing-here", headers=h),
+    ]
+    with caplog.at_level(logging.INFO, logger="persona_server.access"):
+        for i in range(40):
+            calls[i % len(calls)]({"X-Request-Id": f"order-{i}"})
+            assert f"order-{i}" in {line["request_id"] for line in _access_lines(caplog)}, i
+
+
+@pytest.mark.parametrize("size", [9 * 2**20, 2**20])
+def test_a_chunked_body_is_held_to_the_size_limit(client, size):
+    """Without a Content-Length the body is counted: over the limit 413, under it served as usual."""
+    body = json.dumps(_body(max_tokens=2, user="x" * size)).encode()
+
+    def chunks():
+        for at in range(0, len(body), 64 * 1024):
+            yield body[at:at + 64 * 1024]
+
+    r = client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
+    assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
+    if size > 8 * 2**20:
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "payload_too_large"
+        assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+    else:
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 2
+    assert client.get("/ready").status_code == 200
 
 
 @pytest.mark.parametrize("case", ["huge", "deep", "content_type", "utf8", "unknown", "nan", "many_steering", "path"])
