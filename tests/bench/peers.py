@@ -182,7 +182,12 @@ def servers(model_dir: Path, vllm_python: Path, workdir: Path) -> list[ServerPro
 
 def static_generate(lm, texts: list[str], new_tokens: int) -> float:
     """Output tok/s of one left-padded ``model.generate`` batch of ``texts``, greedy, EOS ignored."""
-    ids = [chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    return static_generate_ids(lm, [chat_prompt_ids(lm.tokenizer, [{"role": "user", "content": t}]) for t in texts],
+                               new_tokens)
+
+
+def static_generate_ids(lm, ids: list[list[int]], new_tokens: int) -> float:
+    """Output tok/s of one left-padded, unsteered ``model.generate`` batch of prompt ``ids``."""
     pad = lm.tokenizer.pad_token_id
     width = max(map(len, ids))
     x = torch.full((len(ids), width), pad)

@@ -23,6 +23,7 @@ from steering.model import load_model
 from steering.registry import VectorRegistry
 from steering.sampling import SamplingParams
 from steering.steer import SteeringSpec, resolve_steering
+from tests.bench.peers import static_generate_ids
 from tests.conftest import CACHE_DIR, REPO_VECTORS, spawn_server
 
 N, NEW = 32, 64
@@ -75,19 +76,7 @@ def engine_run(engine: Engine, ids: list[list[int]], steering: list, *, new=NEW)
 
 def static_generate(lm, ids: list[list[int]], *, new=NEW) -> float:
     """Plain ``model.generate`` on one left-padded static batch, unsteered."""
-    pad = lm.tokenizer.pad_token_id
-    width = max(map(len, ids))
-    x = torch.full((len(ids), width), pad)
-    mask = torch.zeros_like(x)
-    for i, p in enumerate(ids):
-        x[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = lm.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                do_sample=False, pad_token_id=pad)
-    assert out.shape[1] - width == new
-    return len(ids) * new / (time.perf_counter() - start)
+    return static_generate_ids(lm, ids, new)
 
 
 @contextmanager
