@@ -146,7 +146,10 @@ async def _one(client: httpx.AsyncClient, body: dict, result: RequestResult | No
             if chunk.get("usage"):
                 result.tokens = chunk["usage"]["completion_tokens"]
                 result.prompt_tokens = chunk["usage"]["prompt_tokens"]
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            choice = (chunk.get("choices") or [None])[0]
+            # A token that decodes to no text (a special token under ignore_eos) sends no content;
+            # vLLM then carries it on the finishing chunk, which must still count as the first token.
+            if choice and (choice["delta"].get("content") or (choice.get("finish_reason") and not result.stamps)):
                 now = time.perf_counter()
                 if result.stamps:
                     result.itl.append(now - result.stamps[-1])
@@ -304,8 +307,8 @@ async def run_prefill_probe(
                             tasks, deadline, f"{warm_tokens} tokens on every row")
             sent = time.perf_counter()
             long = await _one(client, _body(name, long_prompt(seed * 10, long_words), 1))
-            if not long.ok:
-                raise BenchError(f"the long prompt failed: status {long.status} {long.error}")
+            if not long.ok or not long.stamps:
+                raise BenchError(f"the long prompt failed: status {long.status} {long.error or 'no token came back'}")
             first = sent + long.ttft
             seen = [len(r.stamps) for r in results]
             await _wait_for(lambda: all(len(r.stamps) >= n + 2 for r, n in zip(results, seen)),

@@ -152,20 +152,21 @@ def prepare_model_dir() -> Path:
     return model_dir
 
 
-def servers(model_dir: Path, vllm_python: Path, workdir: Path) -> list[ServerProcess]:
-    """Our two configurations and vLLM, each on its own free loopback port."""
-    made = []
-    for name, extra in (("ours-default", []), ("ours-bf16", ["--dtype", "bfloat16"])):
-        port = free_port()
-        data = workdir / name
-        made.append(ServerProcess(
-            name, [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                   "--data-dir", str(data), *extra],
-            f"http://127.0.0.1:{port}", "/ready", workdir / f"{name}.log",
-            {"PERSONA_CACHE_DIR": str(CACHE_DIR), "PERSONA_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)},
-        ))
+def our_server(name: str, workdir: Path, *flags: str) -> ServerProcess:
+    """``persona-server serve FLAGS`` on a free loopback port, its data and log under ``workdir``."""
     port = free_port()
-    made.append(ServerProcess(
+    return ServerProcess(
+        name, [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--data-dir", str(workdir / name), *flags],
+        f"http://127.0.0.1:{port}", "/ready", workdir / f"{name}.log",
+        {"PERSONA_CACHE_DIR": str(CACHE_DIR), "PERSONA_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)},
+    )
+
+
+def vllm_server(model_dir: Path, vllm_python: Path, workdir: Path) -> ServerProcess:
+    """vLLM's OpenAI server on ``model_dir`` in bfloat16, serving it as ``default``, on a free port."""
+    port = free_port()
+    return ServerProcess(
         VLLM, [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--dtype", "bfloat16", "--served-model-name", "default", "--host", "127.0.0.1", "--port", str(port)],
         f"http://127.0.0.1:{port}", "/health", workdir / "vllm.log",
@@ -176,8 +177,7 @@ def servers(model_dir: Path, vllm_python: Path, workdir: Path) -> list[ServerPro
         # inductor cache loads, so a second start warms up in about 40 s.
         {"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}", "VLLM_CPU_KVCACHE_SPACE": "2",
          "VLLM_USE_AOT_COMPILE": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"},
-    ))
-    return made
+    )
 
 
 def static_generate(lm, texts: list[str], new_tokens: int) -> float:
@@ -338,7 +338,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[{time.monotonic() - began:6.1f} s] {msg}", flush=True)
 
     log(f"vLLM {vllm}; model {model_dir}; server logs in {workdir}")
-    procs = servers(model_dir, args.vllm_python, workdir)
+    procs = [our_server("ours-default", workdir), our_server("ours-bf16", workdir, "--dtype", "bfloat16"),
+             vllm_server(model_dir, args.vllm_python, workdir)]
     runs: dict = {p.name: {mode: [] for mode in MODES} for p in procs}
     runs[STATIC] = {"burst": []}
     with ExitStack() as stack:

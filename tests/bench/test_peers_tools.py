@@ -16,8 +16,11 @@ import httpx
 import pytest
 
 from app.bench import BenchError, run_load, run_prefill_probe
-from tests.bench.peers import ROOT, ServerProcess, render_block, replace_block
+from tests.bench.peers import (ROOT, ServerProcess, prepare_model_dir, render_block, replace_block, vllm_server,
+                               vllm_version)
 from tests.conftest import free_port
+
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def test_batch1_and_burst_report_what_the_client_saw(server):
@@ -108,3 +111,27 @@ def test_replace_block_keeps_the_rest_and_refuses_a_readme_without_markers():
     assert replace_block(text, new) == f"intro\n{new}\noutro\n"
     with pytest.raises(BenchError, match="no '<!-- bench-peers:start -->'"):
         replace_block("intro only\n", new)
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory):
+    """vLLM's CPU server as ``make bench-peers`` starts it (skipped until `make bench-peers` installed it)."""
+    try:
+        vllm_version(VLLM_PYTHON)
+    except BenchError as exc:
+        pytest.skip(str(exc))
+    server = vllm_server(prepare_model_dir(), VLLM_PYTHON, tmp_path_factory.mktemp("vllm"))
+    server.start()
+    try:
+        server.wait_ready(420)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_first_token_without_text_still_times_the_prefill(vllm):
+    # With seed 0 the 600-word long prompt's one token decodes to no text in vLLM, which sends it
+    # as an empty delta on the finishing chunk: the long prompt's TTFT must not read as zero.
+    probe = asyncio.run(run_prefill_probe(vllm.url, rows=2, long_words=600, budget_words=100, warm_tokens=2, seed=0))
+    assert probe.long_prompt_tokens > 600
+    assert probe.long_ttft_ms > 0 and probe.during_itl_ms["max"] > 0
