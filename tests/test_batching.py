@@ -134,7 +134,7 @@ def test_full_queue_answers_429_with_retry_after(lm, tmp_path):
 
 
 def test_deadline_ends_a_request_with_a_clear_error_and_the_server_recovers(lm, tmp_path):
-    with make_server(lm, tmp_path, request_timeout_s=0.5) as live:
+    with make_server(lm, tmp_path, request_timeout_s=2.0) as live:
         body = {"model": "default", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 2000, "ignore_eos": True}
         response = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=60)
         assert response.status_code == 504

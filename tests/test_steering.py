@@ -90,8 +90,9 @@ def test_a_request_never_sees_another_requests_steering(client):
 
 
 def test_hooks_add_exactly_the_delta_to_each_row(lm):
-    """The hook adds delta[row] to every position of that row and nothing to other rows."""
-    from steering.hooks import SteeringHooks
+    """The hook adds table[index[token]] to every token (row 0 of the table is zeros), so each row
+    gets its own delta and a row pointing at entry 0 gets nothing."""
+    from steering.hooks import SteeringHooks, StepHooks
 
     hooks = SteeringHooks(lm.blocks)
     try:
@@ -101,13 +102,15 @@ def test_hooks_add_exactly_the_delta_to_each_row(lm):
         with torch.inference_mode():
             lm.model(ids)
             base = seen["h"].clone()
-            delta = torch.zeros(2, 1, lm.hidden_size)
-            delta[1, 0, 0] = 5.0
-            with hooks.state({5: delta}):
+            table = torch.zeros(2, lm.hidden_size)
+            table[1, 0] = 5.0
+            tokens = ids.shape[1]
+            index = torch.tensor([0] * tokens + [1] * tokens)  # row 0's tokens, then row 1's
+            with hooks.state(StepHooks(steer={5: (table, index)})):
                 lm.model(ids)
         probe.remove()
         after = seen["h"]  # block 5 (index 4) produces layer 5; the probe runs after the steering hook
         assert torch.equal(after[0], base[0])
-        assert torch.allclose(after[1] - base[1], delta[1].expand_as(base[1]), atol=1e-4)
+        assert torch.allclose(after[1] - base[1], table[1].expand_as(base[1]), atol=1e-4)
     finally:
         hooks.remove()
