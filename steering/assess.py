@@ -132,7 +132,7 @@ async def assess(
                 asks.append(_likert_prompt(tok, item, inventory.scale, rng, rep))
 
     longest = max(asks, key=lambda a: len(a.prompt))
-    (limit or PromptLimit(engine.lm.context_length)).check(
+    (limit or PromptLimit(engine.max_model_len)).check(
         len(longest.prompt), what=f"item {longest.item['id']} of the {inventory.name} inventory", param="inventory")
     runner = EngineRunner(engine, progress=progress)
     logprobs = await runner.option_logprobs([a.prompt for a in asks], [a.option_ids for a in asks], steering=steering)

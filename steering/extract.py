@@ -327,7 +327,7 @@ async def build_vector(
     tok = lm.tokenizer
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
-    check_fits(tok, trait, limit or PromptLimit(lm.context_length), method=method, neutral_prompts=neutral_prompts,
+    check_fits(tok, trait, limit or PromptLimit(runner.engine.max_model_len), method=method, neutral_prompts=neutral_prompts,
                sweep=sweep)
     if method == "contrastive_texts":
         directions, counts = await _diff_texts(runner, tok, trait)

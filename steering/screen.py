@@ -128,7 +128,7 @@ class Screener:
                  layers: dict[str, int] | None = None, generate: bool = True, max_new_tokens: int = 64,
                  chunk: int = 32, limit: PromptLimit | None = None):
         self.runner, self.tok, self.vectors = runner, tokenizer, vectors
-        self.limit = limit or PromptLimit(runner.engine.lm.context_length)
+        self.limit = limit or PromptLimit(runner.engine.max_model_len)
         self.layers = {v.name: (layers or {}).get(v.name) or v.recommended_layer for v in vectors}
         self.units = {v.name: v.direction(self.layers[v.name]) / v.direction(self.layers[v.name]).norm() for v in vectors}
         self.generate, self.max_new_tokens, self.chunk = generate, max_new_tokens, chunk

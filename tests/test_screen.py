@@ -61,7 +61,7 @@ def test_screen_job_ranks_sycophantic_samples_first(client):
 
 def test_samples_that_do_not_fit_the_context_are_reported_by_line_and_skipped(client, server):
     tok = server.state.lm.tokenizer
-    context = server.state.lm.context_length
+    context = server.state.engine.max_model_len  # the model's context within the KV-cache budget
     lines = DATA.read_bytes().splitlines(keepends=True)[:3]
     # Prompt and training response together are longer than the context.
     long_response = json.dumps({"prompt": "Hi", "response": "x " * (context + 100)}).encode() + b"\n"
