@@ -50,7 +50,7 @@ def test_labelled_sentences_job_and_bad_definitions(client, server):
 
 def test_definitions_that_do_not_fit_are_refused_before_a_job_starts(client, server):
     data = json.loads((REPO_VECTORS / "traits" / "optimistic.json").read_text())
-    context = server.state.lm.context_length
+    context = server.state.engine.max_model_len  # the context within the KV-cache budget
     texts = [{**data["texts"][0], "neg": "x " * context}, *data["texts"][1:]]
     r = client.post("/v1/vectors/extract", json={"trait": {**data, "texts": texts}, "name": "too-long", "sweep": False})
     assert r.status_code == 400, r.text
