@@ -185,4 +185,5 @@ def test_a_max_prompt_tokens_above_the_context_does_not_lift_the_context_limit(l
         r = c.post("/v1/monitors/optimistic/calibrate", json={"prompts": ["Hello there.", "x " * 9000], "apply": False})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "prompts[1]" and r.json()["error"]["code"] == "prompt_too_long"
-        assert "8192" in r.json()["error"]["message"]
+        # The context limit is the engine's max_model_len (the model's context within the KV-cache budget).
+        assert f"at most {live.state.engine.max_model_len} " in r.json()["error"]["message"]
