@@ -91,6 +91,9 @@ class GenerationRequest:
     mean_from: int | None = None
     # Token ids whose next-token log-probabilities after the prompt PrefillDone reports.
     option_ids: tuple[int, ...] = ()
+    # Prompt position from which PrefillDone.prompt_logprobs holds each prompt token's
+    # log-probability given the tokens before it (teacher-forced scoring, vLLM's prompt_logprobs).
+    score_from: int | None = None
 
 
 @dataclass
@@ -102,6 +105,7 @@ class PrefillDone:
     queue_wait_s: float
     span_mean: torch.Tensor | None = None
     option_logprobs: list[float] | None = None
+    prompt_logprobs: list[float] | None = None
     blocked: bool = False
 
 
@@ -145,6 +149,7 @@ class _Row:
     output: list[int] = field(default_factory=list)
     steer_ids: dict[tuple[int, str], int] = field(default_factory=dict)
     span_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    scored: list[float] = field(default_factory=list)
     queue_wait_s: float = 0.0
     done: bool = False
 
@@ -172,6 +177,9 @@ class _Step:
     last: dict[_Row, int] = field(default_factory=dict)
     logit_rows: list[_Row] = field(default_factory=list)
     captured_at: dict[int, dict[int, int]] = field(default_factory=dict)
+    # Prompt tokens scored in this step: per row, (first kept logit, target token ids); the
+    # kept logits of a row's scored positions follow those of the sampling rows, in order.
+    scoring: list[tuple[_Row, int, list[int]]] = field(default_factory=list)
 
     @property
     def rows(self) -> list[_Row]:
@@ -275,6 +283,8 @@ class Engine:
         n = len(request.prompt_ids)
         if n == 0:
             raise RequestTooLongError("the prompt is empty")
+        if request.score_from is not None and not 1 <= request.score_from <= n:
+            raise ValueError(f"score_from must lie in 1..{n} (the prompt's length), not {request.score_from}")
         if n + request.sampling.max_new_tokens > self.max_model_len:
             raise RequestTooLongError(
                 f"the prompt has {n} tokens and {request.sampling.max_new_tokens} more were asked for; "
@@ -424,6 +434,7 @@ class Engine:
             for chunk in step.chunks:
                 self._run_step(_Step([], [chunk]), retry=False)
             return
+        self._score(step, logits)
         for row, _a, b in step.chunks:
             row.computed = b
             for layer, total in hooks.sums.get(row.uid, {}).items():
@@ -506,7 +517,18 @@ class Engine:
         step.captured_at = {layer: {token: k for k, token in enumerate(where)} for layer, where in capture.items()}
         hooks.capture = {layer: torch.tensor(where, device=dev) for layer, where in capture.items()}
         self._steer(step, hooks, len(ids))
-        keep = [step.last[row] for row in step.logit_rows] or [len(ids) - 1]
+        keep = [step.last[row] for row in step.logit_rows]
+        for chunk, (row, a, b) in zip(chunks, step.chunks):
+            score_from = row.request.score_from
+            if score_from is None:
+                continue
+            # The logit at position q predicts the token at q + 1: this chunk scores the prompt
+            # tokens after its positions from score_from - 1 on (never past the prompt's end).
+            first, end = max(a, score_from - 1), min(b, row.prompt_len - 1)
+            if first < end:
+                step.scoring.append((row, len(keep), row.request.prompt_ids[first + 1 : end + 1]))
+                keep.extend(range(chunk.start + first - a, chunk.start + end - a))
+        keep = keep or [len(ids) - 1]
         self.forward_passes += 1
         with self.hooks.state(hooks):
             out = self.lm.model(
@@ -540,6 +562,18 @@ class Engine:
             hooks.steer[layer] = (table, index)
 
     @staticmethod
+    def _score(step: _Step, logits: torch.Tensor) -> None:
+        """Append the log-probabilities of this step's scored prompt tokens to their rows."""
+        if not step.scoring:
+            return
+        first = step.scoring[0][1]
+        targets = [t for _row, _at, ids in step.scoring for t in ids]
+        index = torch.tensor(targets, device=logits.device)[:, None]
+        values = torch.log_softmax(logits[first : first + len(targets)].float(), dim=-1).gather(1, index)[:, 0].tolist()
+        for row, at, ids in step.scoring:
+            row.scored.extend(values[at - first : at - first + len(ids)])
+
+    @staticmethod
     def _state(step: _Step, hooks: StepHooks, layer: int, row: _Row) -> torch.Tensor:
         return hooks.captured[layer][step.captured_at[layer][step.last[row]]]
 
@@ -562,8 +596,10 @@ class Engine:
         options = None
         if request.option_ids:
             options = option_logprobs(logits[step.logit_rows.index(row)], request.option_ids)
+        scored = row.scored if request.score_from is not None else None
         self._emit(row, PrefillDone(states=states, projections=projections, queue_wait_s=row.queue_wait_s,
-                                    span_mean=span_mean, option_logprobs=options, blocked=blocked))
+                                    span_mean=span_mean, option_logprobs=options, prompt_logprobs=scored,
+                                    blocked=blocked))
         if blocked:
             row.done = True
             self._emit(row, Done("blocked", row.prompt_len, 0))

@@ -16,8 +16,9 @@ Then, for every vector: statistics on a neutral prompt set (residual norm, proje
 std for z-scores), the per-layer separation of held-out questions under the positive vs
 negative system prompts (Cohen's d and AUROC of the last prompt token's projection), the
 recommended layer (best separation in the middle of the network) and a coefficient range
-found by steering held-out questions and watching the projection of the answers rise while a
-fluency signal (the share of distinct word bigrams) holds.
+found by steering held-out questions and watching the projection of the answers rise while
+their fluency holds: their perplexity under the unsteered model (its per-token likelihood of
+the steered text, read teacher-forced) stays within a factor of the unsteered answers'.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ from steering.vector import ModelRef, PersonaVector
 
 METHODS = ("contrastive_texts", "contrastive_prompts", "labelled_sentences")
 COEFFICIENT_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# The top of a recommended range: answers the unsteered model finds at most this many times as
+# perplexing as its own unsteered answers.
+MAX_PERPLEXITY_RATIO = 2.0
 ANSWER_TOKENS = 48  # the model's own answers under the contrastive system prompts
 SWEEP_ANSWER_TOKENS = 32
 SWEEP_QUESTIONS = 6
@@ -94,11 +98,10 @@ def auroc(pos: list[float], neg: list[float]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def distinct_bigrams(text: str) -> float:
-    """Share of distinct word bigrams: near 1 for fluent text, low when steering makes it loop."""
-    words = text.split()
-    bigrams = list(zip(words, words[1:]))
-    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+def perplexity(logprobs: list[list[float]]) -> float:
+    """exp of minus the mean log-probability over every token of every text."""
+    flat = [x for row in logprobs for x in row]
+    return math.exp(-sum(flat) / len(flat)) if flat else float("inf")
 
 
 def unit_rows(directions: torch.Tensor) -> torch.Tensor:
@@ -195,10 +198,17 @@ async def answer_projection(runner: EngineRunner, tok, questions: list[str], ans
     return float((means[:, layer] @ unit[layer]).mean())
 
 
+async def answer_perplexity(runner: EngineRunner, tok, questions: list[str], answers: list[str]) -> float:
+    """Perplexity of ``answers`` (after their questions) under the unsteered model."""
+    prompts = [chat_prompt_ids(tok, _user(q)) for q in questions]
+    full = [p + text_ids(tok, a or " ") for p, a in zip(prompts, answers)]
+    return perplexity(await runner.token_logprobs(full, [len(p) for p in prompts]))
+
+
 async def coefficient_sweep(runner: EngineRunner, tok, directions: torch.Tensor, layer: int, questions: list[str],
                             grid=COEFFICIENT_GRID) -> list[dict]:
     """Steer ``questions`` at ``layer`` with each coefficient in ``+-grid`` (and 0); measure
-    the answers' projection and fluency."""
+    the answers' projection and their perplexity under the unsteered model (fluency)."""
     unit = unit_rows(directions)
     prompts = [chat_prompt_ids(tok, _user(q)) for q in questions]
     coefficients = (0.0, *grid, *(-g for g in grid))
@@ -210,7 +220,7 @@ async def coefficient_sweep(runner: EngineRunner, tok, directions: torch.Tensor,
         return {
             "coefficient": c,
             "projection": round(await answer_projection(runner, tok, questions, answers, unit, layer), 4),
-            "distinct_bigrams": round(sum(map(distinct_bigrams, answers)) / len(answers), 4),
+            "perplexity": round(await answer_perplexity(runner, tok, questions, answers), 4),
         }
 
     # All coefficients at once: their rows share the engine's batches.
@@ -220,10 +230,11 @@ async def coefficient_sweep(runner: EngineRunner, tok, directions: torch.Tensor,
 
 def recommend_range(sweep: list[dict], neutral_std: float) -> tuple[float, float]:
     """Smallest positive coefficient that moves the answers' projection by half a neutral std,
-    and the largest that keeps fluency at 80% of the unsteered answers'."""
+    and the largest whose answers' perplexity under the unsteered model stays within
+    ``MAX_PERPLEXITY_RATIO`` times that of the unsteered answers."""
     base = next(r for r in sweep if r["coefficient"] == 0.0)
     positive = [r for r in sweep if r["coefficient"] > 0]
-    fluent = [r for r in positive if r["distinct_bigrams"] >= 0.8 * base["distinct_bigrams"]]
+    fluent = [r for r in positive if r["perplexity"] <= MAX_PERPLEXITY_RATIO * base["perplexity"]]
     moving = [r for r in positive if r["projection"] - base["projection"] >= 0.5 * neutral_std]
     hi = max((r["coefficient"] for r in fluent), default=positive[0]["coefficient"])
     lo = min((r["coefficient"] for r in moving if r["coefficient"] <= hi), default=min(hi, positive[0]["coefficient"]))

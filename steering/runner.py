@@ -24,6 +24,7 @@ class EngineRunner:
         runner = EngineRunner(engine)
         means = await runner.span_means([ids], [start])     # [1, L+1, hidden]
         answers = await runner.generate([ids], max_new_tokens=32)
+        scores = await runner.token_logprobs([ids], [start])  # [[log p(ids[i] | ids[:i]) for i >= start]]
     """
 
     def __init__(self, engine: Engine, progress: Progress | None = None):
@@ -51,6 +52,20 @@ class EngineRunner:
             raise RuntimeError("prefill returned no span mean")
 
         return torch.stack(await self._chunked(list(zip(prompts, starts)), one))
+
+    async def token_logprobs(self, prompts: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """Log-probability of each token of ``prompt[start:]`` given the tokens before it, read
+        unsteered (teacher-forced): the model's likelihood of a text it did not write."""
+
+        async def one(item):
+            ids, start = item
+            req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), score_from=start)
+            async for event in self.engine.generate(req):
+                if isinstance(event, PrefillDone):
+                    return event.prompt_logprobs
+            raise RuntimeError("prefill returned no log-probabilities")
+
+        return await self._chunked(list(zip(prompts, starts)), one)
 
     async def last_states(self, prompts: list[list[int]], layers: list[int] | None = None) -> torch.Tensor:
         """Last prompt token's state at ``layers`` (default every layer): ``[n, len(layers), hidden]``."""

@@ -207,3 +207,29 @@ def test_a_dead_worker_fails_waiting_clients_at_once_and_is_not_alive(lm):
     finally:
         engine.shutdown()
         engine.hooks.remove()
+
+
+def test_prompt_logprobs_match_a_plain_forward_across_chunk_boundaries(lm, engine):
+    """Teacher-forced scoring (what the coefficient sweep's perplexity reads) gives the same
+    log-probabilities as one plain forward pass, also when the scored span straddles chunks and
+    a decoding row shares the steps."""
+    ids = _prompt(lm, "Tell me about rivers. " * 5) + lm.tokenizer(
+        "Rivers carry the rain from the hills down to the sea.", add_special_tokens=False).input_ids
+    start = 20
+    # The span crosses a chunk boundary, wherever the short prompt beside it puts that boundary.
+    assert len(ids) > engine.max_num_batched_tokens
+    with torch.no_grad():
+        plain = torch.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    expected = [float(plain[i - 1, ids[i]]) for i in range(start, len(ids))]
+
+    decoding = engine.add_request(_greedy(_prompt(lm, "Count slowly."), 12))
+    scored = engine.add_request(GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0),
+                                                  score_from=start))
+    while not (_finished(scored) and _finished(decoding)):
+        engine.step()
+    got = next(e for e in scored if isinstance(e, PrefillDone)).prompt_logprobs
+    assert len(got) == len(expected)
+    assert got == pytest.approx(expected, abs=1e-3)
+    assert len(_tokens(decoding)) == 12
+    with pytest.raises(ValueError):
+        engine.add_request(GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), score_from=0))
