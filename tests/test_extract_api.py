@@ -65,3 +65,33 @@ def test_definitions_that_do_not_fit_are_refused_before_a_job_starts(client, ser
     malformed = client.post("/v1/vectors/extract", json={"trait": {**data, "texts": [1]}})
     assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "trait.texts[0].question"
     assert server.state.registry.names().count("too-long") == 0
+
+
+def test_contrastive_prompts_job_builds_a_vector_from_the_models_own_answers(client, server):
+    """The Persona Vectors method end to end on a small trait: the model answers 4 questions
+    under 2 eliciting and 2 opposing system prompts, the vector is the difference of its answers'
+    mean states. It must separate held-out prompts and agree with the shipped `optimistic`
+    vector, which was built from written answers instead."""
+    data = json.loads((REPO_VECTORS / "traits" / "optimistic.json").read_text())
+    trait = {**data, "pairs": data["pairs"][:2], "questions": data["questions"][:4],
+             "heldout_questions": data["heldout_questions"][:6]}
+    r = client.post("/v1/vectors/extract", json={"trait": trait, "name": "optimistic-prompts",
+                                                 "method": "contrastive_prompts", "sweep": False})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    built = server.state.registry.get("optimistic-prompts")
+    shipped = server.state.registry.get("optimistic")
+    try:
+        assert built.method == "contrastive_prompts"
+        assert built.source["n_generated"] == 8 and built.source["n_pos"] == built.source["n_neg"] == 8
+        assert built.source["judge"] is None and "no judge" in built.source["note"]
+        assert built.extra["heldout_auroc"] >= 0.8, built.extra
+        layer = shipped.recommended_layer
+        a, b = built.directions[layer], shipped.directions[layer]
+        cosine = float(a @ b / (a.norm() * b.norm()))
+        print("contrastive_prompts vs shipped optimistic: cosine", round(cosine, 3), "at layer", layer,
+              "held-out AUROC", built.extra["heldout_auroc"], "at layer", built.recommended_layer)
+        assert cosine > 0.3
+    finally:
+        client.delete("/v1/vectors/optimistic-prompts")
