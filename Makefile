@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test bench vectors clean
+.PHONY: install serve test bench vectors evidence clean
 
 install: $(STAMP)
 
@@ -60,6 +60,12 @@ $(VLLM_STAMP):
 # Rebuild the shipped vectors for the default model from their trait definitions.
 vectors: install
 	$(VENV)/bin/persona-server extract --trait vectors/traits/*.json
+
+# Monitor validity and held-out AUROC of every shipped vector (not part of `make test`, about
+# 15 minutes on two CPU cores): docs/evidence/<model>.json and .md, and the README's evidence block.
+EVIDENCE_ARGS ?=
+evidence: install
+	$(VENV)/bin/persona-server evidence --readme README.md $(EVIDENCE_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

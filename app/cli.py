@@ -1,4 +1,4 @@
-"""``persona-server`` command line: ``serve``, ``extract``, ``screen``, ``assess`` and ``bench``."""
+"""``persona-server`` command line: ``serve``, ``extract``, ``screen``, ``assess``, ``evidence`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -171,6 +171,65 @@ def _assess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evidence(args: argparse.Namespace) -> int:
+    import asyncio
+    import datetime
+    import json
+    import platform
+    import time
+
+    from app.settings import shipped_assets_dir
+    from steering.engine import Engine
+    from steering.evidence import PAPER_R, check_held_out, load_evidence, markdown, measure
+    from steering.model import load_model
+    from steering.runner import EngineRunner
+    from steering.vector import PersonaVector
+
+    assets = shipped_assets_dir()
+    lm = load_model(args.model, dtype="float32", device=args.device)
+    evidence = load_evidence(assets / "evidence.json")
+    names = args.vector or sorted(evidence)
+    for name in names:
+        check_held_out(evidence[name], json.loads((assets / "traits" / f"{name}.json").read_text()))
+    out = Path(args.out or Path("docs") / "evidence" / f"{lm.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    engine = Engine(lm, max_batch_size=32, max_waiting=1 << 20)
+    engine.start()
+    results = []
+    started = time.monotonic()
+    try:
+        for name in names:
+            vector = PersonaVector.load(assets / lm.name / f"{name}.safetensors")
+            vector.check_model(lm.name, lm.fingerprint, lm.num_layers, lm.hidden_size)
+            t = time.monotonic()
+            res = asyncio.run(measure(EngineRunner(engine), lm.tokenizer, vector, evidence[name],
+                                      questions=args.questions, max_new_tokens=args.max_tokens))
+            results.append(res)
+            print(f"{name}: n={res['n']} r(response)={res['r_response']} r(lexicon)={res['r_lexicon']} "
+                  f"r(level)={res['r_level']} AUROC={res['auroc']:.3f} ({time.monotonic() - t:.0f} s)", flush=True)
+    finally:
+        engine.shutdown()
+    if not results:
+        return 1
+    first = results[0]
+    header = (f"Latest `make evidence`: {datetime.date.today().isoformat()}, {platform.machine()}, {lm.name} (float32), "
+              f"{len(first['levels'])} levels x {first['questions']} questions = {first['n']} greedy answers of at most "
+              f"{args.max_tokens} tokens per vector, unsteered; {time.monotonic() - started:.0f} s in all.")
+    table = markdown(results, header=header)
+    out.write_text(json.dumps({"model": lm.name, "max_new_tokens": args.max_tokens, "results": results}, indent=1))
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    if args.readme:
+        readme = Path(args.readme)
+        text = readme.read_text()
+        start, end = "<!-- evidence:start -->", "<!-- evidence:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            readme.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from app.bench import main as bench_main
 
@@ -229,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     assess_p.add_argument("--model", default="default")
     assess_p.add_argument("--device", default="cpu")
     assess_p.set_defaults(func=_assess)
+
+    evidence = sub.add_parser("evidence", help="measure monitor validity and held-out AUROC of the shipped vectors")
+    evidence.add_argument("--vector", action="append", help="vector name (repeatable; default: every one in vectors/evidence.json)")
+    evidence.add_argument("--questions", type=int, help="use only the first N questions of each vector")
+    evidence.add_argument("--max-tokens", dest="max_tokens", type=int, default=48)
+    evidence.add_argument("--out", help="JSON output (default docs/evidence/<model>.json; the table goes beside it as .md)")
+    evidence.add_argument("--readme", help="rewrite the table between the evidence markers of this file")
+    evidence.add_argument("--model", default="default")
+    evidence.add_argument("--device", default="cpu")
+    evidence.set_defaults(func=_evidence)
 
     bench = sub.add_parser("bench", help="load-test a running server (like vllm bench serve)")
     bench.add_argument("--url", default="http://127.0.0.1:8000")

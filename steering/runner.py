@@ -8,12 +8,24 @@ from typing import Callable
 
 import torch
 
+from dataclasses import dataclass
+
 from steering.engine import Engine, GenerationRequest, PrefillDone
-from steering.output import Finished, generate_text
+from steering.output import Finished, TokenDelta, generate_text
 from steering.sampling import SamplingParams
 from steering.steer import RowSteering
 
 Progress = Callable[[int], None]
+
+
+@dataclass
+class ProbedAnswer:
+    """A greedy answer with what a monitor sees of it at one layer: the last prompt token's
+    projection (before any token) and each generated token's projection as it is read back."""
+
+    text: str
+    prompt_projection: float
+    token_projections: list[float]
 
 
 class EngineRunner:
@@ -108,6 +120,27 @@ class EngineRunner:
             async for event in generate_text(self.engine, req, self.engine.lm.tokenizer):
                 if isinstance(event, Finished):
                     return event.text
+            raise RuntimeError("generation returned no result")
+
+        return await self._chunked(prompts, one)
+
+    async def probed_answers(self, prompts: list[list[int]], layer: int, unit: torch.Tensor, *,
+                             max_new_tokens: int = 48) -> list[ProbedAnswer]:
+        """Greedy answers, unsteered, with ``unit``'s projections at ``layer`` taken during the
+        same forward passes (the engine's ``probes`` and ``response_probes``)."""
+        probe = {layer: unit.reshape(1, -1)}
+
+        async def one(ids):
+            req = GenerationRequest(prompt_ids=ids, probes=probe, response_probes=probe,
+                                    sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
+            prompt, tokens = None, []
+            async for event in generate_text(self.engine, req, self.engine.lm.tokenizer):
+                if isinstance(event, PrefillDone):
+                    prompt = event.projections[layer][0]
+                elif isinstance(event, TokenDelta):
+                    tokens += [t.projections[layer][0] for t in event.logprobs if t.projections]
+                elif isinstance(event, Finished):
+                    return ProbedAnswer(event.text, prompt, tokens)
             raise RuntimeError("generation returned no result")
 
         return await self._chunked(prompts, one)
