@@ -216,7 +216,8 @@ def _evidence(args: argparse.Namespace) -> int:
               f"{len(first['levels'])} levels x {first['questions']} questions = {first['n']} greedy answers of at most "
               f"{args.max_tokens} tokens per vector, unsteered; {time.monotonic() - started:.0f} s in all.")
     table = markdown(results, header=header)
-    out.write_text(json.dumps({"model": lm.name, "max_new_tokens": args.max_tokens, "results": results}, indent=1))
+    out.write_text(json.dumps({"model": lm.name, "max_new_tokens": args.max_tokens, "results": results},
+                              separators=(",", ":"), ensure_ascii=False) + "\n")
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
     if args.readme:
