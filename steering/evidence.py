@@ -15,7 +15,9 @@ Per vector: Pearson r of the prompt projection with each of the two expression m
 Persona Vectors paper reports r = 0.75-0.83 between the last-prompt projection and a judge's
 trait score), the same r with the level, and the AUROC of the prompt projection for eliciting
 (+1, +2) against opposing (-1, -2) prompts: a split disjoint from extraction in both
-questions and system prompts.
+questions and system prompts. Last, whether another layer would monitor better: a layer is
+picked by that AUROC on the first half of the questions and scored on the second half, beside
+the recommended layer on the same half.
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ async def measure(runner: EngineRunner, tok, vector: PersonaVector, evidence: Tr
         return sum(values) / len(values) if values else float("nan")
 
     return {
+        **await _layer_choice(runner, tok, vector, evidence, asked, levels),
         "vector": vector.name,
         "layer": layer,
         "n": len(points),
@@ -178,6 +181,31 @@ async def measure(runner: EngineRunner, tok, vector: PersonaVector, evidence: Tr
     }
 
 
+async def _layer_choice(runner: EngineRunner, tok, vector: PersonaVector, evidence: TraitEvidence,
+                        asked: list[str], levels: tuple[int, ...]) -> dict:
+    """Pick a layer (within 30-75% of depth, as extraction does) by AUROC on the first half of
+    the questions; report its AUROC and the recommended layer's on the second half."""
+    half = len(asked) // 2
+    signed = [level for level in levels if level]
+    if half < 1 or not any(level > 0 for level in signed) or not any(level < 0 for level in signed):
+        return {"layer_choice": None}
+    grid = [(level, i) for level in signed for i in range(len(asked))]
+    prompts = [chat_prompt_ids(tok, evidence.messages(level, asked[i])) for level, i in grid]
+    proj = (await runner.last_states(prompts) * unit_rows(vector.directions)).sum(-1)  # [n, L+1]
+
+    def score(layer: int, first_half: bool) -> float:
+        keep = [k for k, (_level, i) in enumerate(grid) if (i < half) == first_half]
+        return auroc([float(proj[k, layer]) for k in keep if grid[k][0] > 0],
+                     [float(proj[k, layer]) for k in keep if grid[k][0] < 0])
+
+    layers = proj.shape[1] - 1
+    lo, hi = max(1, math.floor(0.3 * layers)), math.ceil(0.75 * layers)
+    picked = max(range(lo, hi + 1), key=lambda layer: score(layer, True))
+    return {"layer_choice": {"picked_layer": picked, "picked_auroc": score(picked, False),
+                             "recommended_auroc": score(vector.recommended_layer, False),
+                             "questions_picking": half, "questions_scoring": len(asked) - half}}
+
+
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -188,10 +216,14 @@ def markdown(results: list[dict], *, header: str) -> str:
         header,
         "",
         "| vector | layer | r, prompt projection vs answer's mean projection | r, prompt projection vs lexicon | "
-        "r, prompt projection vs level | held-out AUROC (+1,+2 vs -1,-2) | lexicon (fit) |",
-        "|---|---|---|---|---|---|---|",
+        "r, prompt projection vs level | held-out AUROC (+1,+2 vs -1,-2) | layer picked by AUROC on half the "
+        "questions: layer, AUROC on the other half (recommended layer's) | lexicon (fit) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
+        choice = res.get("layer_choice")
+        picked = (f"{choice['picked_layer']}: {choice['picked_auroc']:.2f} ({choice['recommended_auroc']:.2f})"
+                  if choice else "-")
         lines.append(f"| `{res['vector']}` | {res['layer']} | {_cell(res['r_response'])} | {_cell(res['r_lexicon'])} | "
-                     f"{_cell(res['r_level'])} | {_cell(res['auroc'])} | {res['lexicon_fit']} |")
+                     f"{_cell(res['r_level'])} | {_cell(res['auroc'])} | {picked} | {res['lexicon_fit']} |")
     return "\n".join(lines)

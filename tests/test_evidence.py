@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 from pathlib import Path
 
@@ -92,6 +93,16 @@ def test_evil_monitor_recomputed_on_a_subset(lm, runner):
     points = result["points"]
     xs = [p["prompt_projection"] for p in points]
     assert result["r_response"] == pytest.approx(float(np.corrcoef(xs, [p["response_projection"] for p in points])[0, 1]))
+
+    # The layer comparison reads the same prompts through the engine's all-layer capture: at the
+    # recommended layer it must agree with the probes' scores on the questions it holds out.
+    choice = result["layer_choice"]
+    assert math.floor(0.3 * lm.num_layers) <= choice["picked_layer"] <= math.ceil(0.75 * lm.num_layers)
+    assert choice["questions_picking"] == 1 and choice["questions_scoring"] == 2
+    scored = EVIDENCE["evil"].questions[choice["questions_picking"]:3]
+    assert choice["recommended_auroc"] == auroc(
+        [p["prompt_projection"] for p in points if p["level"] > 0 and p["question"] in scored],
+        [p["prompt_projection"] for p in points if p["level"] < 0 and p["question"] in scored])
 
     first = points[0]
     ids = chat_prompt_ids(lm.tokenizer, EVIDENCE["evil"].messages(first["level"], first["question"]))
