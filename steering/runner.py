@@ -4,11 +4,10 @@ model stays owned by its one worker (and shares its batches with live traffic)."
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
-from dataclasses import dataclass
 
 from steering.engine import Engine, GenerationRequest, PrefillDone
 from steering.output import Finished, TokenDelta, generate_text

@@ -1,5 +1,5 @@
-"""Extraction's own steps on the default model: the coefficient sweep's fluency signal and the
-``contrastive_prompts`` method end to end."""
+"""Extraction's own steps on the default model: the coefficient sweep's fluency signal (the
+``contrastive_prompts`` method runs end to end in tests/test_extract_api.py)."""
 
 from __future__ import annotations
 
