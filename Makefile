@@ -62,7 +62,7 @@ vectors: install
 	$(VENV)/bin/persona-server extract --trait vectors/traits/*.json
 
 # Monitor validity and held-out AUROC of every shipped vector (not part of `make test`, about
-# 15 minutes on two CPU cores): docs/evidence/<model>.json and .md, and the README's evidence block.
+# 15-18 minutes on two CPU cores): docs/evidence/<model>.json and .md, and the README's evidence block.
 EVIDENCE_ARGS ?=
 evidence: install
 	$(VENV)/bin/persona-server evidence --readme README.md $(EVIDENCE_ARGS)
