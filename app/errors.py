@@ -20,6 +20,7 @@ from steering.engine import (
     EngineError,
     QueueFullError,
     RequestTooLongError,
+    UnsupportedOnEngineError,
 )
 from steering.extract import DefinitionError
 from steering.limits import PromptTooLongError
@@ -102,6 +103,9 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), type="server_error", code="engine_dead")
+    if isinstance(exc, UnsupportedOnEngineError):
+        return APIError(501, f"{exc}; start the server with --engine hf for it", type="not_implemented_error",
+                        param=exc.param, code="unsupported_on_engine")
     if isinstance(exc, EngineError):
         return APIError(500, str(exc), type="server_error", code="engine_error")
     log.exception("unhandled error", exc_info=exc)

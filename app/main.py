@@ -31,8 +31,8 @@ from app.routes import (
 )
 from app.sampling_defaults import resolve_sampling_defaults
 from app.settings import Settings
-from steering.engine import Engine
-from steering.model import DEFAULT_MODEL, LoadedModel, load_model
+from steering.engine import Engine, GenerationEngine
+from steering.model import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 from steering.monitor import MonitorSet
 from steering.registry import VectorRegistry
 
@@ -45,6 +45,8 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
         lm = load_model(
             settings.model, dtype=settings.dtype, device=settings.device,
             cache_dir=settings.cache_dir, served_name=settings.served_model_name,
+            # vLLM's engine loads the weights itself; this process needs the config and tokenizer.
+            weights=settings.engine == "hf",
         )
     registry = VectorRegistry(
         settings.data_dir / "vectors", model_name=lm.name, fingerprint=lm.fingerprint,
@@ -54,9 +56,7 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
     if seeded:
         log.info("seeded vectors from %s: %s", settings.shipped_vectors_dir, ", ".join(seeded))
     monitor_set = MonitorSet(settings.data_dir / "monitors.json", registry, num_layers=lm.num_layers)
-    engine = Engine(lm, max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
-                    max_model_len=settings.max_model_len, max_num_batched_tokens=settings.max_num_batched_tokens,
-                    kv_cache_bytes=int(settings.kv_cache_gib * 2**30))
+    engine = make_engine(settings, lm)
     metrics = Metrics()
     metrics.bind_engine(engine)
     metrics.model_info.info({"model": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch.")})
@@ -68,6 +68,25 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
     return ServerState(settings=settings, lm=lm, registry=registry, engine=engine, metrics=metrics,
                        monitors=monitor_set, sampling_defaults=defaults, jobs=JobStore.from_settings(settings),
                        created=int(time.time()))
+
+
+def make_engine(settings: Settings, lm: LoadedModel) -> GenerationEngine:
+    """The engine ``settings.engine`` names, over ``lm`` (vLLM loads its own copy of the weights)."""
+    if settings.engine == "vllm":
+        from steering.vllm_engine import VLLMEngine
+
+        model_dir = getattr(lm.model, "name_or_path", None)
+        if not model_dir or not Path(model_dir, "config.json").exists():
+            raise ModelLoadError(f"the vLLM engine needs a model directory; '{model_dir}' has no config.json")
+        dtype = str(lm.dtype).removeprefix("torch.")
+        return VLLMEngine(lm, model_dir=Path(model_dir), max_batch_size=settings.max_batch_size,
+                          max_waiting=settings.max_waiting, max_model_len=settings.max_model_len,
+                          max_num_batched_tokens=settings.max_num_batched_tokens, dtype=dtype,
+                          tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=True,
+                          kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization)
+    return Engine(lm, max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
+                  max_model_len=settings.max_model_len, max_num_batched_tokens=settings.max_num_batched_tokens,
+                  kv_cache_bytes=int(settings.kv_cache_gib * 2**30))
 
 
 def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = None) -> FastAPI:
@@ -84,7 +103,7 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
     async def lifespan(app: FastAPI):
         state = build_state(settings, lm)
         app.state.server = state
-        state.engine.start()
+        await state.engine.astart()
         state.ready = True
         log.info("serving %s (%d layers, hidden %d) with %d vectors", state.lm.name, state.lm.num_layers,
                  state.lm.hidden_size, len(state.registry.names()))

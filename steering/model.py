@@ -176,6 +176,7 @@ def load_model(
     device: str = "auto",
     cache_dir: Path | None = None,
     served_name: str | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load the model named by ``spec``: ``"default"``, a HF model directory, or a ``.gguf`` file.
 
@@ -215,10 +216,18 @@ def load_model(
         kwargs["device_map"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        else:
+            # Shapes only (another engine holds the weights): config, layers and tokenizer, no memory.
+            from transformers import AutoConfig
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source)), dtype=torch_dtype)
+            model.name_or_path = str(source)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from '{source}': {exc}") from exc
-    if "device_map" not in kwargs:
+    if "device_map" not in kwargs and weights:
         model.to(target)
     model.eval()
     model.requires_grad_(False)

@@ -31,7 +31,8 @@ def free_port() -> int:
 class LiveServer:
     """A real uvicorn server in a thread of the test process, on a free loopback port."""
 
-    def __init__(self, app):
+    def __init__(self, app, ready_timeout: float = 60.0):
+        self.ready_timeout = ready_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
@@ -40,8 +41,8 @@ class LiveServer:
 
     def __enter__(self) -> "LiveServer":
         self._thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline and self._thread.is_alive():
             try:
                 if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
                     return self
@@ -66,7 +67,8 @@ def lm():
 
 def make_server(lm, data_dir: Path, **overrides) -> LiveServer:
     settings = Settings(data_dir=data_dir, cache_dir=CACHE_DIR, **overrides)
-    return LiveServer(create_app(settings, lm=lm))
+    # vLLM's engine starts a process and loads its own copy of the model.
+    return LiveServer(create_app(settings, lm=lm), ready_timeout=600 if settings.engine == "vllm" else 60)
 
 
 @pytest.fixture(scope="session")

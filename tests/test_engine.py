@@ -233,3 +233,21 @@ def test_prompt_logprobs_match_a_plain_forward_across_chunk_boundaries(lm, engin
     assert len(_tokens(decoding)) == 12
     with pytest.raises(ValueError):
         engine.add_request(GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), score_from=0))
+
+
+def test_response_probes_alone_give_every_token_its_projection(lm, engine):
+    """Each token carries the projection of the state that produced it (the last prompt token's
+    for the first), also when the request has no prefill probes at that layer."""
+    ids = _prompt(lm, "Name a colour.")
+    unit = torch.nn.functional.normalize(torch.randn(2, lm.hidden_size, generator=torch.Generator().manual_seed(0)), dim=-1)
+    events = engine.add_request(_greedy(ids, 5, response_probes={19: unit}))
+    while not _finished(events):
+        engine.step()
+    assert not any(isinstance(e, Exception) for e in events), events
+    outs = [e for e in events if isinstance(e, TokenOut)]
+    assert len(outs) == 5 and all(len(o.projections[19]) == 2 for o in outs)
+    capture = engine.add_request(_greedy(ids, 0, capture_layers=frozenset({19})))
+    while not _finished(capture):
+        engine.step()
+    state = next(e for e in capture if isinstance(e, PrefillDone)).states[19]
+    assert outs[0].projections[19] == pytest.approx((unit @ state).tolist(), rel=1e-4, abs=1e-4)

@@ -25,6 +25,7 @@ def shifts(base: dict, steered: dict) -> dict:
 
 @router.post("/v1/assess")
 async def assess_route(body: AssessRequest, state: State, who: User):
+    state.require_engine_feature("assessment")
     entries = steering_entries(body.steering)
     steering = resolve_request_steering(state, body.steering)
     if body.compare and steering is None:

