@@ -79,7 +79,8 @@ def server(lm, tmp_path_factory):
 
 @pytest.fixture()
 def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
+    # Generous: an assessment is a few hundred prefills, slow on a busy 2-core machine.
+    with httpx.Client(base_url=server.url, timeout=300) as c:
         yield c
 
 
