@@ -46,7 +46,7 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
             settings.model, dtype=settings.dtype, device=settings.device,
             cache_dir=settings.cache_dir, served_name=settings.served_model_name,
             # vLLM's engine loads the weights itself; this process needs the config and tokenizer.
-            weights=settings.engine == "hf",
+            weights=settings.engine == "hf", prepack=settings.cpu_prepack,
         )
     registry = VectorRegistry(
         settings.data_dir / "vectors", model_name=lm.name, fingerprint=lm.fingerprint,
@@ -86,7 +86,8 @@ def make_engine(settings: Settings, lm: LoadedModel) -> GenerationEngine:
                           kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization)
     return Engine(lm, max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
                   max_model_len=settings.max_model_len, max_num_batched_tokens=settings.max_num_batched_tokens,
-                  kv_cache_bytes=int(settings.kv_cache_gib * 2**30))
+                  kv_cache_bytes=int(settings.kv_cache_gib * 2**30),
+                  small_step_threads=settings.cpu_small_step_threads)
 
 
 def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = None) -> FastAPI:

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     served_model_name: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
+    # Our engine on CPU, bfloat16: keep linear weights in oneDNN's packed layout (faster decode).
+    cpu_prepack: bool = True
+    # Our engine on CPU: intra-op threads for steps of at most 16 tokens (small-batch decode);
+    # None: one fewer than torch's thread count, leaving a core to the event loop.
+    cpu_small_step_threads: int | None = Field(None, ge=1)
     data_dir: Path = Path("data")
     cache_dir: Path = Path.home() / ".cache" / "persona-server"
     # Shipped data; each path defaults to its place under assets_dir.

@@ -250,7 +250,8 @@ class Engine:
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, max_waiting: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512,
-                 kv_cache_bytes: int | None = None):
+                 kv_cache_bytes: int | None = None, small_step_threads: int | None = None,
+                 small_step_tokens: int = 16):
         self.lm = lm
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
@@ -276,6 +277,14 @@ class Engine:
         self.deltas = DeltaTable(hidden_size=lm.hidden_size, dtype=lm.dtype, device_of_layer=lm.block_device)
         self.forward_passes = 0
         self._device = lm.input_device
+        # On CPU a step of a few tokens (small-batch decode) is bound by reading the weights and
+        # barely gains from a second thread, while the event loop that streams the tokens needs a
+        # core: such steps run with one thread fewer than the rest (see _threads_for).
+        self.threads = torch.get_num_threads()
+        self.small_step_tokens = small_step_tokens
+        if small_step_threads is None:
+            small_step_threads = max(1, self.threads - 1)
+        self.small_step_threads = small_step_threads if self._device.type == "cpu" else self.threads
         self._placeholder_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self._device)
         self._pending: collections.deque[_Row] = collections.deque()
         self._wake = threading.Condition()
@@ -369,11 +378,22 @@ class Engine:
 
         The worker thread calls this in its loop; tests and offline tools may call it directly
         instead of :meth:`start`, which makes the order of joins and leaves exact."""
+        threads = torch.get_num_threads()
+        try:
+            return self._step()
+        finally:
+            if torch.get_num_threads() != threads:  # the caller's thread keeps its own setting
+                torch.set_num_threads(threads)
+
+    def _step(self) -> bool:
         with self._wake:
             self._expire_pending()
             self._admit()
         work = self._schedule()
         if work.rows:
+            threads = self._threads_for(work)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)  # this thread's OpenMP team; others keep theirs
             self._run_step(work)
         self._release_finished()
         self._flush()
@@ -416,7 +436,7 @@ class Engine:
                             self._wake.wait()
                         if self._stopping:
                             break
-                    self.step()
+                    self._step()
             self._fail_all(EngineError("the engine shut down"))
         except BaseException as exc:  # the loop itself broke: fail everyone at once, never hang
             log.exception("the engine's worker died")
@@ -466,6 +486,11 @@ class Engine:
             chunks.append((row, row.computed, row.computed + n))
             budget -= n
         return _Step(decode, chunks)
+
+    def _threads_for(self, step: _Step) -> int:
+        """Intra-op threads for ``step``: ``small_step_threads`` up to ``small_step_tokens`` tokens."""
+        tokens = len(step.decode) + sum(b - a for _row, a, b in step.chunks)
+        return self.small_step_threads if tokens <= self.small_step_tokens else self.threads
 
     def _run_step(self, step: _Step, retry: bool = True) -> None:
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from steering.cpu_linear import prepack_linears
 from steering.layers import decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ def load_model(
     cache_dir: Path | None = None,
     served_name: str | None = None,
     weights: bool = True,
+    prepack: bool = True,
 ) -> LoadedModel:
     """Load the model named by ``spec``: ``"default"``, a HF model directory, or a ``.gguf`` file.
 
@@ -186,7 +188,8 @@ def load_model(
         lm.num_layers, lm.hidden_size   # (30, 576) for SmolLM2-135M
 
     With ``device="auto"`` and GPUs present, accelerate's device map spreads the blocks
-    over the GPUs (and CPU when they are full).
+    over the GPUs (and CPU when they are full). With ``prepack`` (the default), bfloat16
+    linear layers on CPU keep their weights in oneDNN's packed layout (:mod:`steering.cpu_linear`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -231,6 +234,10 @@ def load_model(
         model.to(target)
     model.eval()
     model.requires_grad_(False)
+    if weights and prepack and target == "cpu":
+        packed = prepack_linears(model)
+        if packed:
+            log.info("prepacked %d bfloat16 linear layers for oneDNN", packed)
 
     blocks = decoder_blocks(model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

