@@ -1,15 +1,22 @@
-"""Linear layers with their bfloat16 weights prepacked for oneDNN, for decoding on CPU.
+"""Linear layers that multiply few rows by a oneDNN-prepacked bfloat16 weight, for decoding on CPU.
 
 A plain bfloat16 ``nn.Linear`` on CPU hands its weight to oneDNN in PyTorch's row-major layout
-on every call, and oneDNN reorders it into its blocked layout each time; for the small
-matrix-vector products of decoding that reorder costs more than the product. Packing each
-weight once at load time (what Inductor's freezing pass does for compiled graphs) removes it:
-measured on this project's 2-core AVX512-BF16 host, a ``[1536, 576]`` projection at one token
-took 65 µs packed against 129 µs plain, and the 49,152-row output head 4.5 ms against 8.1 ms.
+on every call; for the matrix-vector products of small-batch decoding that costs more than the
+product. A weight packed once into oneDNN's blocked layout (what Inductor's freezing pass does
+for compiled graphs) avoids it: measured on this project's 2-core AVX512-BF16 host, a
+``[1536, 576]`` projection of one token took 45 µs packed against 83 µs plain, and the
+49,152-row output head 4.1 ms against 7.4 ms.
 
-The packed tensor replaces the module's weight, so memory does not grow, except where the weight
-is shared (an output head tied to the embeddings keeps the shared dense weight and adds a
-packed copy).
+Two measured facts shape the design. Above a few rows the packed kernel gains little, and
+served over HTTP (event loop and clients sharing the cores) 32 concurrent rows were no faster
+on it, so a :class:`PackedLinear` uses its packed weight up to ``packed_max_rows`` rows and the
+plain one above. And packing in a thread other than the one that runs the model (at load time,
+in the server's main thread) made the engine's plain bfloat16 products slower for the life of
+the process: the 32-request burst fell from 282 to 205 tok/s, even when only one weight was
+packed. So weights are packed on first use, by the thread that runs the forward: the engine's
+worker.
+
+Both forms of each weight are kept, so the linear weights take twice their memory once packed.
 """
 
 from __future__ import annotations
@@ -23,17 +30,32 @@ log = logging.getLogger(__name__)
 
 
 class PackedLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward multiplies by a oneDNN-packed bfloat16 weight.
+    """An ``nn.Linear`` that multiplies up to ``packed_max_rows`` rows by a oneDNN-packed copy of
+    its bfloat16 weight (made on first use) and more rows by the weight itself.
 
     Example::
 
         count = prepack_linears(model)   # every eligible nn.Linear becomes a PackedLinear
     """
 
-    packed: torch.Tensor
+    packed: torch.Tensor | None = None  # set on first use, in the thread that runs the model
+    packed_max_rows: int = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
+        if x.numel() <= self.packed_max_rows * x.shape[-1] and x.dtype == torch.bfloat16:
+            if self.packed is None and not self._pack():
+                return super().forward(x)
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return super().forward(x)
+
+    def _pack(self) -> bool:
+        try:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        except RuntimeError as exc:  # an old oneDNN, an odd shape: the plain layer still works
+            log.warning("could not prepack a linear weight %s (%s); using the plain layer", tuple(self.weight.shape), exc)
+            self.packed_max_rows = 0
+            return False
+        return True
 
 
 def packing_available() -> bool:
@@ -42,29 +64,15 @@ def packing_available() -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def prepack_linears(model: nn.Module) -> int:
-    """Turn every bfloat16 ``nn.Linear`` on CPU in ``model`` into a :class:`PackedLinear`;
-    returns how many. Leaves the model untouched where packing is unavailable or fails."""
+def prepack_linears(model: nn.Module, max_rows: int = 16) -> int:
+    """Turn every bfloat16 ``nn.Linear`` on CPU in ``model`` into a :class:`PackedLinear` that
+    packs its weight on first use and uses it up to ``max_rows`` rows; returns how many (0 where
+    this CPU or build of torch has no oneDNN bfloat16)."""
     if not packing_available():
         return 0
-    shared = _shared_parameters(model)
     todo = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
             and m.weight.dtype == torch.bfloat16 and m.weight.layout == torch.strided]
-    try:
-        packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None) for m in todo]
-    except RuntimeError as exc:  # an old oneDNN, an odd shape: the plain layers still work
-        log.warning("could not prepack linear weights (%s); using plain linear layers", exc)
-        return 0
-    for module, weight in zip(todo, packed):
+    for module in todo:
         module.__class__ = PackedLinear
-        module.packed = weight
-        if id(module.weight) not in shared:
-            module.weight = nn.Parameter(weight, requires_grad=False)
+        module.packed_max_rows = max_rows
     return len(todo)
-
-
-def _shared_parameters(model: nn.Module) -> set[int]:
-    seen: dict[int, int] = {}
-    for _name, param in model.named_parameters(remove_duplicate=False):
-        seen[id(param)] = seen.get(id(param), 0) + 1
-    return {key for key, count in seen.items() if count > 1}

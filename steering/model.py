@@ -189,7 +189,8 @@ def load_model(
 
     With ``device="auto"`` and GPUs present, accelerate's device map spreads the blocks
     over the GPUs (and CPU when they are full). With ``prepack`` (the default), bfloat16
-    linear layers on CPU keep their weights in oneDNN's packed layout (:mod:`steering.cpu_linear`).
+    linear layers on CPU multiply small batches by a oneDNN-packed copy of their weights
+    (:mod:`steering.cpu_linear`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -237,7 +238,7 @@ def load_model(
     if weights and prepack and target == "cpu":
         packed = prepack_linears(model)
         if packed:
-            log.info("prepacked %d bfloat16 linear layers for oneDNN", packed)
+            log.info("%d bfloat16 linear layers pack their weights for oneDNN on first use", packed)
 
     blocks = decoder_blocks(model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

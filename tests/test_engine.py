@@ -88,7 +88,7 @@ def _joins_and_leaves_match_solo(lm, engine):
     assert _tokens(first) == solo[tuple(short)]
     assert _tokens(joined["long"]) == solo[tuple(long)]
     assert _tokens(joined["medium"]) == solo[tuple(medium)]
-    assert engine.running == 0 and sorted(engine._free_slots) == [0, 1, 2, 3]
+    assert engine.running == 0 and sorted(engine._free_slots) == list(range(engine.max_batch_size))
 
 
 @pytest.mark.skipif(not packing_available(), reason="this CPU or torch build has no oneDNN bfloat16")
@@ -98,21 +98,29 @@ def test_prepacked_bfloat16_layers_match_plain_ones_and_keep_batch_invariance():
     linears = [m for m in plain.model.modules() if isinstance(m, torch.nn.Linear)]
     packed_linears = [m for m in packed.model.modules() if isinstance(m, PackedLinear)]
     assert len(packed_linears) == len(linears) > 0
-    # Untied weights are replaced by their packed form (no second copy); a tied head keeps the
-    # embedding's dense weight.
-    embedding = packed.model.get_input_embeddings().weight
-    for module in packed_linears:
-        assert module.weight is embedding or module.weight.layout == torch._mkldnn
-    ids = torch.tensor([_prompt(plain, "Describe a quiet morning by the sea.")])
-    with torch.inference_mode():
-        a = plain.model(input_ids=ids).logits.float()
-        b = packed.model(input_ids=ids).logits.float()
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
-    assert (a - b).abs().max() <= 0.02 * a.abs().max()
+    prompt = _prompt(plain, "Describe a quiet morning by the sea.")
+    with torch.inference_mode():  # 40 tokens take the plain weights, 11 the packed ones
+        for ids in (torch.tensor([(prompt * 3)[:40]]), torch.tensor([prompt[-11:]])):
+            a = plain.model(input_ids=ids).logits.float()
+            b = packed.model(input_ids=ids).logits.float()
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            assert (a - b).abs().max() <= 0.02 * a.abs().max()
+            if ids.shape[1] == 40:
+                assert all(m.packed is None for m in packed_linears)  # packed on first use only
+    assert all(m.packed.layout == torch._mkldnn for m in packed_linears)
     del plain
-    engine = Engine(packed, max_batch_size=4, max_waiting=8, max_num_batched_tokens=48, max_model_len=1024)
+    engine = Engine(packed, max_batch_size=32, max_waiting=64, max_num_batched_tokens=48, max_model_len=512)
     try:
+        # Rows joining and leaving (steps of 1-4 rows: packed weights), then one row alone and amid
+        # 31 others (32-row steps: plain weights): the same greedy tokens.
         _joins_and_leaves_match_solo(packed, engine)
+        others = [_prompt(packed, f"Write a line about the number {i}.") for i in range(31)]
+        alone = _solo(engine, _greedy(prompt, 24))
+        target = engine.add_request(_greedy(prompt, 24))
+        rest = [engine.add_request(_greedy(p, 24)) for p in others]
+        while not all(_finished(e) for e in [target, *rest]):
+            engine.step()
+        assert _tokens(target) == alone
     finally:
         engine.hooks.remove()
 
