@@ -393,7 +393,7 @@ class Engine:
         if work.rows:
             threads = self._threads_for(work)
             if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)  # this thread's OpenMP team; others keep theirs
+                torch.set_num_threads(threads)  # this thread's OpenMP team (threads already running keep theirs)
             self._run_step(work)
         self._release_finished()
         self._flush()
