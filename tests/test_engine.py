@@ -169,6 +169,34 @@ def test_small_steps_leave_a_core_to_the_event_loop_and_large_ones_use_every_thr
         engine.hooks.remove()
 
 
+def test_chunks_deep_into_a_long_prompt_are_smaller_so_every_step_costs_about_the_same(lm):
+    engine = Engine(lm, max_batch_size=4, max_num_batched_tokens=64, max_model_len=1024, attention_horizon=200)
+    try:
+        decoding = engine.add_request(_greedy(_prompt(lm, "Count slowly."), 60))
+        engine.step()
+        long = _prompt(lm, "Describe the history of bridges in great detail. " * 30)
+        arriving = engine.add_request(_greedy(long, 2))
+        chunks = []
+        original = engine._forward
+
+        def spy(step):
+            chunks.extend((a, b - a) for _row, a, b in step.chunks)
+            return original(step)
+
+        engine._forward = spy
+        while not any(isinstance(e, PrefillDone) for e in arriving):
+            engine.step()
+        assert sum(n for _past, n in chunks) == len(long)
+        allowance = engine._chunk_cost(0, 64) - 1  # one decoding row beside the chunk
+        for past, n in chunks[:-1]:
+            assert engine._chunk_cost(past, n) <= allowance < engine._chunk_cost(past, n + 1)
+        sizes = [n for _past, n in chunks[:-1]]
+        assert sizes[0] == 63 and sizes == sorted(sizes, reverse=True)  # 63 fresh tokens, then fewer
+        assert sizes[-1] <= 32  # about 300 tokens in, a chunk gets about half of a fresh one
+    finally:
+        engine.hooks.remove()
+
+
 def test_a_prompt_that_cannot_fit_is_refused_at_submission(lm, engine):
     with pytest.raises(RequestTooLongError):
         engine.add_request(_greedy([1] * 1000, 100))
