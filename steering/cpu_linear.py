@@ -7,14 +7,14 @@ for compiled graphs) avoids it: measured on this project's 2-core AVX512-BF16 ho
 ``[1536, 576]`` projection of one token took 45 µs packed against 83 µs plain, and the
 49,152-row output head 4.1 ms against 7.4 ms.
 
-Two measured facts shape the design. Above a few rows the packed kernel gains little, and
-served over HTTP (event loop and clients sharing the cores) 32 concurrent rows were no faster
-on it, so a :class:`PackedLinear` uses its packed weight up to ``packed_max_rows`` rows and the
-plain one above. And packing in a thread other than the one that runs the model (at load time,
-in the server's main thread) made the engine's plain bfloat16 products slower for the life of
-the process: the 32-request burst fell from 282 to 205 tok/s, even when only one weight was
-packed. So weights are packed on first use, by the thread that runs the forward: the engine's
-worker.
+Two measurements shape the design. Packing in a thread other than the one that runs the model
+(at load time, in the server's main thread) made the engine's plain bfloat16 products slower for
+the life of the process: the 32-request burst over HTTP fell from 282 to 205 tok/s, even when
+only one weight was packed. So weights are packed on first use, by the thread that runs the
+forward: the engine's worker. And served over HTTP, 32 concurrent rows were no faster on packed
+weights than on plain ones (236 vs 290 tok/s), so a :class:`PackedLinear` uses its packed weight
+up to ``packed_max_rows`` rows and the plain one above; that comparison packed at load time,
+though, so the slowdown above may explain it, and the threshold deserves a new measurement.
 
 Both forms of each weight are kept, so the linear weights take twice their memory once packed.
 """
