@@ -51,16 +51,23 @@ class EngineRunner:
             self.progress(min(self._chunk, len(items) - start))
         return out
 
+    async def _prefill(self, request: GenerationRequest) -> PrefillDone:
+        """Run a prefill-only ``request`` and return what its prefill reported."""
+        async for event in self.engine.generate(request):
+            if isinstance(event, PrefillDone):
+                return event
+        raise RuntimeError("the prefill returned no result")
+
+    @staticmethod
+    def _prefill_only(ids: list[int], **capture) -> GenerationRequest:
+        return GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), **capture)
+
     async def span_means(self, prompts: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Mean state over ``prompt[start:]`` at every layer: ``[n, num_layers + 1, hidden]``."""
 
         async def one(item):
             ids, start = item
-            req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), mean_from=start)
-            async for event in self.engine.generate(req):
-                if isinstance(event, PrefillDone):
-                    return event.span_mean
-            raise RuntimeError("prefill returned no span mean")
+            return (await self._prefill(self._prefill_only(ids, mean_from=start))).span_mean
 
         return torch.stack(await self._chunked(list(zip(prompts, starts)), one))
 
@@ -70,11 +77,7 @@ class EngineRunner:
 
         async def one(item):
             ids, start = item
-            req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), score_from=start)
-            async for event in self.engine.generate(req):
-                if isinstance(event, PrefillDone):
-                    return event.prompt_logprobs
-            raise RuntimeError("prefill returned no log-probabilities")
+            return (await self._prefill(self._prefill_only(ids, score_from=start))).prompt_logprobs
 
         return await self._chunked(list(zip(prompts, starts)), one)
 
@@ -83,12 +86,8 @@ class EngineRunner:
         layers = list(range(self.num_layers + 1)) if layers is None else layers
 
         async def one(ids):
-            req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0),
-                                    capture_layers=frozenset(layers))
-            async for event in self.engine.generate(req):
-                if isinstance(event, PrefillDone):
-                    return torch.stack([event.states[layer] for layer in layers])
-            raise RuntimeError("prefill returned no states")
+            event = await self._prefill(self._prefill_only(ids, capture_layers=frozenset(layers)))
+            return torch.stack([event.states[layer] for layer in layers])
 
         return torch.stack(await self._chunked(prompts, one))
 
@@ -99,12 +98,8 @@ class EngineRunner:
 
         async def one(item):
             ids, option_ids = item
-            req = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), steering=steering,
-                                    option_ids=option_ids)
-            async for event in self.engine.generate(req):
-                if isinstance(event, PrefillDone):
-                    return event.option_logprobs
-            raise RuntimeError("prefill returned no option probabilities")
+            event = await self._prefill(self._prefill_only(ids, steering=steering, option_ids=option_ids))
+            return event.option_logprobs
 
         return await self._chunked(list(zip(prompts, options)), one)
 

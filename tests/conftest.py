@@ -16,7 +16,9 @@ import uvicorn
 
 from app.main import create_app
 from app.settings import Settings
+from steering.engine import Engine
 from steering.model import load_model
+from steering.runner import EngineRunner
 
 CACHE_DIR = Path(os.environ.get("PERSONA_CACHE_DIR", Path.home() / ".cache" / "persona-server"))
 REPO_VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -63,6 +65,15 @@ class LiveServer:
 @pytest.fixture(scope="session")
 def lm():
     return load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR)
+
+
+@pytest.fixture(scope="module")
+def runner(lm):
+    """An engine of its own on the shared model, for extraction and evaluation code (per module)."""
+    engine = Engine(lm, max_batch_size=32, max_waiting=256)
+    engine.start()
+    yield EngineRunner(engine)
+    engine.shutdown()
 
 
 def make_server(lm, data_dir: Path, **overrides) -> LiveServer:

@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 
 from steering.chat import chat_prompt_ids
-from steering.engine import Engine
 from steering.evidence import Lexicon, check_held_out, load_evidence, measure, pearson
 from steering.extract import auroc, unit_rows
 from steering.monitor import scalar_projection
-from steering.runner import EngineRunner
 from steering.vector import PersonaVector
 from tests.conftest import REPO_VECTORS
 
@@ -67,14 +65,6 @@ def test_every_shipped_vector_has_held_out_graded_prompts():
     leaked["heldout_questions"].append(EVIDENCE["evil"].questions[3])
     with pytest.raises(ValueError, match="shares text"):
         check_held_out(EVIDENCE["evil"], leaked)
-
-
-@pytest.fixture(scope="module")
-def runner(lm):
-    engine = Engine(lm, max_batch_size=32, max_waiting=256)
-    engine.start()
-    yield EngineRunner(engine)
-    engine.shutdown()
 
 
 def test_evil_monitor_recomputed_on_a_subset(lm, runner):

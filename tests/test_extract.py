@@ -7,24 +7,14 @@ import asyncio
 
 import pytest
 
-from steering.engine import Engine
 from steering.extract import (
     MAX_PERPLEXITY_RATIO,
     TraitDefinition,
     coefficient_sweep,
     recommend_range,
 )
-from steering.runner import EngineRunner
 from steering.vector import PersonaVector
 from tests.conftest import REPO_VECTORS
-
-
-@pytest.fixture(scope="module")
-def runner(lm):
-    engine = Engine(lm, max_batch_size=32, max_waiting=256)
-    engine.start()
-    yield EngineRunner(engine)
-    engine.shutdown()
 
 
 def _shipped(name: str) -> PersonaVector:
