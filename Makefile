@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test bench vectors evidence clean
+.PHONY: install serve test bench soak methods vectors evidence clean
 
 install: $(STAMP)
 
@@ -56,6 +56,18 @@ PEERS_ARGS ?=
 
 bench-peers: install-vllm
 	$(PY) -m tests.bench.peers --vllm-python $(PY) $(PEERS_ARGS)
+
+# The server's RSS under 30 minutes of varied load (not part of `make test`): tests/bench/soak.json
+# and the README's soak block.
+SOAK_ARGS ?=
+soak: install
+	$(PY) -m tests.bench.soak $(SOAK_ARGS)
+
+# Compare extraction methods as monitors on vectors/evidence.json, per vector (not part of `make test`);
+# METHODS_ARGS=--write-definitions records each choice in vectors/traits/NAME.json for `make vectors`.
+METHODS_ARGS ?=
+methods: install
+	$(VENV)/bin/persona-server methods --readme README.md $(METHODS_ARGS)
 
 # Rebuild the shipped vectors for the default model from their trait definitions.
 vectors: install

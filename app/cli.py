@@ -231,6 +231,88 @@ def _evidence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods(args: argparse.Namespace) -> int:
+    import asyncio
+    import datetime
+    import json
+    import platform
+    import time
+
+    from app.settings import shipped_assets_dir
+    from steering.atomic import atomic_write_bytes
+    from steering.engine import Engine
+    from steering.evidence import check_held_out, load_evidence
+    from app.settings import Settings
+    from steering.extract import TraitDefinition, build_vector
+    from steering.methods import compare, extraction_spec, markdown
+    from steering.model import load_model
+    from steering.runner import EngineRunner
+    from steering.vector import PersonaVector
+
+    assets = shipped_assets_dir()
+    traits_dir = Path(args.traits_dir) if args.traits_dir else assets / "traits"
+    lm = load_model(args.model, dtype="float32", device=args.device)
+    evidence = load_evidence(assets / "evidence.json")
+    names = args.vector or sorted(evidence)
+    for name in names:
+        check_held_out(evidence[name], json.loads((traits_dir / f"{name}.json").read_text()))
+    if args.rebuild and not args.write_definitions:
+        raise SystemExit("persona-server methods: --rebuild needs --write-definitions (it builds from the new definition)")
+    neutral = json.loads(Settings().neutral_prompts_file.read_text())["prompts"]
+    out = Path(args.out or Path("docs") / "evidence" / f"methods-{lm.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    engine = Engine(lm, max_batch_size=32, max_waiting=1 << 20)
+    engine.start()
+    results = []
+    started = time.monotonic()
+    try:
+        for name in names:
+            t = time.monotonic()
+            shipped_path = assets / lm.name / f"{name}.safetensors"
+            shipped = PersonaVector.load(shipped_path) if shipped_path.is_file() else None
+            trait = TraitDefinition.load(traits_dir / f"{name}.json")
+            res = asyncio.run(compare(EngineRunner(engine), lm.tokenizer, trait, evidence[name], lm.num_layers, shipped))
+            samples = res.pop("samples")
+            results.append(res)
+            best = res["rows"][res["chosen"]]
+            print(f"{name}: chose {best['method']} {best['combine']} smooth={best['smooth_layers']} layer {best['layer']}: "
+                  f"AUROC {best['select_auroc']:.3f} choosing, {best['report_auroc']:.3f} reporting "
+                  f"({time.monotonic() - t:.0f} s)", flush=True)
+            if args.write_definitions:
+                path = traits_dir / f"{name}.json"
+                data = json.loads(path.read_text())
+                data["extraction"] = extraction_spec(res)
+                atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+                if args.rebuild:  # what `make vectors` would build from the new definition, reusing the states
+                    trait = TraitDefinition.load(path)
+                    vector = asyncio.run(build_vector(EngineRunner(engine), lm, trait, neutral_prompts=neutral,
+                                                      samples=samples[best["method"]]))
+                    vector.save(assets / lm.name / f"{name}.safetensors")
+                    lo, hi = vector.coefficient_range
+                    print(f"  rebuilt {name}: layer {vector.recommended_layer}, held-out AUROC "
+                          f"{vector.extra['heldout_auroc']:.3f}, coefficients {lo:g}..{hi:g}", flush=True)
+    finally:
+        engine.shutdown()
+    if not results:
+        return 1
+    header = (f"Latest `make methods`: {datetime.date.today().isoformat()}, {platform.machine()}, {lm.name} (float32), "
+              f"{time.monotonic() - started:.0f} s in all. Each cell: held-out AUROC on the reporting half "
+              f"({results[0]['questions_reporting']} questions x 4 levels) at the layer the choosing half picked.")
+    table = markdown(results, header=header)
+    atomic_write_bytes(out, (json.dumps({"model": lm.name, "results": results}, indent=1) + "\n").encode())
+    atomic_write_bytes(out.with_suffix(".md"), (table + "\n").encode())
+    print(table)
+    if args.readme:
+        readme = Path(args.readme)
+        text = readme.read_text()
+        start, end = "<!-- methods:start -->", "<!-- methods:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            atomic_write_bytes(readme, (head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1]).encode())
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from app.bench import main as bench_main
 
@@ -262,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
 
     extract = sub.add_parser("extract", help="build a persona vector from a trait definition")
     extract.add_argument("--trait", required=True, nargs="+", help="vectors/traits/NAME.json (one or more)")
-    extract.add_argument("--method", default="contrastive_texts",
-                         choices=["contrastive_texts", "contrastive_prompts", "labelled_sentences"])
+    extract.add_argument("--method", default=None, choices=["contrastive_texts", "contrastive_prompts", "labelled_sentences"],
+                         help="default: the definition's extraction.method (as `make methods` chose it), else contrastive_texts")
     extract.add_argument("--model", default="default")
     extract.add_argument("--device", default="cpu")
     extract.add_argument("--out", help="output .safetensors for one trait (default vectors/<model>/<trait>.safetensors)")
@@ -302,6 +384,20 @@ def main(argv: list[str] | None = None) -> int:
     evidence.add_argument("--model", default="default")
     evidence.add_argument("--device", default="cpu")
     evidence.set_defaults(func=_evidence)
+
+    methods = sub.add_parser("methods", help="compare extraction methods as monitors on the evidence set, per vector")
+    methods.add_argument("--vector", action="append", help="vector name (repeatable; default: every one in vectors/evidence.json)")
+    methods.add_argument("--traits-dir", dest="traits_dir", help="trait definitions (default: the shipped ones)")
+    methods.add_argument("--write-definitions", dest="write_definitions", action="store_true",
+                         help="record each vector's chosen candidate as its definition's 'extraction' object")
+    methods.add_argument("--rebuild", action="store_true",
+                         help="with --write-definitions: rebuild each shipped vector from its new definition, as "
+                              "`make vectors` does, reusing the states read for the comparison")
+    methods.add_argument("--out", help="JSON output (default docs/evidence/methods-<model>.json; the table beside it as .md)")
+    methods.add_argument("--readme", help="rewrite the table between the methods markers of this file")
+    methods.add_argument("--model", default="default")
+    methods.add_argument("--device", default="cpu")
+    methods.set_defaults(func=_methods)
 
     bench = sub.add_parser("bench", help="load-test a running server (like vllm bench serve)")
     bench.add_argument("--url", default="http://127.0.0.1:8000")

@@ -268,7 +268,8 @@ class ExtractRequest(_Strict):
     trait: dict | None = None
     trait_name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     name: VectorName | None = None
-    method: Literal["contrastive_texts", "contrastive_prompts", "labelled_sentences"] = "contrastive_texts"
+    # None: the definition's ``extraction.method``, else contrastive_texts.
+    method: Literal["contrastive_texts", "contrastive_prompts", "labelled_sentences"] | None = None
     sweep: bool = True
 
 

@@ -12,6 +12,13 @@ Three methods, all layers at once, one forward per text, batched through the eng
 - ``labelled_sentences`` (the Persafety MBTI method): difference of the centroids of the
   mean states of sentences labelled with each pole.
 
+Per method, the per-sample states combine into one direction per layer either as the difference
+of the two means (``combine="mean"``) or as the first principal component of the paired
+differences (``combine="pca"``, sign toward the mean difference; paired methods only), and each
+layer's direction may be averaged with its neighbours (``smooth_layers``). A definition's
+``extraction`` object fixes these choices and the layer, as ``make methods`` chose them
+(``steering/methods.py``); without it: mean difference, no averaging, layer by Cohen's d.
+
 Then, for every vector: statistics on a neutral prompt set (residual norm, projection mean /
 std for z-scores), the per-layer separation of held-out questions under the positive vs
 negative system prompts (Cohen's d and AUROC of the last prompt token's projection), the
@@ -27,7 +34,7 @@ import asyncio
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -41,6 +48,9 @@ from steering.steer import RowSteering
 from steering.vector import ModelRef, PersonaVector
 
 METHODS = ("contrastive_texts", "contrastive_prompts", "labelled_sentences")
+COMBINES = ("mean", "pca")
+PAIRED = ("contrastive_texts", "contrastive_prompts")  # a positive and a negative per question
+MAX_SMOOTH_LAYERS = 2
 COEFFICIENT_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # The top of a recommended range: answers the unsteered model finds at most this many times as
 # perplexing as its own unsteered answers.
@@ -62,6 +72,7 @@ class TraitDefinition:
     texts: list[dict]
     sentences: dict
     digest: str
+    extraction: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> "TraitDefinition":
@@ -75,6 +86,7 @@ class TraitDefinition:
             texts=data.get("texts", []),
             sentences=data.get("sentences", {}),
             digest=definition_hash(data),
+            extraction=data.get("extraction", {}),
         )
 
 
@@ -142,17 +154,28 @@ class Judge:
         return float(digits) if digits else 0.0
 
 
-async def _diff_texts(runner: EngineRunner, tok, trait: TraitDefinition) -> tuple[torch.Tensor, dict]:
+@dataclass
+class Samples:
+    """Per-sample mean response states ``[n, L+1, H]`` of the two poles; ``paired``: row ``i`` of
+    ``pos`` and of ``neg`` answer the same question."""
+
+    pos: torch.Tensor
+    neg: torch.Tensor
+    paired: bool
+    counts: dict
+
+
+async def _samples_texts(runner: EngineRunner, tok, trait: TraitDefinition) -> Samples:
     prompts = [chat_prompt_ids(tok, _user(t["question"])) for t in trait.texts]
     pos = [p + text_ids(tok, t["pos"]) for p, t in zip(prompts, trait.texts)]
     neg = [p + text_ids(tok, t["neg"]) for p, t in zip(prompts, trait.texts)]
     starts = [len(p) for p in prompts]
     means = await runner.span_means(pos + neg, starts + starts)
     n = len(prompts)
-    return means[:n].mean(0) - means[n:].mean(0), {"n_pos": n, "n_neg": n}
+    return Samples(means[:n], means[n:], True, {"n_pos": n, "n_neg": n})
 
 
-async def _diff_prompts(runner: EngineRunner, tok, trait: TraitDefinition, judge: Judge | None) -> tuple[torch.Tensor, dict]:
+async def _samples_prompts(runner: EngineRunner, tok, trait: TraitDefinition, judge: Judge | None) -> Samples:
     items = [(pair, q) for pair in trait.pairs for q in trait.questions]
     pos_prompts = [chat_prompt_ids(tok, _with_system(pair["pos"], q)) for pair, q in items]
     neg_prompts = [chat_prompt_ids(tok, _with_system(pair["neg"], q)) for pair, q in items]
@@ -168,26 +191,106 @@ async def _diff_prompts(runner: EngineRunner, tok, trait: TraitDefinition, judge
     neg = [neg_prompts[i] + text_ids(tok, neg_answers[i] or " ") for i in keep]
     pos_means = await runner.span_means(pos, [len(pos_prompts[i]) for i in keep])
     neg_means = await runner.span_means(neg, [len(neg_prompts[i]) for i in keep])
-    return pos_means.mean(0) - neg_means.mean(0), {"n_pos": len(keep), "n_neg": len(keep), "n_generated": len(items)}
+    return Samples(pos_means, neg_means, True, {"n_pos": len(keep), "n_neg": len(keep), "n_generated": len(items)})
 
 
-async def _diff_sentences(runner: EngineRunner, tok, trait: TraitDefinition) -> tuple[torch.Tensor, dict]:
+async def _samples_sentences(runner: EngineRunner, tok, trait: TraitDefinition) -> Samples:
     pos = [text_ids(tok, s) for s in trait.sentences["pos"]]
     neg = [text_ids(tok, s) for s in trait.sentences["neg"]]
     means = await runner.span_means(pos + neg, [0] * (len(pos) + len(neg)))
-    return means[: len(pos)].mean(0) - means[len(pos) :].mean(0), {"n_pos": len(pos), "n_neg": len(neg)}
+    return Samples(means[: len(pos)], means[len(pos):], False, {"n_pos": len(pos), "n_neg": len(neg)})
 
 
-async def heldout_projections(runner: EngineRunner, tok, trait: TraitDefinition, unit: torch.Tensor):
-    """Last-prompt-token projections ``[n, L+1]`` of held-out questions under pos / neg prompts."""
+async def method_samples(runner: EngineRunner, tok, trait: TraitDefinition, method: str, judge: Judge | None = None) -> Samples:
+    """The per-sample states ``method`` reads from ``trait``'s data."""
+    if method == "contrastive_texts":
+        return await _samples_texts(runner, tok, trait)
+    if method == "contrastive_prompts":
+        return await _samples_prompts(runner, tok, trait, judge)
+    if method == "labelled_sentences":
+        return await _samples_sentences(runner, tok, trait)
+    raise ValueError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
+
+
+def combine_directions(samples: Samples, combine: str = "mean") -> torch.Tensor:
+    """One direction per layer ``[L+1, H]``: the difference of the means, or (``"pca"``) the first
+    principal component of the paired differences, uncentred, scaled to the mean difference's
+    length along it and pointing the same way.
+
+    Example::
+
+        combine_directions(Samples(pos, neg, True, {}), "pca")
+    """
+    mean = samples.pos.mean(0) - samples.neg.mean(0)
+    if combine == "mean":
+        return mean
+    if combine != "pca":
+        raise ValueError(f"unknown combine '{combine}'; use one of {', '.join(COMBINES)}")
+    if not samples.paired:
+        raise ValueError("combine 'pca' needs paired samples (contrastive_texts or contrastive_prompts)")
+    diffs = (samples.pos - samples.neg).transpose(0, 1).float()  # [L+1, n, H]
+    _, _, vh = torch.linalg.svd(diffs, full_matrices=False)
+    pc = vh[:, 0, :].to(mean.dtype)  # [L+1, H], unit rows
+    along = (pc * mean).sum(-1, keepdim=True)
+    return torch.where(along < 0, -pc, pc) * along.abs()
+
+
+def smooth_layers(directions: torch.Tensor, radius: int) -> torch.Tensor:
+    """Each layer's direction averaged with up to ``radius`` neighbours on each side (row 0, the
+    embeddings, is left out of every average and kept as it is)."""
+    if radius == 0:
+        return directions
+    out = directions.clone()
+    last = directions.shape[0] - 1
+    for layer in range(1, last + 1):
+        out[layer] = directions[max(1, layer - radius): min(last, layer + radius) + 1].mean(0)
+    return out
+
+
+def extraction_choices(trait: TraitDefinition, method: str | None = None) -> dict:
+    """The method, combine, averaging and layer to build ``trait`` with: ``method`` if given, else
+    the definition's ``extraction`` object, else the defaults; :class:`DefinitionError` naming the
+    field when the object is malformed."""
+    spec = trait.extraction or {}
+    if not isinstance(spec, dict):
+        raise DefinitionError("trait.extraction must be an object", "trait.extraction")
+    unknown = set(spec) - {"method", "combine", "smooth_layers", "layer", "chosen_by"}
+    if unknown:
+        raise DefinitionError(f"trait.extraction has unknown fields: {sorted(unknown)}", "trait.extraction")
+    own = method is None or method == spec.get("method")
+    choices = {"method": method or spec.get("method", "contrastive_texts"),
+               "combine": spec.get("combine", "mean") if own else "mean",
+               "smooth_layers": spec.get("smooth_layers", 0) if own else 0,
+               "layer": spec.get("layer") if own else None}
+    if choices["method"] not in METHODS:
+        raise DefinitionError(f"unknown method '{choices['method']}'; use one of {', '.join(METHODS)}", "trait.extraction.method")
+    if choices["combine"] not in COMBINES or (choices["combine"] == "pca" and choices["method"] not in PAIRED):
+        raise DefinitionError(f"combine must be one of {', '.join(COMBINES)} ('pca' only with {' or '.join(PAIRED)})",
+                              "trait.extraction.combine")
+    radius = choices["smooth_layers"]
+    if not isinstance(radius, int) or isinstance(radius, bool) or not 0 <= radius <= MAX_SMOOTH_LAYERS:
+        raise DefinitionError(f"smooth_layers must be an integer from 0 to {MAX_SMOOTH_LAYERS}", "trait.extraction.smooth_layers")
+    layer = choices["layer"]
+    if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 1):
+        raise DefinitionError("layer must be a positive integer (1 = the first decoder layer's output)", "trait.extraction.layer")
+    return choices
+
+
+async def heldout_states(runner: EngineRunner, tok, trait: TraitDefinition) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-prompt-token states ``[n, L+1, H]`` of held-out questions under pos / neg prompts."""
     pos_prompts, neg_prompts = [], []
     for q in trait.heldout_questions:
         for pair in trait.pairs:
             pos_prompts.append(chat_prompt_ids(tok, _with_system(pair["pos"], q)))
             neg_prompts.append(chat_prompt_ids(tok, _with_system(pair["neg"], q)))
     states = await runner.last_states(pos_prompts + neg_prompts)
-    proj = (states * unit).sum(-1)
-    return proj[: len(pos_prompts)], proj[len(pos_prompts) :]
+    return states[: len(pos_prompts)], states[len(pos_prompts):]
+
+
+async def heldout_projections(runner: EngineRunner, tok, trait: TraitDefinition, unit: torch.Tensor):
+    """Last-prompt-token projections ``[n, L+1]`` of held-out questions under pos / neg prompts."""
+    pos, neg = await heldout_states(runner, tok, trait)
+    return (pos * unit).sum(-1), (neg * unit).sum(-1)
 
 
 async def answer_projection(runner: EngineRunner, tok, questions: list[str], answers: list[str], unit: torch.Tensor, layer: int) -> float:
@@ -321,31 +424,35 @@ async def build_vector(
     trait: TraitDefinition,
     *,
     neutral_prompts: list[str],
-    method: str = "contrastive_texts",
+    method: str | None = None,
     judge: Judge | None = None,
     sweep: bool = True,
     limit: PromptLimit | None = None,
+    samples: Samples | None = None,
 ) -> PersonaVector:
     """Extract ``trait``'s vector for ``lm`` and measure what it needs to be used well.
 
     Every sequence is checked against ``limit`` (default: the model's context) before the
-    first forward pass; see :func:`check_fits`.
+    first forward pass; see :func:`check_fits`. ``samples``: the chosen method's per-sample
+    states when the caller has already read them (``make methods``), to save the forward passes.
 
     Example::
 
         vector = await build_vector(EngineRunner(engine), lm, TraitDefinition.load(path), neutral_prompts=[...])
     """
     tok = lm.tokenizer
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise ValueError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
+    choices = extraction_choices(trait, method)
+    method = choices["method"]
+    if choices["layer"] is not None and choices["layer"] > lm.num_layers:
+        raise DefinitionError(f"layer {choices['layer']} is past the model's {lm.num_layers} layers", "trait.extraction.layer")
     check_fits(tok, trait, limit or PromptLimit(runner.engine.max_model_len), method=method, neutral_prompts=neutral_prompts,
                sweep=sweep)
-    if method == "contrastive_texts":
-        directions, counts = await _diff_texts(runner, tok, trait)
-    elif method == "contrastive_prompts":
-        directions, counts = await _diff_prompts(runner, tok, trait, judge)
-    else:
-        directions, counts = await _diff_sentences(runner, tok, trait)
+    if samples is None or judge is not None:
+        samples = await method_samples(runner, tok, trait, method, judge)
+    counts = samples.counts
+    directions = smooth_layers(combine_directions(samples, choices["combine"]), choices["smooth_layers"])
     unit = unit_rows(directions)
 
     neutral = await runner.last_states([chat_prompt_ids(tok, _user(p)) for p in neutral_prompts])
@@ -354,13 +461,16 @@ async def build_vector(
     separation = cohens_d(pos, neg)
     separation[0] = float("-inf")  # the embedding row cannot be steered
     lo, hi = max(1, math.floor(0.3 * lm.num_layers)), math.ceil(0.75 * lm.num_layers)
-    layer = lo + int(torch.argmax(separation[lo : hi + 1]))
+    layer = choices["layer"] or lo + int(torch.argmax(separation[lo : hi + 1]))
     layer_auroc = auroc(pos[:, layer].tolist(), neg[:, layer].tolist())
 
     extra = {
         "heldout_cohens_d": [round(float(x), 4) for x in separation[1:]],
         "heldout_auroc": round(layer_auroc, 4),
         "layer_norms": [round(float(x), 4) for x in directions.norm(dim=-1)],
+        "extraction": {**choices, "layer": layer,
+                       "layer_chosen_by": (trait.extraction.get("chosen_by") or "the definition") if choices["layer"]
+                       else "Cohen's d of held-out questions under the definition's system prompts"},
     }
     coefficient_range = None
     if sweep:

@@ -45,11 +45,18 @@ class EngineRunner:
         self._chunk = max(1, min(engine.max_batch_size, engine.max_waiting or 1))
 
     async def _chunked(self, items: list, one) -> list:
-        out: list = []
-        for start in range(0, len(items), self._chunk):
-            out += await asyncio.gather(*(one(item) for item in items[start : start + self._chunk]))
-            self.progress(min(self._chunk, len(items) - start))
-        return out
+        """``one(item)`` for every item, results in order, at most a full batch in flight: a row
+        that finishes early makes room for the next item at once (no waiting for the slowest row
+        of a chunk)."""
+        slots = asyncio.Semaphore(self._chunk)
+
+        async def guarded(item):
+            async with slots:
+                result = await one(item)
+            self.progress(1)
+            return result
+
+        return list(await asyncio.gather(*(guarded(item) for item in items)))
 
     async def _prefill(self, request: GenerationRequest) -> PrefillDone:
         """Run a prefill-only ``request`` and return what its prefill reported."""

@@ -107,3 +107,43 @@ def test_evil_monitor_recomputed_on_a_subset(lm, runner):
     for p in points:
         assert p["prompt_projection"] == pytest.approx(stored[(p["level"], p["question"])]["prompt_projection"], abs=1e-3)
         assert p["answer"] == stored[(p["level"], p["question"])]["answer"]
+
+
+def test_method_comparison_scores_every_candidate_and_chooses_on_the_first_half_only(lm, runner):
+    """`make methods` on a trimmed `evil` definition (2 system-prompt pairs, 4 questions) and 4
+    evidence questions: every candidate gets a layer and two AUROCs, the choice follows the
+    choosing half alone, and a candidate's reported AUROC is the plain AUROC of its projections."""
+    from dataclasses import replace
+
+    from steering.extract import TraitDefinition, combine_directions, smooth_layers
+    from steering.methods import CANDIDATES, compare, extraction_spec, layer_window
+
+    full = TraitDefinition.load(REPO_VECTORS / "traits" / "evil.json")
+    trait = replace(full, pairs=full.pairs[:2], questions=full.questions[:4], heldout_questions=full.heldout_questions[:3],
+                    texts=full.texts[:6], sentences={k: v[:6] for k, v in full.sentences.items()})
+    evidence = replace(EVIDENCE["evil"], questions=EVIDENCE["evil"].questions[:4])
+    result = asyncio.run(compare(runner, lm.tokenizer, trait, evidence, lm.num_layers, _vector("evil")))
+    rows = result["rows"]
+    print(json.dumps(rows))
+    assert [(r["method"], r["combine"], r["smooth_layers"]) for r in rows] == list(CANDIDATES)
+    assert result["questions_choosing"] == 2 and result["questions_reporting"] == 2
+    for r in rows:
+        assert r["layer"] in layer_window(lm.num_layers) and r["cohens_d_layer"] in layer_window(lm.num_layers)
+        assert 0 <= r["select_auroc"] <= 1 and 0 <= r["report_auroc"] <= 1
+    best = rows[result["chosen"]]
+    assert all((r["select_auroc"], r["select_d"]) <= (best["select_auroc"], best["select_d"]) for r in rows)
+    assert best["report_auroc"] >= 0.9  # evil's prompts are the ones this model follows
+    assert extraction_spec(result)["layer"] == best["layer"]
+
+    # The texts / mean / no-smoothing candidate, recomputed from its samples by hand.
+    samples = result["samples"]["contrastive_texts"]
+    row = rows[0]
+    unit = smooth_layers(combine_directions(samples, "mean"), 0)[row["layer"]]
+    unit = unit / unit.norm()
+    reporting = evidence.questions[2:]
+    pos = [chat_prompt_ids(lm.tokenizer, evidence.messages(level, q)) for level in (1, 2) for q in reporting]
+    neg = [chat_prompt_ids(lm.tokenizer, evidence.messages(level, q)) for level in (-1, -2) for q in reporting]
+    states = asyncio.run(runner.last_states(pos + neg, [row["layer"]]))[:, 0]
+    proj = (states @ unit).tolist()
+    assert row["report_auroc"] == pytest.approx(auroc(proj[:4], proj[4:]), abs=1e-4)
+    assert 0 <= result["shipped"]["report_auroc"] <= 1 and result["shipped"]["layer"] == _vector("evil").recommended_layer

@@ -95,3 +95,23 @@ def test_contrastive_prompts_job_builds_a_vector_from_the_models_own_answers(cli
         assert cosine > 0.3
     finally:
         client.delete("/v1/vectors/optimistic-prompts")
+
+
+def test_a_definitions_extraction_object_reaches_the_built_vector(client, server):
+    data = json.loads((REPO_VECTORS / "traits" / "optimistic.json").read_text())
+    data["extraction"] = {"method": "contrastive_texts", "combine": "pca", "smooth_layers": 1, "layer": 12,
+                          "chosen_by": "this test"}
+    r = client.post("/v1/vectors/extract", json={"trait": data, "name": "optimistic-pca", "sweep": False})
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    vector = server.state.registry.get("optimistic-pca")
+    try:
+        assert vector.recommended_layer == 12 and vector.method == "contrastive_texts"
+        assert vector.extra["extraction"] == {"method": "contrastive_texts", "combine": "pca", "smooth_layers": 1,
+                                              "layer": 12, "layer_chosen_by": "this test"}
+    finally:
+        client.delete("/v1/vectors/optimistic-pca")
+    for spec, param in (({"layer": 99}, "trait.extraction.layer"),
+                        ({"method": "labelled_sentences", "combine": "pca"}, "trait.extraction.combine")):
+        r = client.post("/v1/vectors/extract", json={"trait": {**data, "extraction": spec}, "name": "nope"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -12,7 +12,7 @@ from app.auth import Admin, User
 from app.deps import State
 from app.errors import APIError
 from app.schemas import ExtractRequest
-from steering.extract import TraitDefinition, build_vector, check_fits, definition_hash
+from steering.extract import TraitDefinition, build_vector, check_fits, definition_hash, extraction_choices
 from steering.runner import EngineRunner
 
 router = APIRouter()
@@ -31,24 +31,29 @@ def _definition(body: ExtractRequest, traits_dir: Path) -> TraitDefinition:
         data = json.loads(path.read_text())
     else:
         data = body.trait
-    needed = ("name", "description") + _REQUIRED[body.method.split("_")[-1]]
-    for key in needed:
-        if not data.get(key):
-            raise APIError(400, f"the trait definition needs a non-empty '{key}' for {body.method}", param=f"trait.{key}")
-    return TraitDefinition(
-        name=body.name or data["name"], description=data["description"], pairs=data.get("pairs", []),
-        questions=data.get("questions", []), heldout_questions=data["heldout_questions"],
+    trait = TraitDefinition(
+        name=body.name or data.get("name"), description=data.get("description"), pairs=data.get("pairs", []),
+        questions=data.get("questions", []), heldout_questions=data.get("heldout_questions", []),
         texts=data.get("texts", []), sentences=data.get("sentences", {}), digest=definition_hash(data),
+        extraction=data.get("extraction", {}),
     )
+    method = extraction_choices(trait, body.method)["method"]  # the request's, else the definition's
+    for key in ("name", "description") + _REQUIRED[method.split("_")[-1]]:
+        if not data.get(key):
+            raise APIError(400, f"the trait definition needs a non-empty '{key}' for {method}", param=f"trait.{key}")
+    return trait, method
 
 
 @router.post("/v1/vectors/extract", status_code=202)
 async def extract(body: ExtractRequest, state: State, who: Admin):
     state.require_engine_feature("extraction")
-    trait = _definition(body, state.settings.traits_dir)
+    trait, method = _definition(body, state.settings.traits_dir)
     neutral = json.loads(state.settings.neutral_prompts_file.read_text())["prompts"]
     # Refused here, before the job exists, rather than as a failed job.
-    check_fits(state.lm.tokenizer, trait, state.prompt_limit, method=body.method, neutral_prompts=neutral, sweep=body.sweep)
+    check_fits(state.lm.tokenizer, trait, state.prompt_limit, method=method, neutral_prompts=neutral, sweep=body.sweep)
+    layer = extraction_choices(trait, body.method)["layer"]
+    if layer is not None and layer > state.lm.num_layers:
+        raise APIError(400, f"layer {layer} is past the model's {state.lm.num_layers} layers", param="trait.extraction.layer")
 
     async def work(job) -> dict:
         def tick(n: int) -> None:

@@ -135,3 +135,21 @@ def test_a_first_token_without_text_still_times_the_prefill(vllm):
     probe = asyncio.run(run_prefill_probe(vllm.url, rows=2, long_words=600, budget_words=100, warm_tokens=2, seed=0))
     assert probe.long_prompt_tokens > 600
     assert probe.long_ttft_ms > 0 and probe.during_itl_ms["max"] > 0
+
+
+def test_soak_verdict_reads_growth_between_windows_and_the_slope():
+    from tests.bench.soak import render_block as soak_block
+    from tests.bench.soak import rss_mib, slope_per_hour, verdict
+
+    flat = [(t, 1000.0 + (t % 20 == 0)) for t in range(0, 1800, 10)]
+    leak = [(t, 1000.0 + t / 60) for t in range(0, 1800, 10)]  # 1 MiB a minute
+    assert abs(slope_per_hour(flat)) < 1 and abs(slope_per_hour(leak) - 60) < 1e-6
+    v = verdict(leak, 300)
+    assert v["first_window_mib"] == 1002.5 and v["last_window_mib"] == 1027.3 and v["growth_mib"] == 24.8
+    assert abs(verdict(flat, 300)["growth_mib"]) <= 1
+    assert 10 < rss_mib(os.getpid()) < 100_000
+    block = soak_block({"verdict": v, "meta": {"date": "2026-11-25", "minutes": 30, "waves": 9, "sample_s": 10,
+                                               "window_min": 5, "note": ""}})
+    assert "+24.8 MiB" in block and "+60.0 MiB/hour" in block
+    with pytest.raises(ValueError):
+        slope_per_hour([(0, 1.0)])
