@@ -249,15 +249,19 @@ def _methods(args: argparse.Namespace) -> int:
     from steering.runner import EngineRunner
     from steering.vector import PersonaVector
 
+    if args.rebuild and (not args.write_definitions or args.traits_dir):
+        raise SystemExit("persona-server methods: --rebuild needs --write-definitions (it builds from the new "
+                         "definitions) and the shipped definitions (it replaces the shipped vectors)")
     assets = shipped_assets_dir()
     traits_dir = Path(args.traits_dir) if args.traits_dir else assets / "traits"
-    lm = load_model(args.model, dtype="float32", device=args.device)
     evidence = load_evidence(assets / "evidence.json")
     names = args.vector or sorted(evidence)
+    unknown = sorted(set(names) - set(evidence))
+    if unknown:
+        raise SystemExit(f"persona-server methods: no evidence for {', '.join(unknown)} in {assets / 'evidence.json'}")
     for name in names:
         check_held_out(evidence[name], json.loads((traits_dir / f"{name}.json").read_text()))
-    if args.rebuild and not args.write_definitions:
-        raise SystemExit("persona-server methods: --rebuild needs --write-definitions (it builds from the new definition)")
+    lm = load_model(args.model, dtype="float32", device=args.device)
     neutral = json.loads(Settings().neutral_prompts_file.read_text())["prompts"]
     out = Path(args.out or Path("docs") / "evidence" / f"methods-{lm.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +285,7 @@ def _methods(args: argparse.Namespace) -> int:
             if args.write_definitions:
                 path = traits_dir / f"{name}.json"
                 data = json.loads(path.read_text())
-                data["extraction"] = extraction_spec(res)
+                data["extraction"] = extraction_spec(res, lm.name)
                 atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
                 if args.rebuild:  # what `make vectors` would build from the new definition, reusing the states
                     trait = TraitDefinition.load(path)

@@ -247,33 +247,39 @@ def smooth_layers(directions: torch.Tensor, radius: int) -> torch.Tensor:
     return out
 
 
-def extraction_choices(trait: TraitDefinition, method: str | None = None) -> dict:
+def extraction_choices(trait: TraitDefinition, method: str | None = None, model: str | None = None) -> dict:
     """The method, combine, averaging and layer to build ``trait`` with: ``method`` if given, else
     the definition's ``extraction`` object, else the defaults; :class:`DefinitionError` naming the
-    field when the object is malformed."""
+    field when the object is malformed (checked whether or not its choices apply). Another
+    ``method`` than the definition's takes none of its other choices; a ``layer`` chosen on
+    another ``model`` than the one named is not used (its depth means something else there).
+    """
     spec = trait.extraction or {}
     if not isinstance(spec, dict):
         raise DefinitionError("trait.extraction must be an object", "trait.extraction")
-    unknown = set(spec) - {"method", "combine", "smooth_layers", "layer", "chosen_by"}
+    unknown = set(spec) - {"method", "combine", "smooth_layers", "layer", "model", "chosen_by"}
     if unknown:
         raise DefinitionError(f"trait.extraction has unknown fields: {sorted(unknown)}", "trait.extraction")
-    own = method is None or method == spec.get("method")
-    choices = {"method": method or spec.get("method", "contrastive_texts"),
-               "combine": spec.get("combine", "mean") if own else "mean",
-               "smooth_layers": spec.get("smooth_layers", 0) if own else 0,
-               "layer": spec.get("layer") if own else None}
-    if choices["method"] not in METHODS:
-        raise DefinitionError(f"unknown method '{choices['method']}'; use one of {', '.join(METHODS)}", "trait.extraction.method")
-    if choices["combine"] not in COMBINES or (choices["combine"] == "pca" and choices["method"] not in PAIRED):
+    own_method = spec.get("method", "contrastive_texts")
+    if own_method not in METHODS:
+        raise DefinitionError(f"unknown method '{own_method}'; use one of {', '.join(METHODS)}", "trait.extraction.method")
+    combine = spec.get("combine", "mean")
+    if combine not in COMBINES or (combine == "pca" and own_method not in PAIRED):
         raise DefinitionError(f"combine must be one of {', '.join(COMBINES)} ('pca' only with {' or '.join(PAIRED)})",
                               "trait.extraction.combine")
-    radius = choices["smooth_layers"]
+    radius = spec.get("smooth_layers", 0)
     if not isinstance(radius, int) or isinstance(radius, bool) or not 0 <= radius <= MAX_SMOOTH_LAYERS:
         raise DefinitionError(f"smooth_layers must be an integer from 0 to {MAX_SMOOTH_LAYERS}", "trait.extraction.smooth_layers")
-    layer = choices["layer"]
+    layer = spec.get("layer")
     if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 1):
         raise DefinitionError("layer must be a positive integer (1 = the first decoder layer's output)", "trait.extraction.layer")
-    return choices
+    if "model" in spec and not isinstance(spec["model"], str):
+        raise DefinitionError("model must be a string (the model the layer was chosen on)", "trait.extraction.model")
+    if method is not None and method != own_method:
+        return {"method": method, "combine": "mean", "smooth_layers": 0, "layer": None}
+    if model is not None and spec.get("model", model) != model:
+        layer = None
+    return {"method": own_method, "combine": combine, "smooth_layers": radius, "layer": layer}
 
 
 async def heldout_states(runner: EngineRunner, tok, trait: TraitDefinition) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,7 +449,7 @@ async def build_vector(
     tok = lm.tokenizer
     if method is not None and method not in METHODS:
         raise ValueError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
-    choices = extraction_choices(trait, method)
+    choices = extraction_choices(trait, method, lm.name)
     method = choices["method"]
     if choices["layer"] is not None and choices["layer"] > lm.num_layers:
         raise DefinitionError(f"layer {choices['layer']} is past the model's {lm.num_layers} layers", "trait.extraction.layer")

@@ -76,11 +76,12 @@ async def compare(runner: EngineRunner, tok, trait: TraitDefinition, evidence: T
     window = layer_window(num_layers)
     held_pos, held_neg = await heldout_states(runner, tok, trait)
 
-    samples = {}
-    for method in METHODS:
-        if (method == "labelled_sentences" and not trait.sentences) or (method == "contrastive_texts" and not trait.texts):
-            continue
-        samples[method] = await method_samples(runner, tok, trait, method)
+    data = {"contrastive_texts": bool(trait.texts),
+            "contrastive_prompts": bool(trait.pairs) and bool(trait.questions),
+            "labelled_sentences": all(trait.sentences.get(side) for side in ("pos", "neg"))}
+    if not any(data.values()):
+        raise ValueError(f"{trait.name}: the definition has data for no method (texts, pairs with questions, sentences)")
+    samples = {method: await method_samples(runner, tok, trait, method) for method in METHODS if data[method]}
 
     rows = []
     for method, combine, radius in CANDIDATES:
@@ -111,11 +112,12 @@ async def compare(runner: EngineRunner, tok, trait: TraitDefinition, evidence: T
     return out
 
 
-def extraction_spec(result: dict) -> dict:
-    """The ``extraction`` object a definition gets from ``result``'s chosen candidate."""
+def extraction_spec(result: dict, model: str) -> dict:
+    """The ``extraction`` object a definition gets from ``result``'s chosen candidate on ``model``
+    (its layer applies to that model only)."""
     row = result["rows"][result["chosen"]]
     return {"method": row["method"], "combine": row["combine"], "smooth_layers": row["smooth_layers"],
-            "layer": row["layer"], "chosen_by": CHOSEN_BY}
+            "layer": row["layer"], "model": model, "chosen_by": CHOSEN_BY}
 
 
 def _label(method: str, combine: str, radius: int) -> str:

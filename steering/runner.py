@@ -47,7 +47,7 @@ class EngineRunner:
     async def _chunked(self, items: list, one) -> list:
         """``one(item)`` for every item, results in order, at most a full batch in flight: a row
         that finishes early makes room for the next item at once (no waiting for the slowest row
-        of a chunk)."""
+        of a chunk). The first failure cancels the others and is raised."""
         slots = asyncio.Semaphore(self._chunk)
 
         async def guarded(item):
@@ -56,7 +56,14 @@ class EngineRunner:
             self.progress(1)
             return result
 
-        return list(await asyncio.gather(*(guarded(item) for item in items)))
+        # A TaskGroup cancels the rest when one fails: a failed job stops feeding the engine.
+        # Callers map single errors (a deadline, a full queue) to answers, so raise the first.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(guarded(item)) for item in items]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return [task.result() for task in tasks]
 
     async def _prefill(self, request: GenerationRequest) -> PrefillDone:
         """Run a prefill-only ``request`` and return what its prefill reported."""

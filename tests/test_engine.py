@@ -99,28 +99,45 @@ def test_prepacked_bfloat16_layers_match_plain_ones_and_keep_batch_invariance():
     packed_linears = [m for m in packed.model.modules() if isinstance(m, PackedLinear)]
     assert len(packed_linears) == len(linears) > 0
     prompt = _prompt(plain, "Describe a quiet morning by the sea.")
-    with torch.inference_mode():  # 40 tokens take the plain weights, 11 the packed ones
-        for ids in (torch.tensor([(prompt * 3)[:40]]), torch.tensor([prompt[-11:]])):
+    rows = packed_linears[0].packed_max_rows
+    with torch.inference_mode():  # more rows than that take the plain weights, 11 the packed ones
+        for ids in (torch.tensor([(prompt * 8)[:rows + 16]]), torch.tensor([prompt[-11:]])):
             a = plain.model(input_ids=ids).logits.float()
             b = packed.model(input_ids=ids).logits.float()
             assert torch.equal(a.argmax(-1), b.argmax(-1))
             assert (a - b).abs().max() <= 0.02 * a.abs().max()
-            if ids.shape[1] == 40:
+            if ids.shape[1] > rows:
                 assert all(m.packed is None for m in packed_linears)  # packed on first use only
     assert all(m.packed.layout == torch._mkldnn for m in packed_linears)
     del plain
     engine = Engine(packed, max_batch_size=32, max_waiting=64, max_num_batched_tokens=48, max_model_len=512)
     try:
-        # Rows joining and leaving (steps of 1-4 rows: packed weights), then one row alone and amid
-        # 31 others (32-row steps: plain weights): the same greedy tokens.
+        # Rows joining and leaving (steps of at most 48 tokens: packed weights).
         _joins_and_leaves_match_solo(packed, engine)
+    finally:
+        engine.hooks.remove()
+    engine = Engine(packed, max_batch_size=32, max_waiting=64, max_num_batched_tokens=2 * rows, max_model_len=512)
+    try:
+        # One row alone (packed weights) and amid 31 others: its first tokens come out of steps that
+        # also read the others' prompts (more than `rows` tokens: plain weights), the rest out of
+        # 32-row decode steps (packed). The same greedy tokens either way.
         others = [_prompt(packed, f"Write a line about the number {i}.") for i in range(31)]
         alone = _solo(engine, _greedy(prompt, 24))
         target = engine.add_request(_greedy(prompt, 24))
         rest = [engine.add_request(_greedy(p, 24)) for p in others]
+        sizes = []
+        original = engine._forward
+
+        def spy(step):
+            if not _finished(target):
+                sizes.append(len(step.decode) + sum(b - a for _r, a, b in step.chunks))
+            return original(step)
+
+        engine._forward = spy
         while not all(_finished(e) for e in [target, *rest]):
             engine.step()
         assert _tokens(target) == alone
+        assert max(sizes) > rows and min(sizes) <= rows, sizes
     finally:
         engine.hooks.remove()
 

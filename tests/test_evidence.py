@@ -116,7 +116,7 @@ def test_method_comparison_scores_every_candidate_and_chooses_on_the_first_half_
     from dataclasses import replace
 
     from steering.extract import TraitDefinition, combine_directions, smooth_layers
-    from steering.methods import CANDIDATES, compare, extraction_spec, layer_window
+    from steering.methods import CANDIDATES, CHOSEN_BY, compare, extraction_spec, layer_window
 
     full = TraitDefinition.load(REPO_VECTORS / "traits" / "evil.json")
     trait = replace(full, pairs=full.pairs[:2], questions=full.questions[:4], heldout_questions=full.heldout_questions[:3],
@@ -133,7 +133,9 @@ def test_method_comparison_scores_every_candidate_and_chooses_on_the_first_half_
     best = rows[result["chosen"]]
     assert all((r["select_auroc"], r["select_d"]) <= (best["select_auroc"], best["select_d"]) for r in rows)
     assert best["report_auroc"] >= 0.9  # evil's prompts are the ones this model follows
-    assert extraction_spec(result)["layer"] == best["layer"]
+    assert extraction_spec(result, lm.name) == {"method": best["method"], "combine": best["combine"],
+                                                "smooth_layers": best["smooth_layers"], "layer": best["layer"],
+                                                "model": lm.name, "chosen_by": CHOSEN_BY}
 
     # The texts / mean / no-smoothing candidate, recomputed from its samples by hand.
     samples = result["samples"]["contrastive_texts"]

@@ -84,14 +84,24 @@ def test_a_definitions_extraction_object_sets_the_choices_and_names_its_bad_fiel
     # Another method than the definition's: none of its other choices carry over.
     assert extraction_choices(trait, "labelled_sentences") == {"method": "labelled_sentences", "combine": "mean",
                                                                 "smooth_layers": 0, "layer": None}
+    # A layer chosen on one model is not used on another; naming the method it names changes nothing.
+    trait.extraction["model"] = "SmolLM2-135M-Instruct"
+    assert extraction_choices(trait, None, "SmolLM2-135M-Instruct")["layer"] == 12
+    assert extraction_choices(trait, "contrastive_texts", "some-other-model") == {
+        "method": "contrastive_texts", "combine": "pca", "smooth_layers": 1, "layer": None}
+    # Without a method of its own, the definition's choices belong to the default method.
+    trait.extraction = {"combine": "pca", "layer": 9}
+    assert extraction_choices(trait, "contrastive_texts")["layer"] == 9
     bad = [({"method": "nope"}, "trait.extraction.method"),
            ({"method": "labelled_sentences", "combine": "pca"}, "trait.extraction.combine"),
            ({"smooth_layers": 9}, "trait.extraction.smooth_layers"),
            ({"layer": True}, "trait.extraction.layer"),
            ({"layers": 3}, "trait.extraction"),
            ([1], "trait.extraction")]
-    for spec, param in bad:
+    for spec, param in bad + [({"method": "contrastive_prompts", "smooth_layers": -1}, "trait.extraction.smooth_layers"),
+                              ({"model": 7}, "trait.extraction.model")]:
         trait.extraction = spec
-        with pytest.raises(DefinitionError) as info:
-            extraction_choices(trait)
-        assert info.value.param == param, spec
+        for method in (None, "labelled_sentences"):  # refused whichever method is asked for
+            with pytest.raises(DefinitionError) as info:
+                extraction_choices(trait, method)
+            assert info.value.param == param, spec

@@ -103,7 +103,8 @@ def test_concurrent_jobs_are_capped_per_key(lm, tmp_path):
         # Another key has its own allowance; an admin's calibration counts against the admin key.
         other = screen(c, DATA.read_bytes(), K2, generate="false")
         assert other.status_code == 202, other.text
-        extract = c.post("/v1/vectors/extract", json={"trait_name": "optimistic", "sweep": False}, headers=ADMIN)
+        extract = c.post("/v1/vectors/extract", json={"trait_name": "optimistic", "sweep": False,
+                                                      "method": "contrastive_texts"}, headers=ADMIN)
         assert extract.status_code == 202, extract.text
         calibrate = c.post("/v1/monitors/optimistic/calibrate", json={"apply": False}, headers=ADMIN)
         assert calibrate.status_code == 429 and calibrate.json()["error"]["code"] == "too_many_jobs"

@@ -104,7 +104,7 @@ def test_installed_server_assesses_calibrates_and_extracts_by_trait_name(venv, t
             assert calibration.json()["source"] == "built-in neutral set" and calibration.json()["n_prompts"] == 120
 
             job = client.post("/v1/vectors/extract", json={"trait_name": "humorous", "name": "humorous-installed",
-                                                            "sweep": False})
+                                                            "sweep": False, "method": "contrastive_texts"})
             assert job.status_code == 202, job.text
             done = wait_job(client, job.json()["id"])
             assert done["status"] == "succeeded", done

@@ -21,7 +21,8 @@ _REQUIRED = {"texts": ("questions", "heldout_questions", "texts", "pairs"),
              "sentences": ("sentences", "heldout_questions", "pairs")}
 
 
-def _definition(body: ExtractRequest, traits_dir: Path) -> TraitDefinition:
+def _definition(body: ExtractRequest, traits_dir: Path) -> tuple[TraitDefinition, str]:
+    """The request's trait definition and the method to build it with."""
     if (body.trait is None) == (body.trait_name is None):
         raise APIError(400, "give exactly one of 'trait' (a definition) or 'trait_name' (a shipped one)", param="trait")
     if body.trait_name is not None:
@@ -51,7 +52,7 @@ async def extract(body: ExtractRequest, state: State, who: Admin):
     neutral = json.loads(state.settings.neutral_prompts_file.read_text())["prompts"]
     # Refused here, before the job exists, rather than as a failed job.
     check_fits(state.lm.tokenizer, trait, state.prompt_limit, method=method, neutral_prompts=neutral, sweep=body.sweep)
-    layer = extraction_choices(trait, body.method)["layer"]
+    layer = extraction_choices(trait, body.method, state.lm.name)["layer"]
     if layer is not None and layer > state.lm.num_layers:
         raise APIError(400, f"layer {layer} is past the model's {state.lm.num_layers} layers", param="trait.extraction.layer")
 

@@ -142,9 +142,9 @@ def run(args: argparse.Namespace) -> dict:
             _wave(url, model, vectors, 10_000 + wave)
         samples: list[tuple[float, float]] = []
         stop = threading.Event()
+        start = time.monotonic()
 
         def sampler() -> None:
-            start = time.monotonic()
             while not stop.is_set():
                 samples.append((round(time.monotonic() - start, 1), round(rss_mib(server.proc.pid), 1)))
                 stop.wait(args.sample_s)
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
             wave += 1
         stop.set()
         thread.join()
-        samples.append((round(samples[-1][0] + args.sample_s, 1), round(rss_mib(server.proc.pid), 1)))
+        samples.append((round(time.monotonic() - start, 1), round(rss_mib(server.proc.pid), 1)))
     finally:
         server.stop()
     return {
