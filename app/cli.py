@@ -302,6 +302,9 @@ def _methods(args: argparse.Namespace) -> int:
     header = (f"Latest `make methods`: {datetime.date.today().isoformat()}, {platform.machine()}, {lm.name} (float32), "
               f"{time.monotonic() - started:.0f} s in all. Each cell: held-out AUROC on the reporting half "
               f"({results[0]['questions_reporting']} questions x 4 levels) at the layer the choosing half picked.")
+    if out.is_file():  # a run over some vectors keeps the others' stored results
+        kept = {r["vector"]: r for r in json.loads(out.read_text())["results"]}
+        results = sorted({**kept, **{r["vector"]: r for r in results}}.values(), key=lambda r: r["vector"])
     table = markdown(results, header=header)
     atomic_write_bytes(out, (json.dumps({"model": lm.name, "results": results}, indent=1) + "\n").encode())
     atomic_write_bytes(out.with_suffix(".md"), (table + "\n").encode())

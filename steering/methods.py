@@ -14,7 +14,9 @@ Each candidate is scored as a monitor on ``vectors/evidence.json``: the last pro
 projection under its graded system prompts that elicit (+1, +2) against those that oppose
 (-1, -2) the trait, questions and system prompts that no definition contains. The first half of
 those questions chooses: per candidate the layer (30-75% of depth) with the best AUROC, then the
-candidate with the best AUROC there (ties: the larger Cohen's d). The second half only reports.
+candidate with the best AUROC there (ties: the larger Cohen's d) among those that also tell the
+definition's own held-out prompts apart better than chance at that layer (a vector is shipped
+for steering too). The second half only reports.
 Beside it, the report half's AUROC at the layer the definition's own held-out questions pick by
 Cohen's d (the rule used before), and the shipped vector's at its recommended layer.
 """
@@ -35,6 +37,7 @@ from steering.vector import PersonaVector
 CANDIDATES = tuple((m, c, s) for m in METHODS for c in COMBINES for s in (0, 1) if c == "mean" or m in PAIRED)
 SIGNED_LEVELS = (-2, -1, 1, 2)
 CHOSEN_BY = "make methods: best AUROC on the first half of evidence.json's questions"
+MIN_DEFINITION_AUROC = 0.5
 
 
 def layer_window(num_layers: int) -> range:
@@ -94,15 +97,21 @@ async def compare(runner: EngineRunner, tok, trait: TraitDefinition, evidence: T
                                                       _split_d(proj[:, layer], levels, select)))
         separation = cohens_d((held_pos * unit).sum(-1), (held_neg * unit).sum(-1))
         d_layer = max(window, key=lambda layer: float(separation[layer]))
+        held = (held_pos * unit).sum(-1)[:, chosen_layer], (held_neg * unit).sum(-1)[:, chosen_layer]
         rows.append({
             "method": method, "combine": combine, "smooth_layers": radius, "layer": chosen_layer,
+            "definition_auroc": round(auroc(held[0].tolist(), held[1].tolist()), 4),
             "select_auroc": round(_split_auroc(proj[:, chosen_layer], levels, select), 4),
             "select_d": round(_split_d(proj[:, chosen_layer], levels, select), 4),
             "report_auroc": round(_split_auroc(proj[:, chosen_layer], levels, report), 4),
             "cohens_d_layer": d_layer,
             "report_auroc_at_cohens_d_layer": round(_split_auroc(proj[:, d_layer], levels, report), 4),
         })
-    chosen = max(range(len(rows)), key=lambda k: (rows[k]["select_auroc"], rows[k]["select_d"]))
+    # A shipped vector must also tell its own definition's held-out prompts apart better than
+    # chance; where no candidate does, the one that comes closest.
+    eligible = [k for k, r in enumerate(rows) if r["definition_auroc"] > MIN_DEFINITION_AUROC] or \
+        [max(range(len(rows)), key=lambda k: rows[k]["definition_auroc"])]
+    chosen = max(eligible, key=lambda k: (rows[k]["select_auroc"], rows[k]["select_d"]))
     out = {"vector": trait.name, "questions_choosing": half, "questions_reporting": len(questions) - half,
            "rows": rows, "chosen": chosen, "samples": samples}
     if shipped is not None:

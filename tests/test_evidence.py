@@ -111,12 +111,13 @@ def test_evil_monitor_recomputed_on_a_subset(lm, runner):
 
 def test_method_comparison_scores_every_candidate_and_chooses_on_the_first_half_only(lm, runner):
     """`make methods` on a trimmed `evil` definition (2 system-prompt pairs, 4 questions) and 4
-    evidence questions: every candidate gets a layer and two AUROCs, the choice follows the
-    choosing half alone, and a candidate's reported AUROC is the plain AUROC of its projections."""
+    evidence questions: every candidate gets a layer and its AUROCs, the choice follows the
+    choosing half alone (among candidates that separate the definition's own held-out prompts),
+    and a candidate's reported AUROC is the plain AUROC of its projections."""
     from dataclasses import replace
 
     from steering.extract import TraitDefinition, combine_directions, smooth_layers
-    from steering.methods import CANDIDATES, CHOSEN_BY, compare, extraction_spec, layer_window
+    from steering.methods import CANDIDATES, CHOSEN_BY, MIN_DEFINITION_AUROC, compare, extraction_spec, layer_window
 
     full = TraitDefinition.load(REPO_VECTORS / "traits" / "evil.json")
     trait = replace(full, pairs=full.pairs[:2], questions=full.questions[:4], heldout_questions=full.heldout_questions[:3],
@@ -131,7 +132,9 @@ def test_method_comparison_scores_every_candidate_and_chooses_on_the_first_half_
         assert r["layer"] in layer_window(lm.num_layers) and r["cohens_d_layer"] in layer_window(lm.num_layers)
         assert 0 <= r["select_auroc"] <= 1 and 0 <= r["report_auroc"] <= 1
     best = rows[result["chosen"]]
-    assert all((r["select_auroc"], r["select_d"]) <= (best["select_auroc"], best["select_d"]) for r in rows)
+    assert best["definition_auroc"] > MIN_DEFINITION_AUROC
+    assert all((r["select_auroc"], r["select_d"]) <= (best["select_auroc"], best["select_d"])
+               for r in rows if r["definition_auroc"] > MIN_DEFINITION_AUROC)
     assert best["report_auroc"] >= 0.9  # evil's prompts are the ones this model follows
     assert extraction_spec(result, lm.name) == {"method": best["method"], "combine": best["combine"],
                                                 "smooth_layers": best["smooth_layers"], "layer": best["layer"],
