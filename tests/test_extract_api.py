@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import REPO_VECTORS, wait_job
 
 
-def test_extract_job_builds_a_vector_that_matches_the_shipped_one(client, server):
-    data = json.loads((REPO_VECTORS / "traits" / "optimistic.json").read_text())
-    r = client.post("/v1/vectors/extract", json={"trait": data, "name": "optimistic-rebuilt", "sweep": False})
+@pytest.mark.parametrize("name", ["optimistic", "evil"])
+def test_extract_job_builds_a_vector_that_matches_the_shipped_one(client, server, name):
+    """`optimistic` has no `extraction` object (written answers, mean difference, layer by Cohen's
+    d); `evil`'s, written by `make methods`, asks for PCA, averaging over neighbours and layer 19."""
+    data = json.loads((REPO_VECTORS / "traits" / f"{name}.json").read_text())
+    r = client.post("/v1/vectors/extract", json={"trait": data, "name": f"{name}-rebuilt", "sweep": False})
     assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
     job = wait_job(client, r.json()["id"])
     assert job["status"] == "succeeded", job
     assert job["progress"]["done"] > 0
-    shipped = server.state.registry.get("optimistic")
-    rebuilt = server.state.registry.get("optimistic-rebuilt")
+    shipped = server.state.registry.get(name)
+    rebuilt = server.state.registry.get(f"{name}-rebuilt")
     try:
         assert rebuilt.recommended_layer == shipped.recommended_layer
+        assert rebuilt.extra.get("extraction") == shipped.extra.get("extraction") or "extraction" not in shipped.extra
         cos = (rebuilt.directions[1:] * shipped.directions[1:]).sum(-1) / (
             rebuilt.directions[1:].norm(dim=-1) * shipped.directions[1:].norm(dim=-1))
         assert float(cos.min()) > 0.999  # same definition, same model: the same vector
         assert rebuilt.source["definition_sha256"] == shipped.source["definition_sha256"]
     finally:
-        client.delete("/v1/vectors/optimistic-rebuilt")
+        client.delete(f"/v1/vectors/{name}-rebuilt")
 
 
 def test_labelled_sentences_job_and_bad_definitions(client, server):
