@@ -197,7 +197,9 @@ def test_an_enforced_monitor_cannot_be_steered_around(live, c):
             error = refused.json()["error"]
             assert error["param"] == "steering[0].layers" and error["code"] == "steering_not_allowed"
             assert error["type"] == "permission_error"
-    shorthand = ask(c, None, steering={"evil": 1.0})  # evil's recommended layer is below optimistic's
+    # A vector's shorthand steers at its recommended layer: one below optimistic's is refused.
+    lower = next(v.name for v in live.state.registry.list() if v.recommended_layer < layer)
+    shorthand = ask(c, None, steering={lower: 1.0})
     assert shorthand.status_code == 403 and shorthand.json()["error"]["param"] == "steering[0].layers"
     # Generated tokens only, or at the monitored layer and above: the reading is untouched.
     assert ask(c, None, steering=[{**evade[0], "positions": "response"}]).status_code == 200
