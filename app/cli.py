@@ -171,6 +171,23 @@ def _assess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evidence_names(args: argparse.Namespace, assets: Path, traits_dir: Path, command: str):
+    """``vectors/evidence.json`` and the vector names asked for (default: all), each checked to be
+    known and held out from its trait definition; exits naming an unknown one."""
+    import json
+
+    from steering.evidence import check_held_out, load_evidence
+
+    evidence = load_evidence(assets / "evidence.json")
+    names = args.vector or sorted(evidence)
+    unknown = sorted(set(names) - set(evidence))
+    if unknown:
+        raise SystemExit(f"persona-server {command}: no evidence for {', '.join(unknown)} in {assets / 'evidence.json'}")
+    for name in names:
+        check_held_out(evidence[name], json.loads((traits_dir / f"{name}.json").read_text()))
+    return evidence, names
+
+
 def _evidence(args: argparse.Namespace) -> int:
     import asyncio
     import datetime
@@ -180,17 +197,14 @@ def _evidence(args: argparse.Namespace) -> int:
 
     from app.settings import shipped_assets_dir
     from steering.engine import Engine
-    from steering.evidence import PAPER_R, check_held_out, load_evidence, markdown, measure
+    from steering.evidence import PAPER_R, markdown, measure
     from steering.model import load_model
     from steering.runner import EngineRunner
     from steering.vector import PersonaVector
 
     assets = shipped_assets_dir()
+    evidence, names = _evidence_names(args, assets, assets / "traits", "evidence")
     lm = load_model(args.model, dtype="float32", device=args.device)
-    evidence = load_evidence(assets / "evidence.json")
-    names = args.vector or sorted(evidence)
-    for name in names:
-        check_held_out(evidence[name], json.loads((assets / "traits" / f"{name}.json").read_text()))
     out = Path(args.out or Path("docs") / "evidence" / f"{lm.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     engine = Engine(lm, max_batch_size=32, max_waiting=1 << 20)
@@ -241,7 +255,6 @@ def _methods(args: argparse.Namespace) -> int:
     from app.settings import shipped_assets_dir
     from steering.atomic import atomic_write_bytes
     from steering.engine import Engine
-    from steering.evidence import check_held_out, load_evidence
     from app.settings import Settings
     from steering.extract import TraitDefinition, build_vector
     from steering.methods import compare, extraction_spec, markdown
@@ -254,13 +267,7 @@ def _methods(args: argparse.Namespace) -> int:
                          "definitions) and the shipped definitions (it replaces the shipped vectors)")
     assets = shipped_assets_dir()
     traits_dir = Path(args.traits_dir) if args.traits_dir else assets / "traits"
-    evidence = load_evidence(assets / "evidence.json")
-    names = args.vector or sorted(evidence)
-    unknown = sorted(set(names) - set(evidence))
-    if unknown:
-        raise SystemExit(f"persona-server methods: no evidence for {', '.join(unknown)} in {assets / 'evidence.json'}")
-    for name in names:
-        check_held_out(evidence[name], json.loads((traits_dir / f"{name}.json").read_text()))
+    evidence, names = _evidence_names(args, assets, traits_dir, "methods")
     lm = load_model(args.model, dtype="float32", device=args.device)
     neutral = json.loads(Settings().neutral_prompts_file.read_text())["prompts"]
     out = Path(args.out or Path("docs") / "evidence" / f"methods-{lm.name}.json")
