@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from steering import kvcache
+from steering import fastpath, kvcache
 from steering.hooks import SteeringHooks, StepHooks
 from steering.model import LoadedModel
 from steering.sampling import RowState, SamplingParams, make_generator, option_logprobs, sample
@@ -252,7 +252,7 @@ class Engine:
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, max_waiting: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512,
                  kv_cache_bytes: int | None = None, small_step_threads: int | None = None,
-                 small_step_tokens: int = 16, attention_horizon: float | None = None):
+                 small_step_tokens: int = 16, attention_horizon: float | None = None, fused: bool = True):
         self.lm = lm
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
@@ -276,6 +276,8 @@ class Engine:
                                          device_of_layer=lm.block_device)
         lm.model.set_attn_implementation(kvcache.register())
         self.hooks = SteeringHooks(lm.blocks, lm.model.get_input_embeddings())
+        # Llama-style models run the engine's fused forward (steering.fastpath); others the HF one.
+        self.fused = fastpath.shared_fused_decoder(lm.model, lm.blocks) if fused else None
         self.deltas = DeltaTable(hidden_size=lm.hidden_size, dtype=lm.dtype, device_of_layer=lm.block_device)
         self.forward_passes = 0
         self._device = lm.input_device
@@ -632,6 +634,9 @@ class Engine:
         keep = keep or [len(ids) - 1]
         self.forward_passes += 1
         with self.hooks.state(hooks):
+            if self.fused is not None:
+                return self.fused(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), layout,
+                                  torch.tensor(keep, device=dev), self.hooks), hooks
             out = self.lm.model(
                 input_ids=torch.tensor([ids], device=dev),
                 position_ids=torch.tensor([positions], device=dev),

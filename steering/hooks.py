@@ -55,26 +55,31 @@ class SteeringHooks:
 
     def _make_hook(self, layer: int):
         def hook(_module, _args, output):
-            step = self.step
-            if step is None or self._owner != threading.get_ident():
-                return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            flat = hidden.view(-1, hidden.shape[-1])
-            where = step.capture.get(layer)
-            if where is not None:
-                # Read before this layer's delta, so monitors see the residual before steering here.
-                step.captured[layer] = flat.index_select(0, where.to(flat.device)).float()
-            for key, start, end in step.spans:
-                total = flat[start:end].float().sum(dim=0)
-                sums = step.sums.setdefault(key, {})
-                sums[layer] = sums[layer] + total.to(sums[layer].device) if layer in sums else total
-            steer = step.steer.get(layer)
-            if steer is not None and layer > 0:
-                table, index = steer
-                flat.add_(table.index_select(0, index))
+            if self.step is not None and self._owner == threading.get_ident():
+                self.apply(layer, output[0] if isinstance(output, tuple) else output)
             return None
 
         return hook
+
+    def apply(self, layer: int, hidden: torch.Tensor) -> None:
+        """Do what the current step asks at ``layer`` to its output ``hidden`` (in place): what
+        the block's forward hook does; the engine's fused forward calls it directly."""
+        step = self.step
+        if step is None:
+            return
+        flat = hidden.view(-1, hidden.shape[-1])
+        where = step.capture.get(layer)
+        if where is not None:
+            # Read before this layer's delta, so monitors see the residual before steering here.
+            step.captured[layer] = flat.index_select(0, where.to(flat.device)).float()
+        for key, start, end in step.spans:
+            total = flat[start:end].float().sum(dim=0)
+            sums = step.sums.setdefault(key, {})
+            sums[layer] = sums[layer] + total.to(sums[layer].device) if layer in sums else total
+        steer = step.steer.get(layer)
+        if steer is not None and layer > 0:
+            table, index = steer
+            flat.add_(table.index_select(0, index))
 
     @contextmanager
     def state(self, step: StepHooks):

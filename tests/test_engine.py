@@ -360,3 +360,50 @@ def test_response_probes_alone_give_every_token_its_projection(lm, engine):
         engine.step()
     state = next(e for e in capture if isinstance(e, PrefillDone)).states[19]
     assert outs[0].projections[19] == pytest.approx((unit @ state).tolist(), rel=1e-4, abs=1e-4)
+
+
+def test_the_fused_forward_matches_the_hf_forward_with_steering_captures_and_scoring(lm):
+    """The engine's fused Llama forward (steering.fastpath) gives the HF modules' results: the same
+    greedy tokens for rows that steer, capture and score side by side in packed steps, states and
+    log-probabilities equal up to the order of accumulation in the fused matrix products."""
+    from steering.steer import RowSteering
+
+    hf = Engine(lm, max_batch_size=4, max_num_batched_tokens=48, max_model_len=512, fused=False)
+    fused = Engine(lm, max_batch_size=4, max_num_batched_tokens=48, max_model_len=512)
+    try:
+        assert hf.fused is None and fused.fused is not None
+        unit = torch.nn.functional.normalize(torch.randn(1, lm.hidden_size, generator=torch.Generator().manual_seed(3)), dim=-1)
+        push = unit[0] * 8.0
+        long = _prompt(lm, "Tell me about rivers, lakes and the sea. " * 6)  # several 48-token chunks
+
+        def run(engine):
+            events = [
+                engine.add_request(_greedy(_prompt(lm, "Name a colour."), 12,
+                                           steering=RowSteering(prompt={12: push}, response={12: push}))),
+                engine.add_request(_greedy(long, 6, capture_layers=frozenset({0, 15}), probes={15: unit},
+                                           response_probes={20: unit})),
+                engine.add_request(GenerationRequest(prompt_ids=long, sampling=SamplingParams(max_new_tokens=0),
+                                                     score_from=10)),
+            ]
+            while not all(_finished(e) for e in events):
+                engine.step()
+            assert not any(isinstance(e, Exception) for ev in events for e in ev), events
+            return events
+
+        a, b = run(hf), run(fused)
+        assert _tokens(a[0]) == _tokens(b[0]) and _tokens(a[1]) == _tokens(b[1])
+        pa, pb = (next(e for e in ev if isinstance(e, PrefillDone)) for ev in (a[1], b[1]))
+        for layer in (0, 15):
+            assert torch.allclose(pa.states[layer], pb.states[layer], rtol=1e-3, atol=1e-3)
+        assert pb.projections[15] == pytest.approx(pa.projections[15], abs=1e-2)
+        ra = [o.projections[20][0] for o in a[1] if isinstance(o, TokenOut)]
+        rb = [o.projections[20][0] for o in b[1] if isinstance(o, TokenOut)]
+        assert rb == pytest.approx(ra, abs=1e-2)
+        sa, sb = (next(e for e in ev if isinstance(e, PrefillDone)).prompt_logprobs for ev in (a[2], b[2]))
+        assert len(sa) == len(sb) == len(long) - 10 and sb == pytest.approx(sa, abs=1e-3)
+        # The steering took effect on both paths (it changes the steered row's tokens).
+        plain = _solo(fused, _greedy(_prompt(lm, "Name a colour."), 12))
+        assert plain != _tokens(b[0])
+    finally:
+        hf.hooks.remove()
+        fused.hooks.remove()
