@@ -1,10 +1,11 @@
 """``make bench-peers``: our server beside vLLM's CPU backend, same load, same sitting.
 
-Starts ``persona-server serve`` three times (defaults; bfloat16 with plain linear layers,
-``PERSONA_CPU_PREPACK=false``; ``--engine vllm``) and vLLM's OpenAI
-server (bfloat16, from the same virtualenv: ``make install-vllm``) on free loopback ports, all at
-once, and loads the default model in this process for a static ``model.generate`` batch in
-bfloat16. Then, repetition after repetition, every mode runs against every server in a
+Starts ``persona-server serve`` (defaults; plain linear layers, ``PERSONA_CPU_PREPACK=false``,
+where this CPU packs bfloat16 weights at all; ``--engine vllm``) and vLLM's OpenAI server (from the
+same virtualenv: ``make install-vllm``) on free loopback ports, all at once, and loads the default
+model in this process for a static ``model.generate`` batch. Every one runs in one dtype:
+``--dtype auto`` (the default) is what ``persona-server serve`` picks on this CPU, bfloat16 where
+it has native bfloat16 and float32 elsewhere, so the peer runs in the dtype that is fast here. Then, repetition after repetition, every mode runs against every server in a
 rotating order, so drift on a shared machine hits all alike:
 
 - batch 1: requests one at a time;
@@ -54,13 +55,28 @@ HF_ENGINE = ("ours-default", "ours-plain")
 MONITORED = ("optimistic", "evil", "sycophantic")
 VLLM, STATIC = "vllm", "static"
 MODES = ("batch1", "burst", "mixed", "monitored", "probe")
-LABELS = {
-    "ours-default": "persona-server, defaults (bfloat16 here, prepacked linear layers)",
-    "ours-plain": "persona-server `PERSONA_CPU_PREPACK=false` (bfloat16, plain linear layers)",
-    "ours-vllm": "persona-server `--engine vllm --dtype bfloat16` (eager)",
-    VLLM: "vLLM CPU backend, bfloat16, no steering",
-    STATIC: "HF `generate`, one static batch, bfloat16",
-}
+
+
+def labels(dtype: str, packed: bool) -> dict[str, str]:
+    """Row names of the README tables for a run in ``dtype`` (``packed``: our defaults prepack)."""
+    kernels = "prepacked linear layers" if packed else "plain linear layers"
+    return {
+        "ours-default": f"persona-server, defaults ({dtype} here, {kernels})",
+        "ours-plain": f"persona-server `PERSONA_CPU_PREPACK=false` ({dtype}, plain linear layers)",
+        "ours-vllm": f"persona-server `--engine vllm --dtype {dtype}` (eager)",
+        VLLM: f"vLLM CPU backend, {dtype}, no steering",
+        STATIC: f"HF `generate`, one static batch, {dtype}",
+    }
+
+
+def run_dtype(requested: str) -> tuple[str, bool]:
+    """The dtype every server and the static batch run in, and whether our defaults prepack
+    linear layers in it (bfloat16 on a CPU whose oneDNN runs bfloat16 natively)."""
+    from steering.cpu_linear import packing_available
+    from steering.model import resolve_dtype
+
+    name = str(resolve_dtype(requested, "cpu")).removeprefix("torch.")
+    return name, name == "bfloat16" and packing_available()
 
 
 @dataclass
@@ -168,12 +184,12 @@ def our_server(name: str, workdir: Path, *flags: str, env: dict[str, str] | None
     )
 
 
-def vllm_server(model_dir: Path, vllm_python: Path, workdir: Path) -> ServerProcess:
-    """vLLM's OpenAI server on ``model_dir`` in bfloat16, serving it as ``default``, on a free port."""
+def vllm_server(model_dir: Path, vllm_python: Path, workdir: Path, dtype: str = "bfloat16") -> ServerProcess:
+    """vLLM's OpenAI server on ``model_dir`` in ``dtype``, serving it as ``default``, on a free port."""
     port = free_port()
     return ServerProcess(
         VLLM, [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--dtype", "bfloat16", "--served-model-name", "default", "--host", "127.0.0.1", "--port", str(port)],
+               "--dtype", dtype, "--served-model-name", "default", "--host", "127.0.0.1", "--port", str(port)],
         f"http://127.0.0.1:{port}", "/health", workdir / "vllm.log",
         # 'all' is refused by vLLM; a range of every core is what it accepts. The KV space is
         # set so vLLM does not size its cache from the whole (shared) machine's memory. vLLM
@@ -302,18 +318,20 @@ def render_block(results: dict) -> str:
         "long prefill (ms), tokens each during it |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    names = labels(meta.get("dtype", "bfloat16"), meta.get("packed", True))
+    ours = [n for n in OURS if n in med]
     for name in (n for n in (*OURS, VLLM) if n in med):
         m = med[name]
         mixed = f"{m['mixed_tok_s']:.1f}" if "mixed_tok_s" in m else "-"
         monitored = f"{m['monitored_tok_s']:.1f}" if "monitored_tok_s" in m else "-"
         lines.append(
-            f"| {LABELS[name]} | {m['batch1_tok_s']:.1f} | {m['burst_tok_s']:.1f} | {mixed} | {monitored} "
+            f"| {names[name]} | {m['batch1_tok_s']:.1f} | {m['burst_tok_s']:.1f} | {mixed} | {monitored} "
             f"| {m['ttft_p50_ms']:.0f} / {m['ttft_p90_ms']:.0f} | {m['itl_p50_ms']:.0f} / {m['itl_p90_ms']:.0f} "
             f"| {m['probe_before_p50_ms']:.0f} / {m['probe_during_max_ms']:.0f}, {m['probe_tokens_during']:g} |")
-    lines.append(f"| {LABELS[STATIC]} | - | {med[STATIC]['burst_tok_s']:.1f} | - | - | - | - | - |")
-    lines += ["", "| goal | target | " + " | ".join(LABELS[n] for n in OURS) + " |", "|---|---|" + "---|" * len(OURS)]
+    lines.append(f"| {names[STATIC]} | - | {med[STATIC]['burst_tok_s']:.1f} | - | - | - | - | - |")
+    lines += ["", "| goal | target | " + " | ".join(names[n] for n in ours) + " |", "|---|---|" + "---|" * len(ours)]
     for g in results["goals"]:
-        cells = [f"{g[n]['ratio']:.2f} ({'met' if g[n]['met'] else 'not met'})" if n in g else "-" for n in OURS]
+        cells = [f"{g[n]['ratio']:.2f} ({'met' if g[n]['met'] else 'not met'})" if n in g else "-" for n in ours]
         lines.append(f"| {g['goal']} | {g['target']} | " + " | ".join(cells) + " |")
     lines.append(END)
     return "\n".join(lines)
@@ -369,19 +387,21 @@ def run(args: argparse.Namespace) -> dict:
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - began:6.1f} s] {msg}", flush=True)
 
-    log(f"vLLM {vllm}; model {model_dir}; server logs in {workdir}")
-    procs = [our_server("ours-default", workdir),
-             our_server("ours-plain", workdir, "--dtype", "bfloat16", env={"PERSONA_CPU_PREPACK": "false"}),
-             our_server("ours-vllm", workdir, "--engine", "vllm", "--dtype", "bfloat16"),
-             vllm_server(model_dir, args.vllm_python, workdir)]
-    procs = [p for p in procs if p.name in args.servers]
+    dtype, packed = run_dtype(args.dtype)
+    servers = args.servers or [n for n in (*OURS, VLLM) if packed or n != "ours-plain"]
+    log(f"vLLM {vllm}; model {model_dir}; {dtype}; server logs in {workdir}")
+    procs = [our_server("ours-default", workdir, "--dtype", dtype),
+             our_server("ours-plain", workdir, "--dtype", dtype, env={"PERSONA_CPU_PREPACK": "false"}),
+             our_server("ours-vllm", workdir, "--engine", "vllm", "--dtype", dtype),
+             vllm_server(model_dir, args.vllm_python, workdir, dtype)]
+    procs = [p for p in procs if p.name in servers]
     runs: dict = {p.name: {mode: [] for mode in MODES} for p in procs}
     runs[STATIC] = {"burst": []}
     with ExitStack() as stack:
         for p in procs:
             p.start()
             stack.callback(p.stop)
-        lm = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR)
+        lm = load_model("default", dtype=dtype, device="cpu", cache_dir=CACHE_DIR)
         for p in procs:
             p.wait_ready(args.ready_timeout)
             log(f"{p.name} ready at {p.url}")
@@ -418,7 +438,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "meta": {
             "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "vllm": vllm, "torch": torch.__version__, "reps": args.reps,
+            "cpus": os.cpu_count(), "dtype": dtype, "packed": packed, "vllm": vllm, "torch": torch.__version__, "reps": args.reps,
             "elapsed_s": round(time.monotonic() - began, 1), "note": args.note,
             "workload": workload,
         },
@@ -444,8 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-words", type=int, default=480,
                         help="size of a prompt that fills one step's token budget (about 512 tokens)")
     parser.add_argument("--vllm-python", type=Path, default=Path(sys.executable))
-    parser.add_argument("--servers", nargs="+", default=[*OURS, VLLM], choices=[*OURS, VLLM],
-                        help="which servers to run (vLLM's own is needed for the ratios)")
+    parser.add_argument("--servers", nargs="+", choices=[*OURS, VLLM],
+                        help="which servers to run (vLLM's own is needed for the ratios); by default all, but "
+                             "ours-plain where our defaults do not prepack (it would be the same server)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the dtype of every server and of the static batch; auto: what persona-server picks here")
     parser.add_argument("--ready-timeout", type=float, default=420, help="seconds each server gets to become ready")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "bench" / "peers.json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose block is regenerated")
