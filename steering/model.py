@@ -238,7 +238,7 @@ def load_model(
     if weights and prepack and target == "cpu":
         packed = prepack_linears(model)
         if packed:
-            log.info("%d bfloat16 linear layers pack their weights for oneDNN on first use", packed)
+            log.info("%d linear layers pack their weights for oneDNN on first use", packed)
 
     blocks = decoder_blocks(model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

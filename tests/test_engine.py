@@ -91,6 +91,27 @@ def _joins_and_leaves_match_solo(lm, engine):
     assert engine.running == 0 and sorted(engine._free_slots) == list(range(engine.max_batch_size))
 
 
+@pytest.mark.skipif(not packing_available(torch.float32), reason="this torch build has no oneDNN linear layers")
+def test_prepacked_float32_layers_match_plain_ones(lm):
+    """The shared float32 model packs every linear layer for oneDNN (at every step size) and gives
+    the plain layers' logits up to the order of accumulation; packing happens on first use."""
+    plain = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR, prepack=False)
+    fresh = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR)
+    linears = [m for m in plain.model.modules() if isinstance(m, torch.nn.Linear)]
+    packed_linears = [m for m in fresh.model.modules() if isinstance(m, PackedLinear)]
+    assert not any(isinstance(m, PackedLinear) for m in linears)
+    assert len(packed_linears) == len(linears) > 0 and all(m.packed is None for m in packed_linears)
+    assert any(isinstance(m, PackedLinear) for m in lm.model.modules())  # what every other test runs on
+    prompt = _prompt(plain, "Describe a quiet morning by the sea.")
+    with torch.inference_mode():
+        for ids in (torch.tensor([(prompt * 20)[:300]]), torch.tensor([prompt[-1:]])):
+            a = plain.model(input_ids=ids).logits
+            b = fresh.model(input_ids=ids).logits
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    assert all(m.packed is not None and m.packed.layout == torch._mkldnn for m in packed_linears)
+
+
 @pytest.mark.skipif(not packing_available(), reason="this CPU or torch build has no oneDNN bfloat16")
 def test_prepacked_bfloat16_layers_match_plain_ones_and_keep_batch_invariance():
     plain = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR, prepack=False)

@@ -153,3 +153,29 @@ def test_soak_verdict_reads_growth_between_windows_and_the_slope():
     assert "+24.8 MiB" in block and "+60.0 MiB/hour" in block
     with pytest.raises(ValueError):
         slope_per_hour([(0, 1.0)])
+
+
+def test_a_run_in_float32_without_the_plain_server_names_its_dtype_in_every_row():
+    results = json.loads((ROOT / "tests" / "bench" / "peers.json").read_text())
+    results["meta"].update(dtype="float32", packed=False)
+    del results["median"]["ours-plain"]
+    for goal in results["goals"]:
+        goal.pop("ours-plain", None)
+    block = render_block(results)
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| goal")]
+    named = [line for line in rows if "persona-server" in line or "vLLM CPU" in line or "HF `generate`" in line]
+    assert named and all("float32" in line and "bfloat16" not in line for line in named)
+    assert "PERSONA_CPU_PREPACK=false" not in block and "plain linear layers" in block
+    goal_header = next(line for line in block.splitlines() if line.startswith("| goal"))
+    assert goal_header.count("|") == 5  # goal, target, our engine, the vLLM engine
+
+
+def test_the_run_dtype_is_what_serve_picks_here():
+    from steering.cpu_linear import packing_available
+    from steering.model import resolve_dtype
+    from tests.bench.peers import run_dtype
+
+    name, packed = run_dtype("auto")
+    assert name == str(resolve_dtype("auto", "cpu")).removeprefix("torch.")
+    assert packed == (name == "bfloat16" and packing_available())
+    assert run_dtype("float32") == ("float32", False)
