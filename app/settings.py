@@ -59,8 +59,8 @@ class Settings(BaseSettings):
     served_model_name: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
-    # Our engine on CPU, bfloat16: steps of up to 64 rows multiply by oneDNN-packed copies of the
-    # linear weights (faster small-batch decode; the linear weights then take twice the memory).
+    # Our engine on CPU: linear layers multiply by oneDNN-packed copies of their weights (bfloat16:
+    # steps of up to 64 rows; float32: every step); the linear weights then take twice the memory.
     cpu_prepack: bool = True
     # Our engine on CPU: intra-op threads for steps of at most 16 tokens (small-batch decode);
     # None: one fewer than torch's thread count, leaving a core to the event loop.

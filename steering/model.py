@@ -189,8 +189,8 @@ def load_model(
 
     With ``device="auto"`` and GPUs present, accelerate's device map spreads the blocks
     over the GPUs (and CPU when they are full). With ``prepack`` (the default), bfloat16
-    linear layers on CPU multiply small batches by a oneDNN-packed copy of their weights
-    (:mod:`steering.cpu_linear`).
+    linear layers on CPU multiply small batches, and float32 ones every batch, by a oneDNN-packed
+    copy of their weights (:mod:`steering.cpu_linear`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
