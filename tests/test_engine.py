@@ -4,6 +4,7 @@ prefill happen at exact steps; and the worker's failure handling."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -186,7 +187,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_within_the_step_budget(lm, engine)
 
 def test_small_steps_leave_a_core_to_the_event_loop_and_large_ones_use_every_thread(lm):
     torch.set_num_threads(2)
-    engine = Engine(lm, max_batch_size=4, max_num_batched_tokens=64, max_model_len=512)
+    engine = Engine(lm, max_batch_size=4, max_num_batched_tokens=64, max_model_len=512, small_step_threads=1)
     try:
         assert (engine.threads, engine.small_step_threads) == (2, 1)
         seen = []
@@ -428,3 +429,17 @@ def test_the_fused_forward_matches_the_hf_forward_with_steering_captures_and_sco
     finally:
         hf.hooks.remove()
         fused.hooks.remove()
+
+
+def test_small_steps_keep_every_thread_in_float32_and_leave_one_in_bfloat16(lm):
+    threads = torch.get_num_threads()
+    engine = Engine(lm, max_batch_size=2, max_model_len=64)
+    try:
+        assert lm.dtype == torch.float32 and engine.small_step_threads == threads
+    finally:
+        engine.hooks.remove()
+    engine = Engine(dataclasses.replace(lm, dtype=torch.bfloat16), max_batch_size=2, max_model_len=64)
+    try:
+        assert engine.small_step_threads == max(1, threads - 1)
+    finally:
+        engine.hooks.remove()
