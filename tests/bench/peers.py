@@ -1,7 +1,7 @@
 """``make bench-peers``: our server beside vLLM's CPU backend, same load, same sitting.
 
 Starts ``persona-server serve`` (defaults; plain linear layers, ``PERSONA_CPU_PREPACK=false``,
-where this CPU packs bfloat16 weights at all; ``--engine vllm``) and vLLM's OpenAI server (from the
+where our defaults pack at all; ``--engine vllm``) and vLLM's OpenAI server (from the
 same virtualenv: ``make install-vllm``) on free loopback ports, all at once, and loads the default
 model in this process for a static ``model.generate`` batch. Every one runs in one dtype:
 ``--dtype auto`` (the default) is what ``persona-server serve`` picks on this CPU, bfloat16 where
@@ -71,12 +71,12 @@ def labels(dtype: str, packed: bool) -> dict[str, str]:
 
 def run_dtype(requested: str) -> tuple[str, bool]:
     """The dtype every server and the static batch run in, and whether our defaults prepack
-    linear layers in it (bfloat16 on a CPU whose oneDNN runs bfloat16 natively)."""
+    linear layers in it (where this CPU's oneDNN runs that dtype)."""
     from steering.cpu_linear import packing_available
     from steering.model import resolve_dtype
 
-    name = str(resolve_dtype(requested, "cpu")).removeprefix("torch.")
-    return name, name == "bfloat16" and packing_available()
+    dtype = resolve_dtype(requested, "cpu")
+    return str(dtype).removeprefix("torch."), packing_available(dtype)
 
 
 @dataclass

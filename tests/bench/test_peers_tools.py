@@ -158,7 +158,7 @@ def test_soak_verdict_reads_growth_between_windows_and_the_slope():
 def test_a_run_in_float32_without_the_plain_server_names_its_dtype_in_every_row():
     results = json.loads((ROOT / "tests" / "bench" / "peers.json").read_text())
     results["meta"].update(dtype="float32", packed=False)
-    del results["median"]["ours-plain"]
+    results["median"].pop("ours-plain", None)
     for goal in results["goals"]:
         goal.pop("ours-plain", None)
     block = render_block(results)
@@ -171,11 +171,13 @@ def test_a_run_in_float32_without_the_plain_server_names_its_dtype_in_every_row(
 
 
 def test_the_run_dtype_is_what_serve_picks_here():
+    import torch
+
     from steering.cpu_linear import packing_available
     from steering.model import resolve_dtype
     from tests.bench.peers import run_dtype
 
     name, packed = run_dtype("auto")
     assert name == str(resolve_dtype("auto", "cpu")).removeprefix("torch.")
-    assert packed == (name == "bfloat16" and packing_available())
-    assert run_dtype("float32") == ("float32", False)
+    assert packed == packing_available(resolve_dtype("auto", "cpu"))
+    assert run_dtype("float32") == ("float32", packing_available(torch.float32))
