@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     # steps of up to 64 rows; float32: every step); the linear weights then take twice the memory.
     cpu_prepack: bool = True
     # Our engine on CPU: intra-op threads for steps of at most 16 tokens (small-batch decode);
-    # None: one fewer than torch's thread count, leaving a core to the event loop.
+    # None: in bfloat16 one fewer than torch's thread count (a core for the event loop), in float32 all.
     cpu_small_step_threads: int | None = Field(None, ge=1)
     data_dir: Path = Path("data")
     cache_dir: Path = Path.home() / ".cache" / "persona-server"

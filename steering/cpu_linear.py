@@ -22,7 +22,7 @@ The same holds for float32 on a CPU without native bfloat16, more so: on the 2-c
 rows up to 512 (a ``[3072, 576]`` projection: 229 against 1,174 us for 2 rows, 2.0 against 3.9 ms
 for 32, 25.6 against 28.8 ms for 512; the 49,152-row output head: 30 against 74 ms for 32 rows)
 and for one row on the weights too large for the caches (the output head: 7.5 against 13.8 ms),
-so float32 layers use the packed weight for every step (``FLOAT32_MAX_ROWS``).
+so float32 layers use the packed weight for every step (``MAX_ROWS``).
 
 Both forms of each weight are kept, so the linear weights take twice their memory once packed.
 """
@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 
 
 # Rows up to which each dtype uses its packed weight (measured; see the module doc).
-BFLOAT16_MAX_ROWS = 64
-FLOAT32_MAX_ROWS = 1 << 30
+MAX_ROWS = {torch.bfloat16: 64, torch.float32: 1 << 30}
 
 
 class PackedLinear(nn.Linear):
@@ -83,15 +82,11 @@ def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
 def prepack_linears(model: nn.Module, max_rows: int | None = None) -> int:
     """Turn every bfloat16 or float32 ``nn.Linear`` on CPU in ``model`` into a :class:`PackedLinear`
     that packs its weight on first use and uses it up to ``max_rows`` rows (by default
-    ``BFLOAT16_MAX_ROWS`` or ``FLOAT32_MAX_ROWS``); returns how many (0 where this CPU or build of
+    ``MAX_ROWS`` of its dtype); returns how many (0 where this CPU or build of
     torch has no oneDNN for the model's dtype)."""
     todo = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
-            and m.weight.dtype in (torch.bfloat16, torch.float32) and m.weight.layout == torch.strided
-            and packing_available(m.weight.dtype)]
+            and m.weight.dtype in MAX_ROWS and m.weight.layout == torch.strided and packing_available(m.weight.dtype)]
     for module in todo:
         module.__class__ = PackedLinear
-        if max_rows is not None:
-            module.packed_max_rows = max_rows
-        else:
-            module.packed_max_rows = BFLOAT16_MAX_ROWS if module.weight.dtype == torch.bfloat16 else FLOAT32_MAX_ROWS
+        module.packed_max_rows = MAX_ROWS[module.weight.dtype] if max_rows is None else max_rows
     return len(todo)

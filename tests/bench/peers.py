@@ -5,8 +5,8 @@ where our defaults pack at all; ``--engine vllm``) and vLLM's OpenAI server (fro
 same virtualenv: ``make install-vllm``) on free loopback ports, all at once, and loads the default
 model in this process for a static ``model.generate`` batch. Every one runs in one dtype:
 ``--dtype auto`` (the default) is what ``persona-server serve`` picks on this CPU, bfloat16 where
-it has native bfloat16 and float32 elsewhere, so the peer runs in the dtype that is fast here. Then, repetition after repetition, every mode runs against every server in a
-rotating order, so drift on a shared machine hits all alike:
+it has native bfloat16 and float32 elsewhere. Then, repetition after repetition, every mode runs
+against every server in a rotating order, so drift on a shared machine hits all alike:
 
 - batch 1: requests one at a time;
 - burst: 32 requests at once;
