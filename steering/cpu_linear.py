@@ -25,23 +25,11 @@ and for one row on the weights too large for the caches (the output head: 7.5 ag
 so float32 layers use the packed weight for every step (``MAX_ROWS``).
 
 Both forms of each weight are kept, so the linear weights take twice their memory once packed.
-
-oneDNN keeps a compiled kernel per input shape, in two caches of 1,024 entries each unless told
-otherwise: oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) and ideep's (the
-``LRU_CACHE_CAPACITY`` of PyTorch's oneDNN bindings). A serving engine multiplies a new number
-of rows whenever its step size changes, so both fill over hours of traffic: on the 2-core AVX2
-host, 400 row counts through 4 packed projections left 433 MiB allocated, about 210 KiB an entry,
-and a 13-minute soak of the server grew by 35 MiB in its last 9 minutes, all of it live allocations
-(glibc's in-use bytes), none returned. :func:`prepack_linears` therefore caps both caches at
-:data:`KERNEL_CACHE_ENTRIES` unless the environment already sets them. A miss recompiles: about
-0.8 ms a product there, and the layers of one model share their kernels, so a step whose size was
-not seen lately pays it once per weight shape (5 for a Llama-style block and its output head).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -51,11 +39,6 @@ log = logging.getLogger(__name__)
 
 # Rows up to which each dtype uses its packed weight (measured; see the module doc).
 MAX_ROWS = {torch.bfloat16: 64, torch.float32: 1 << 30}
-
-# Entries in each of oneDNN's two kernel caches (see the module doc): about 25 recent step sizes
-# for the 5 weight shapes of a Llama-style model, some 55 MiB at most.
-KERNEL_CACHE_ENTRIES = 128
-KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
 class PackedLinear(nn.Linear):
@@ -96,21 +79,11 @@ def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     return dtype == torch.float32
 
 
-def limit_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> dict[str, str]:
-    """Cap oneDNN's kernel caches at ``entries`` each, leaving a size the environment already sets;
-    returns the values in force. Both libraries read them once, at their first kernel, so this
-    must run before the process's first oneDNN product (packing happens on first use, later)."""
-    for name in KERNEL_CACHE_VARIABLES:
-        os.environ.setdefault(name, str(entries))
-    return {name: os.environ[name] for name in KERNEL_CACHE_VARIABLES}
-
-
 def prepack_linears(model: nn.Module, max_rows: int | None = None) -> int:
     """Turn every bfloat16 or float32 ``nn.Linear`` on CPU in ``model`` into a :class:`PackedLinear`
     that packs its weight on first use and uses it up to ``max_rows`` rows (by default
     ``MAX_ROWS`` of its dtype); returns how many (0 where this CPU or build of
     torch has no oneDNN for the model's dtype)."""
-    limit_kernel_caches()
     todo = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
             and m.weight.dtype in MAX_ROWS and m.weight.layout == torch.strided and packing_available(m.weight.dtype)]
     for module in todo:

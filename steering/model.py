@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from steering.cpu_linear import limit_kernel_caches, prepack_linears
+from steering.cpu_linear import prepack_linears
 from steering.layers import decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,6 @@ def load_model(
         model.to(target)
     model.eval()
     model.requires_grad_(False)
-    if weights and target == "cpu":
-        limit_kernel_caches()  # plain bfloat16 products run through oneDNN too
     if weights and prepack and target == "cpu":
         packed = prepack_linears(model)
         if packed:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -112,77 +111,6 @@ def test_prepacked_float32_layers_match_plain_ones(lm):
             assert torch.equal(a.argmax(-1), b.argmax(-1))
             assert (a - b).abs().max() <= 1e-4 * a.abs().max()
     assert all(m.packed is not None and m.packed.layout == torch._mkldnn for m in packed_linears)
-
-
-_KERNEL_CACHE_PROBE = """
-import ctypes, json, sys, torch
-from torch import nn
-from steering.cpu_linear import PackedLinear, prepack_linears
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
-
-def allocated_mib():
-    info = libc.mallinfo2()
-    return (info.uordblks + info.hblkhd) / 2**20
-
-layers = nn.ModuleList(nn.Linear(64, 64 + 16 * i) for i in range(8))
-if sys.argv[1] == "prepack":
-    prepack_linears(layers)
-else:  # the same layers, packed without going through prepack_linears
-    for layer in layers:
-        layer.__class__, layer.packed_max_rows = PackedLinear, 1 << 30
-with torch.inference_mode():
-    for layer in layers:
-        layer(torch.randn(1, 64))
-    before = allocated_mib()
-    for rows in range(1, 151):  # 150 step sizes x 8 weight shapes: 1,200 kernels
-        x = torch.randn(rows, 64)
-        for layer in layers:
-            layer(x)
-print(json.dumps({"growth_mib": allocated_mib() - before}))
-"""
-
-
-@pytest.mark.skipif(not packing_available(torch.float32), reason="this torch build has no oneDNN linear layers")
-def test_packed_layers_keep_onednn_kernel_caches_bounded(tmp_path):
-    """oneDNN compiles and keeps a kernel per (weight shape, rows) in two caches of 1,024 entries
-    by default, about 200 KiB each; a server sees a new step size whenever rows join or leave, so
-    its memory crept up for hours. prepack_linears caps both caches (unless the environment sets
-    them): 1,200 distinct products then leave a bounded, small amount allocated."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from steering.cpu_linear import KERNEL_CACHE_ENTRIES, KERNEL_CACHE_VARIABLES, limit_kernel_caches
-
-    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_VARIABLES}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    growth = {}
-    for way in ("prepack", "unlimited"):
-        out = subprocess.run([sys.executable, "-c", _KERNEL_CACHE_PROBE, way], env=env, capture_output=True,
-                             text=True, timeout=300, check=True).stdout
-        growth[way] = json.loads(out.splitlines()[-1])["growth_mib"]
-    assert growth["unlimited"] > 250, growth  # the default caches: on the order of 1,024 x 2 entries
-    assert growth["prepack"] < 100, growth    # KERNEL_CACHE_ENTRIES x 2 entries
-    # A size the operator set is left alone.
-    saved = {k: os.environ.get(k) for k in KERNEL_CACHE_VARIABLES}
-    try:
-        os.environ["LRU_CACHE_CAPACITY"] = "7"
-        os.environ.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
-        assert limit_kernel_caches() == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES),
-                                         "LRU_CACHE_CAPACITY": "7"}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.mark.skipif(not packing_available(), reason="this CPU or torch build has no oneDNN bfloat16")
