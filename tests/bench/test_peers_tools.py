@@ -58,7 +58,13 @@ def test_prefill_probe_times_the_rows_around_a_long_prompt_and_cancels_them(serv
 
 @pytest.mark.parametrize("python", ["missing", "without-vllm"])
 def test_missing_vllm_is_a_clear_error_not_a_hang(tmp_path, python):
-    target = tmp_path / "missing" / "python" if python == "missing" else Path(sys.executable)
+    if python == "missing":
+        target = tmp_path / "missing" / "python"
+    else:  # a Python without vLLM (this project's .venv has it since `make install-vllm`)
+        import venv
+
+        venv.create(tmp_path / "bare", with_pip=False)
+        target = tmp_path / "bare" / "bin" / "python"
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "tests.bench.peers", "--vllm-python", str(target)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
