@@ -20,7 +20,7 @@ from tests.bench.peers import (ROOT, ServerProcess, prepare_model_dir, render_bl
                                vllm_version)
 from tests.conftest import free_port
 
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_PYTHON = ROOT / ".venv" / "bin" / "python"  # `make install-vllm` installs vLLM into the project's .venv
 
 
 def test_batch1_and_burst_report_what_the_client_saw(server):
@@ -121,7 +121,7 @@ def test_replace_block_keeps_the_rest_and_refuses_a_readme_without_markers():
 
 @pytest.fixture(scope="module")
 def vllm(tmp_path_factory):
-    """vLLM's CPU server as ``make bench-peers`` starts it (skipped until `make bench-peers` installed it)."""
+    """vLLM's CPU server as ``make bench-peers`` starts it (skipped until `make install-vllm` installed it)."""
     try:
         vllm_version(VLLM_PYTHON)
     except BenchError as exc:
