@@ -179,11 +179,14 @@ def test_a_run_in_float32_without_the_plain_server_names_its_dtype_in_every_row(
 def test_the_run_dtype_is_what_serve_picks_here():
     import torch
 
-    from steering.cpu_linear import packing_available
+    from steering.cpu_linear import prepack_linears
     from steering.model import resolve_dtype
     from tests.bench.peers import run_dtype
 
+    def defaults_pack(dtype: torch.dtype) -> bool:  # what load_model's prepacking does to a layer
+        return prepack_linears(torch.nn.Linear(8, 8).to(dtype)) > 0
+
     name, packed = run_dtype("auto")
     assert name == str(resolve_dtype("auto", "cpu")).removeprefix("torch.")
-    assert packed == packing_available(resolve_dtype("auto", "cpu"))
-    assert run_dtype("float32") == ("float32", packing_available(torch.float32))
+    assert packed == defaults_pack(resolve_dtype("auto", "cpu"))
+    assert run_dtype("float32") == ("float32", defaults_pack(torch.float32))
