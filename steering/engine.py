@@ -106,6 +106,18 @@ class GenerationRequest:
     # log-probability given the tokens before it (teacher-forced scoring, vLLM's prompt_logprobs).
     score_from: int | None = None
 
+    def __repr__(self) -> str:
+        # Short on purpose: the generated repr prints every steering and probe tensor in full,
+        # which takes milliseconds under the GIL that the worker's step needs too.
+        parts = [f"request_id={self.request_id!r}", f"prompt_tokens={len(self.prompt_ids)}",
+                 f"max_new_tokens={self.sampling.max_new_tokens}"]
+        if self.steering is not None:
+            parts.append(f"steering={sorted(self.steering.prompt.keys() | self.steering.response.keys())}")
+        for name in ("probes", "response_probes", "capture_layers"):
+            if getattr(self, name):
+                parts.append(f"{name}={sorted(getattr(self, name))}")
+        return f"GenerationRequest({', '.join(parts)})"
+
 
 @dataclass
 class PrefillDone:
@@ -179,7 +191,7 @@ class _Handle:
     cancelled: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class _Row:
     request: GenerationRequest
     handle: _Handle
@@ -195,6 +207,9 @@ class _Row:
     scored: list[float] = field(default_factory=list)
     queue_wait_s: float = 0.0
     done: bool = False
+
+    def __repr__(self) -> str:
+        return f"_Row(uid={self.uid}, slot={self.slot}, computed={self.computed}, output={len(self.output)})"
 
     @property
     def prompt_len(self) -> int:
@@ -426,10 +441,10 @@ class Engine:
             handle.cancelled = True
             with self._wake:
                 # A request that leaves while queued stops counting toward max_waiting at once.
-                try:
+                # (Not deque.remove + ValueError: for a row already admitted, the usual case, that
+                # formats the row into the error message on every request's exit.)
+                if row in self._pending:
                     self._pending.remove(row)
-                except ValueError:
-                    pass
 
     # ---- worker --------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from steering.engine import (
 )
 from steering.model import load_model
 from steering.sampling import SamplingParams
+from steering.steer import RowSteering
 from tests.conftest import CACHE_DIR
 
 
@@ -443,3 +444,49 @@ def test_small_steps_keep_every_thread_in_float32_and_leave_one_in_bfloat16(lm):
         assert engine.small_step_threads == max(1, threads - 1)
     finally:
         engine.hooks.remove()
+
+
+class _Unprintable(GenerationRequest):
+    """A request whose formatting fails the test: serving it must never format it."""
+
+    def __repr__(self) -> str:
+        raise AssertionError("the engine formatted a request on its serving path")
+
+
+def test_requests_are_never_formatted_on_the_serving_path_and_their_repr_is_short(lm):
+    # A finished stream used to leave through deque.remove + ValueError, whose message is the
+    # row's repr: every steering and probe tensor printed in full, milliseconds under the GIL per
+    # request (measured as most of the event loop's time in a 32-request steered burst).
+    steering = RowSteering(prompt={12: torch.ones(lm.hidden_size)}, response={12: torch.ones(lm.hidden_size)})
+    probes = {15: torch.nn.functional.normalize(torch.randn(2, lm.hidden_size), dim=-1)}
+    engine = Engine(lm, max_batch_size=1, max_waiting=4, max_model_len=512)
+    engine.start()
+    ids = _prompt(lm, "Say hi.")
+
+    def unprintable(max_new: int) -> _Unprintable:
+        return _Unprintable(prompt_ids=ids, steering=steering, probes=probes,
+                            sampling=SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True))
+
+    async def scenario():
+        first = asyncio.ensure_future(_drain(engine.generate(unprintable(6))))
+        while engine.running < 1:
+            await asyncio.sleep(0.01)
+        queued = engine.generate(unprintable(2))  # waits for the only slot, then is cancelled
+        waiter = asyncio.ensure_future(anext(queued))
+        while engine.waiting < 1:
+            await asyncio.sleep(0.01)
+        waiter.cancel()
+        await asyncio.sleep(0)
+        await queued.aclose()
+        events = await first
+        assert len(_tokens(events)) == 6 and isinstance(events[-1], Done)
+        assert engine.waiting == 0
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        engine.shutdown()
+        engine.hooks.remove()
+    text = repr(GenerationRequest(prompt_ids=ids, steering=steering, probes=probes, request_id="r1"))
+    assert "tensor(" not in text and len(text) < 200, text
+    assert "r1" in text and f"prompt_tokens={len(ids)}" in text and "steering=[12]" in text and "probes=[15]" in text
