@@ -48,6 +48,40 @@ class StepLayout:
     decode_span: int = 0  # slots 0..span-1 take part in the batched decode attention
     decode_dense: bool = False  # decode_slots == arange(num_decode)
     chunks: list[Chunk] = field(default_factory=list)
+    # Per device, what every layer's attention would otherwise rebuild (see :meth:`on`).
+    _prepared: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> "_Prepared":
+        """This step's indices and masks on ``device``, built once and shared by every layer there:
+        the flat cache row of each (token, KV head), the decode rows' additive mask, and each
+        chunk's causal additive mask where it continues a cached prefix."""
+        ready = self._prepared.get(device)
+        if ready is None:
+            cache = self.cache
+            slots, positions = self.slots.to(device), self.positions.to(device)
+            heads = torch.arange(cache.kv_heads, device=device)
+            flat = ((slots[:, None] * cache.kv_heads + heads[None, :]) * cache.max_len + positions[:, None]).reshape(-1)
+            decode_bias = decode_slots = None
+            if self.num_decode:
+                decode_bias = _additive(self.decode_mask.to(device), dtype)
+                decode_slots = self.decode_slots.to(device)
+            chunk_bias = [None if c.past == 0 else _additive(_causal_mask(c.end - c.start, c.past, device), dtype)
+                          for c in self.chunks]
+            ready = self._prepared[device] = _Prepared(flat, decode_bias, decode_slots, chunk_bias)
+        return ready
+
+
+@dataclass
+class _Prepared:
+    flat: torch.Tensor  # [T * kv_heads] row of each (token, KV head) in the cache viewed as [-1, head_dim]
+    decode_bias: torch.Tensor | None  # [span, 1, 1, width]: 0 where a decode row reads, -inf elsewhere
+    decode_slots: torch.Tensor | None
+    chunk_bias: list  # per chunk: [n, past + n] additive causal mask, or None (no cached prefix)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one SDPA would build from it (0 and -inf)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class SlotKVCache:
@@ -106,42 +140,60 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    layer = module.layer_idx
+    out = attend(module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                 scaling, layout)
+    return out.unsqueeze(0), None
+
+
+def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+           layout: StepLayout) -> torch.Tensor:
+    """Write the step's keys and values into layer ``layer``'s slots and attend; returns
+    ``[T, heads, head_dim]``.
+
+    ``query`` is ``[T, heads, head_dim]`` and ``key``/``value`` ``[T, kv_heads, head_dim]`` in
+    packed-step order (decoding rows first, then the prompt chunks), after RoPE. Decoding rows
+    take one batched call (the query heads of each KV head folded into one axis, so grouped-query
+    attention copies no cache), each chunk one call (causal, after what its slot has cached).
+    """
     keys, values = layout.cache.keys[layer], layout.cache.values[layer]
-    heads, total, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    total, heads, head_dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    keys[layout.slots, :, layout.positions] = key[0].transpose(0, 1)
-    values[layout.slots, :, layout.positions] = value[0].transpose(0, 1)
-    out = query.new_empty((total, heads, head_dim))
+    ready = layout.on(keys.device, keys.dtype)
+    keys.view(-1, head_dim).index_copy_(0, ready.flat, key.reshape(-1, head_dim))
+    values.view(-1, head_dim).index_copy_(0, ready.flat, value.reshape(-1, head_dim))
     nd = layout.num_decode
+    decoded = None
     if nd:
-        # One query per row: fold the query heads of each KV head into the query axis, so
-        # grouped-query attention needs no copy of the cache.
-        span, width = layout.decode_span, layout.decode_mask.shape[-1]
-        q = query[0, :, :nd].transpose(0, 1).reshape(nd, kv_heads, group, head_dim)
+        span, width = layout.decode_span, ready.decode_bias.shape[-1]
+        q = query[:nd].reshape(nd, kv_heads, group, head_dim)
         if not layout.decode_dense:
             full = q.new_zeros((span, kv_heads, group, head_dim))
-            full.index_copy_(0, layout.decode_slots, q)
+            full.index_copy_(0, ready.decode_slots, q)
             q = full
         o = F.scaled_dot_product_attention(q, keys[:span, :, :width], values[:span, :, :width],
-                                           attn_mask=layout.decode_mask, scale=scaling)
+                                           attn_mask=ready.decode_bias, scale=scaling)
         if not layout.decode_dense:
-            o = o.index_select(0, layout.decode_slots)
-        out[:nd] = o.reshape(nd, heads, head_dim)
-    for chunk in layout.chunks:
-        q = query[:, :, chunk.start:chunk.end]
-        if chunk.past == 0:
-            o = F.scaled_dot_product_attention(q, key[:, :, chunk.start:chunk.end], value[:, :, chunk.start:chunk.end],
-                                               is_causal=True, scale=scaling, enable_gqa=True)
+            o = o.index_select(0, ready.decode_slots)
+        decoded = o.reshape(nd, heads, head_dim)
+        if nd == total:
+            return decoded
+    out = query.new_empty((total, heads, head_dim))
+    if decoded is not None:
+        out[:nd] = decoded
+    for chunk, bias in zip(layout.chunks, ready.chunk_bias):
+        q = query[chunk.start:chunk.end].transpose(0, 1)[None]
+        if bias is None:
+            k = key[chunk.start:chunk.end].transpose(0, 1)[None]
+            v = value[chunk.start:chunk.end].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
             end = chunk.past + chunk.end - chunk.start
             s = chunk.slot
-            o = F.scaled_dot_product_attention(
-                q, keys[s:s + 1, :, :end], values[s:s + 1, :, :end],
-                attn_mask=_causal_mask(chunk.end - chunk.start, chunk.past, q.device), scale=scaling, enable_gqa=True)
+            o = F.scaled_dot_product_attention(q, keys[s:s + 1, :, :end], values[s:s + 1, :, :end],
+                                               attn_mask=bias, scale=scaling, enable_gqa=True)
         out[chunk.start:chunk.end] = o[0].transpose(0, 1)
-    return out.unsqueeze(0), None
+    return out
 
 
 def register() -> str:
