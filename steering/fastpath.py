@@ -12,7 +12,8 @@ packed step with:
 - RoPE applied to queries and keys together, as ``x * cos + roll(x) * sin'`` (``sin'`` is
   ``sin`` with its first half negated): bit-identical to HF's ``rotate_half`` form, since a
   product with a negated factor is the negated product;
-- RMSNorm with HF's operation order (float32 statistics, cast back, then the weight);
+- RMSNorm as one ``torch.rms_norm`` call in float32, and with HF's operation order otherwise
+  (float32 statistics, cast back, then the weight);
 - no module calls inside a layer; the engine's steering hooks are applied to each layer's
   output directly (:meth:`SteeringHooks.apply`), exactly where the block's forward hook would.
 

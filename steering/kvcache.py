@@ -108,7 +108,12 @@ class SlotKVCache:
         return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def ensure(self, length: int) -> None:
-        """Make positions ``0..length-1`` of every slot finite (masked reads must not meet NaN)."""
+        """Make positions ``0..length-1`` of every slot finite (masked reads must not meet NaN).
+
+        Raises ValueError past ``max_len``: the attention writes through a flat view of the cache,
+        where such a position would land in the next head's or slot's rows instead of failing."""
+        if length > self.max_len:
+            raise ValueError(f"position {length - 1} is past the cache's max_len of {self.max_len}")
         if length <= self.ready:
             return
         end = min(self.max_len, -(-length // _ZERO_CHUNK) * _ZERO_CHUNK)

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from steering import kvcache
 from steering.chat import chat_prompt_ids
 from steering.cpu_linear import PackedLinear, packing_available
 from steering.engine import (
@@ -490,3 +491,43 @@ def test_requests_are_never_formatted_on_the_serving_path_and_their_repr_is_shor
     text = repr(GenerationRequest(prompt_ids=ids, steering=steering, probes=probes, request_id="r1"))
     assert "tensor(" not in text and len(text) < 200, text
     assert "r1" in text and f"prompt_tokens={len(ids)}" in text and "steering=[12]" in text and "probes=[15]" in text
+
+
+def test_attention_writes_each_token_to_its_slot_and_matches_a_plain_reference():
+    # Small shapes, no model: two decoding rows in non-adjacent slots (a gap at slot 1) and a chunk
+    # that continues a cached prefix, against per-row attention computed by hand.
+    torch.manual_seed(0)
+    slots, kv_heads, group, head_dim, max_len = 3, 2, 2, 4, 16
+    heads = kv_heads * group
+    cache = kvcache.SlotKVCache(num_layers=1, slots=slots, kv_heads=kv_heads, head_dim=head_dim, max_len=max_len,
+                                dtype=torch.float32, device_of_layer=lambda _layer: torch.device("cpu"))
+    cache.ensure(max_len)
+    with pytest.raises(ValueError, match="max_len"):
+        cache.ensure(max_len + 1)
+    past = {0: 5, 2: 3, 1: 4}  # tokens already cached per slot
+    for slot, n in past.items():
+        cache.keys[0][slot, :, :n] = torch.randn(kv_heads, n, head_dim)
+        cache.values[0][slot, :, :n] = torch.randn(kv_heads, n, head_dim)
+    before_k, before_v = cache.keys[0].clone(), cache.values[0].clone()
+    # Step: decode rows in slots 0 and 2 (one token each), then 3 prompt tokens of slot 1.
+    tok_slots, tok_pos = [0, 2, 1, 1, 1], [5, 3, 4, 5, 6]
+    total = len(tok_slots)
+    query, key, value = (torch.randn(total, heads, head_dim), torch.randn(total, kv_heads, head_dim),
+                         torch.randn(total, kv_heads, head_dim))
+    lengths = [6, 1, 4]  # slot 1 takes no part in the decode call (position 0 only)
+    width = max(lengths)
+    layout = kvcache.StepLayout(
+        cache=cache, slots=torch.tensor(tok_slots), positions=torch.tensor(tok_pos), num_decode=2,
+        chunks=[kvcache.Chunk(start=2, end=5, slot=1, past=4)],
+        decode_span=3, decode_dense=False, decode_slots=torch.tensor([0, 2]),
+        decode_mask=(torch.arange(width)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :])
+    out = kvcache.attend(0, query, key, value, 0.5, layout)
+    expected_k, expected_v = before_k.clone(), before_v.clone()
+    for t, (s, p) in enumerate(zip(tok_slots, tok_pos)):
+        expected_k[s, :, p], expected_v[s, :, p] = key[t], value[t]
+    assert torch.equal(cache.keys[0], expected_k) and torch.equal(cache.values[0], expected_v)
+    for t, (s, p) in enumerate(zip(tok_slots, tok_pos)):
+        for h in range(heads):
+            k, v = expected_k[s, h // group, : p + 1], expected_v[s, h // group, : p + 1]
+            ref = torch.softmax(k @ query[t, h] * 0.5, dim=-1) @ v
+            assert torch.allclose(out[t, h], ref, atol=1e-5), (t, h)
