@@ -280,13 +280,7 @@ def test_queued_requests_expire_and_cancelled_ones_free_their_place(lm):
                                                            sampling=SamplingParams(max_new_tokens=4))))
         assert time.monotonic() - started < 5
         assert engine.running == 1  # it never took a slot: no prefill was spent on it
-        leaving = engine.generate(_greedy(ids, 4))
-        waiter = asyncio.ensure_future(anext(leaving))
-        while engine.waiting < 1:
-            await asyncio.sleep(0.01)
-        waiter.cancel()
-        await asyncio.sleep(0)
-        await leaving.aclose()
+        await _leave_while_queued(engine, _greedy(ids, 4))
         assert engine.waiting == 0  # the place it held is free again at once
         queued = engine.generate(_greedy(ids, 2))
         next_event = asyncio.ensure_future(anext(queued))
@@ -317,6 +311,17 @@ def test_queued_requests_expire_and_cancelled_ones_free_their_place(lm):
 
 async def _drain(stream) -> list:
     return [event async for event in stream]
+
+
+async def _leave_while_queued(engine: Engine, request: GenerationRequest) -> None:
+    """Submit ``request`` to a full engine and close its stream while it is still queued."""
+    stream = engine.generate(request)
+    waiter = asyncio.ensure_future(anext(stream))
+    while engine.waiting < 1:
+        await asyncio.sleep(0.01)
+    waiter.cancel()
+    await asyncio.sleep(0)
+    await stream.aclose()
 
 
 def test_a_dead_worker_fails_waiting_clients_at_once_and_is_not_alive(lm):
@@ -472,13 +477,7 @@ def test_requests_are_never_formatted_on_the_serving_path_and_their_repr_is_shor
         first = asyncio.ensure_future(_drain(engine.generate(unprintable(6))))
         while engine.running < 1:
             await asyncio.sleep(0.01)
-        queued = engine.generate(unprintable(2))  # waits for the only slot, then is cancelled
-        waiter = asyncio.ensure_future(anext(queued))
-        while engine.waiting < 1:
-            await asyncio.sleep(0.01)
-        waiter.cancel()
-        await asyncio.sleep(0)
-        await queued.aclose()
+        await _leave_while_queued(engine, unprintable(2))  # waits for the only slot, then leaves
         events = await first
         assert len(_tokens(events)) == 6 and isinstance(events[-1], Done)
         assert engine.waiting == 0
