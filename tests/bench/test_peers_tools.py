@@ -5,6 +5,7 @@ hanging the run or outliving it."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import subprocess
@@ -190,3 +191,24 @@ def test_the_run_dtype_is_what_serve_picks_here():
     assert name == str(resolve_dtype("auto", "cpu")).removeprefix("torch.")
     assert packed == defaults_pack(resolve_dtype("auto", "cpu"))
     assert run_dtype("float32") == ("float32", defaults_pack(torch.float32))
+
+
+def test_goals_pair_figures_within_a_repetition_so_drift_between_repetitions_cancels():
+    from tests.bench.peers import goals
+
+    results = json.loads((ROOT / "tests" / "bench" / "peers.json").read_text())
+    runs = copy.deepcopy(results["runs"])
+    speed = [1.0, 0.7, 1.3]  # the machine's speed in each repetition
+    for rep, factor in enumerate(speed):
+        runs["ours-default"]["burst"][rep]["output_tokens_per_s"] = 100 * factor
+        runs["ours-default"]["mixed"][rep]["output_tokens_per_s"] = 98 * factor
+        runs["ours-default"]["batch1"][rep]["output_tokens_per_s"] = 12 * factor
+        runs["vllm"]["batch1"][rep]["output_tokens_per_s"] = 10 * speed[(rep + 1) % 3]  # drifted apart
+    by_goal = {g["goal"]: g for g in goals(runs, results["meta"]["workload"])}
+    overhead = next(g for name, g in by_goal.items() if name.startswith("steering overhead"))["ours-default"]
+    assert overhead["per_rep"] == [0.98, 0.98, 0.98] and overhead["met"]
+    batch1 = by_goal["batch 1 vs vLLM, output tok/s"]["ours-default"]
+    # Within each repetition: 12/7, 8.4/13, 15.6/10; the median of those, not 12/10.
+    assert batch1["per_rep"] == [round(12 / 7, 3), round(8.4 / 13, 3), round(15.6 / 10, 3)]
+    assert batch1["ratio"] == round(15.6 / 10, 3)
+    assert "(met; 0.65-1.71)" in render_block({**results, "runs": runs, "goals": list(by_goal.values())})
