@@ -325,7 +325,7 @@ def render_block(results: dict) -> str:
         f"SmolLM2-135M-Instruct, vLLM {meta['vllm']} (`{VLLM_DIST}`), {meta['reps']} interleaved repetitions "
         f"(medians), {w['burst']} requests of about {med[VLLM]['prompt_tokens_mean']:.0f} prompt tokens and "
         f"{w['max_tokens']} new tokens each (greedy, `ignore_eos`, streamed), batch 1 over {w['batch1_requests']} "
-        f"requests; the probe sends a {med[VLLM]['probe_long_prompt_tokens']:.0f}-token prompt while "
+        f"requests per server, sent to each server in turn; ratios are medians of per-repetition ratios; the probe sends a {med[VLLM]['probe_long_prompt_tokens']:.0f}-token prompt while "
         f"{w['probe_rows']} rows decode, and measures one step's token budget as the idle time to first token "
         f"of a {med[VLLM]['probe_budget_prompt_tokens']:.0f}-token prompt. Whole run: {meta['elapsed_s']:.0f} s."
         + (f" {meta['note']}" if meta.get("note") else ""),
