@@ -325,7 +325,8 @@ def render_block(results: dict) -> str:
         f"SmolLM2-135M-Instruct, vLLM {meta['vllm']} (`{VLLM_DIST}`), {meta['reps']} interleaved repetitions "
         f"(medians), {w['burst']} requests of about {med[VLLM]['prompt_tokens_mean']:.0f} prompt tokens and "
         f"{w['max_tokens']} new tokens each (greedy, `ignore_eos`, streamed), batch 1 over {w['batch1_requests']} "
-        f"requests per server, sent to each server in turn; ratios are medians of per-repetition ratios; the probe sends a {med[VLLM]['probe_long_prompt_tokens']:.0f}-token prompt while "
+        f"requests per server, sent to each server in turn; ratios are medians of per-repetition ratios; "
+        f"the probe sends a {med[VLLM]['probe_long_prompt_tokens']:.0f}-token prompt while "
         f"{w['probe_rows']} rows decode, and measures one step's token budget as the idle time to first token "
         f"of a {med[VLLM]['probe_budget_prompt_tokens']:.0f}-token prompt. Whole run: {meta['elapsed_s']:.0f} s."
         + (f" {meta['note']}" if meta.get("note") else ""),
@@ -378,8 +379,7 @@ def single_request(url: str, args: argparse.Namespace, prompt: int) -> dict:
                                    max_tokens=args.max_tokens, first_prompt=prompt))
     if summary.ok != 1:
         raise BenchError(f"{url} batch1: the request failed ({summary.statuses})")
-    return {"tokens": round(summary.output_tokens_per_s * summary.duration_s), "seconds": summary.duration_s,
-            "ttft_ms": summary.ttft_ms["p50"]}
+    return {"tokens": round(summary.output_tokens_per_s * summary.duration_s), "seconds": summary.duration_s}
 
 
 def pooled(requests: list[dict]) -> dict:
