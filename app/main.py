@@ -46,7 +46,7 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
             settings.model, dtype=settings.dtype, device=settings.device,
             cache_dir=settings.cache_dir, served_name=settings.served_model_name,
             # vLLM's engine loads the weights itself; this process needs the config and tokenizer.
-            weights=settings.engine == "hf", prepack=settings.cpu_prepack,
+            weights=settings.engine == "hf", prepack=settings.cpu_prepack, cpu_kernels=settings.cpu_kernels,
         )
     registry = VectorRegistry(
         settings.data_dir / "vectors", model_name=lm.name, fingerprint=lm.fingerprint,

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # Our engine on CPU: linear layers multiply by oneDNN-packed copies of their weights (bfloat16:
     # steps of up to 64 rows; float32: every step); the linear weights then take twice the memory.
     cpu_prepack: bool = True
+    # Our engine on x86 CPUs with AVX2, float32: one-row products use steering.cpu_kernels' own
+    # matrix-vector kernel (built with g++); False leaves them to oneDNN.
+    cpu_kernels: bool = True
     # Our engine on CPU: intra-op threads for steps of at most 16 tokens (small-batch decode);
     # None: in bfloat16 one fewer than torch's thread count (a core for the event loop), in float32 all.
     cpu_small_step_threads: int | None = Field(None, ge=1)

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 MAX_ROWS = {torch.bfloat16: 64, torch.float32: 1 << 30}
 
 
+_NO_BIAS = torch.empty(0)
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` that multiplies up to ``packed_max_rows`` rows by a oneDNN-packed copy of
     its bfloat16 or float32 weight (made on first use) and more rows by the weight itself.
@@ -52,13 +55,23 @@ class PackedLinear(nn.Linear):
 
     packed: torch.Tensor | None = None  # set on first use, in the thread that runs the model
     packed_max_rows: int = 64
+    row_kernel = None  # steering.cpu_kernels' module for one-row float32 products, when built
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.row_kernel
+        if kernel is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 == self.weight.dtype:
+            # One row: AVX2 matrix-vector product reading the weight at memory speed (cpu_kernels).
+            out = kernel.row_linear(x.reshape(1, -1).contiguous(), self.weight, self._bias)
+            return out.view(*x.shape[:-1], out.shape[-1])
         if x.numel() <= self.packed_max_rows * x.shape[-1] and x.dtype == self.weight.dtype:
             if self.packed is None and not self._pack():
                 return super().forward(x)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return super().forward(x)
+
+    @property
+    def _bias(self) -> torch.Tensor:
+        return self.bias if self.bias is not None else _NO_BIAS
 
     def _pack(self) -> bool:
         try:
@@ -79,14 +92,22 @@ def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     return dtype == torch.float32
 
 
-def prepack_linears(model: nn.Module, max_rows: int | None = None) -> int:
+def prepack_linears(model: nn.Module, max_rows: int | None = None, row_kernel: bool = True) -> int:
     """Turn every bfloat16 or float32 ``nn.Linear`` on CPU in ``model`` into a :class:`PackedLinear`
     that packs its weight on first use and uses it up to ``max_rows`` rows (by default
-    ``MAX_ROWS`` of its dtype); returns how many (0 where this CPU or build of
+    ``MAX_ROWS`` of its dtype), float32 ones multiplying a single row with
+    :mod:`steering.cpu_kernels` where ``row_kernel`` and it builds; returns how many (0 where this CPU or build of
     torch has no oneDNN for the model's dtype)."""
     todo = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
             and m.weight.dtype in MAX_ROWS and m.weight.layout == torch.strided and packing_available(m.weight.dtype)]
+    kernel = None
+    if row_kernel and any(m.weight.dtype == torch.float32 for m in todo):
+        from steering import cpu_kernels
+
+        kernel = cpu_kernels.load()
     for module in todo:
         module.__class__ = PackedLinear
         module.packed_max_rows = MAX_ROWS[module.weight.dtype] if max_rows is None else max_rows
+        if kernel is not None and module.weight.dtype == torch.float32 and module.weight.is_contiguous():
+            module.row_kernel = kernel
     return len(todo)

@@ -65,6 +65,7 @@ def _fuse(parts: list[nn.Linear]) -> nn.Linear:
         fused.__class__ = type(first)
         fused.packed_max_rows = first.packed_max_rows
         fused.packed = None
+        fused.row_kernel = getattr(first, "row_kernel", None)
     return fused
 
 

@@ -179,6 +179,7 @@ def load_model(
     served_name: str | None = None,
     weights: bool = True,
     prepack: bool = True,
+    cpu_kernels: bool = True,
 ) -> LoadedModel:
     """Load the model named by ``spec``: ``"default"``, a HF model directory, or a ``.gguf`` file.
 
@@ -190,7 +191,8 @@ def load_model(
     With ``device="auto"`` and GPUs present, accelerate's device map spreads the blocks
     over the GPUs (and CPU when they are full). With ``prepack`` (the default), bfloat16
     linear layers on CPU multiply small batches, and float32 ones every batch, by a oneDNN-packed
-    copy of their weights (:mod:`steering.cpu_linear`).
+    copy of their weights (:mod:`steering.cpu_linear`); with ``cpu_kernels`` too, one-row float32
+    products take the AVX2 kernel of :mod:`steering.cpu_kernels` where it builds.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -236,7 +238,7 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     if weights and prepack and target == "cpu":
-        packed = prepack_linears(model)
+        packed = prepack_linears(model, row_kernel=cpu_kernels)
         if packed:
             log.info("%d linear layers pack their weights for oneDNN on first use", packed)
 

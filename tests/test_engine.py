@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from steering import kvcache
+from steering import cpu_kernels, kvcache
 from steering.chat import chat_prompt_ids
 from steering.cpu_linear import PackedLinear, packing_available
 from steering.engine import (
@@ -113,6 +116,71 @@ def test_prepacked_float32_layers_match_plain_ones(lm):
             assert torch.equal(a.argmax(-1), b.argmax(-1))
             assert (a - b).abs().max() <= 1e-4 * a.abs().max()
     assert all(m.packed is not None and m.packed.layout == torch._mkldnn for m in packed_linears)
+
+
+def test_the_row_kernel_computes_one_row_products_on_every_shape_edge():
+    """The AVX2 matrix-vector kernel (steering.cpu_kernels) against a float64 product: output rows
+    not a multiple of its 4-row blocks, inputs not a multiple of its 16- and 8-wide steps, bias."""
+    if not cpu_kernels.supported():
+        pytest.skip("no AVX2 or no C++ compiler here")
+    kernel = cpu_kernels.load()
+    assert kernel is not None  # supported here, so it must have been built
+    generator = torch.Generator().manual_seed(0)
+    for rows, inputs in [(1, 8), (3, 20), (5, 576), (7, 17), (6, 3), (960, 576), (49, 1536)]:
+        weight = torch.randn(rows, inputs, generator=generator)
+        x = torch.randn(1, inputs, generator=generator)
+        for bias in (torch.empty(0), torch.randn(rows, generator=generator)):
+            got = kernel.row_linear(x, weight, bias)
+            want = torch.nn.functional.linear(x.double(), weight.double(), bias.double() if bias.numel() else None)
+            assert got.shape == (1, rows) and got.dtype == torch.float32
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * inputs ** 0.5), (rows, inputs)
+
+
+def test_one_row_products_take_the_row_kernel_and_wider_steps_take_onednn(lm):
+    """Every packed float32 layer of the shared model (and the fused decoder's concatenated ones)
+    multiplies a single row with the row kernel and more rows with oneDNN, with the same numbers
+    up to the order of accumulation; greedy tokens alone and in a batch are compared elsewhere."""
+    if not cpu_kernels.supported():
+        pytest.skip("no AVX2 or no C++ compiler here")
+    packed = [m for m in lm.model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.row_kernel is not None for m in packed)
+    engine = Engine(lm, max_batch_size=2, max_num_batched_tokens=16, max_model_len=64)
+    try:
+        assert all(layer.qkv.row_kernel is not None and layer.gate_up.row_kernel is not None
+                   for layer in engine.fused.layers)
+    finally:
+        engine.hooks.remove()
+    layer = packed[0]
+    calls = []
+
+    class Spy:
+        def row_linear(self, *args):
+            calls.append(args[0].shape)
+            return layer_kernel.row_linear(*args)
+
+    layer_kernel = layer.row_kernel
+    x = torch.randn(3, 1, layer.in_features)
+    try:
+        layer.row_kernel = Spy()
+        with torch.inference_mode():
+            one = layer(x[:1])
+            three = layer(x)
+    finally:
+        layer.row_kernel = layer_kernel
+    assert calls == [(1, layer.in_features)]  # the 3-row product went to oneDNN
+    assert one.shape == (1, 1, layer.out_features)
+    assert torch.allclose(one[0], three[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_row_kernel_can_be_turned_off():
+    """``PERSONA_CPU_KERNELS=0`` reaches the model's layers: packed, but no row kernel."""
+    code = ("from app.settings import Settings; from steering.cpu_linear import prepack_linears; import torch; "
+            "m = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)); "
+            "s = Settings(); print(s.cpu_kernels, prepack_linears(m, row_kernel=s.cpu_kernels), "
+            "[l.row_kernel is None for l in m])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PERSONA_CPU_KERNELS": "0"})
+    assert out.stdout.split("\n")[-2] == "False 2 [True, True]", out.stdout
 
 
 @pytest.mark.skipif(not packing_available(), reason="this CPU or torch build has no oneDNN bfloat16")
