@@ -296,6 +296,8 @@ class Engine:
         self.deltas = DeltaTable(hidden_size=lm.hidden_size, dtype=lm.dtype, device_of_layer=lm.block_device)
         self.forward_passes = 0
         self._device = lm.input_device
+        # Seeded rows sample where the logits are: the output head's device, the last GPU of a split.
+        self._logits_device = lm.output_device
         # On CPU in bfloat16 a step of a few tokens (small-batch decode) barely gains from a second
         # thread, while the event loop that streams the tokens needs a core: such steps run with
         # one thread fewer than the rest (see _threads_for). In float32 the same steps read twice
@@ -373,7 +375,7 @@ class Engine:
         self.check(request)
         now = time.monotonic()
         return _Row(request=request, handle=handle, uid=next(self._uids),
-                    generator=make_generator(request.sampling.seed, self._device), submitted=now,
+                    generator=make_generator(request.sampling.seed, self._logits_device), submitted=now,
                     deadline=now + request.timeout_s if request.timeout_s else None)
 
     def _enqueue(self, row: _Row) -> None:
@@ -659,7 +661,8 @@ class Engine:
                 position_ids=torch.tensor([positions], device=dev),
                 attention_mask=self._placeholder_mask,
                 use_cache=False,
-                logits_to_keep=torch.tensor(keep, device=dev),
+                # On the CPU: it indexes the last block's states, which a device map may put elsewhere.
+                logits_to_keep=torch.tensor(keep),
                 persona_layout=layout,
             )
         return out.logits[0], hooks

@@ -133,6 +133,8 @@ class FusedDecoder:
         sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)[:, None, :]
         h = h[0]
         device = h.device
+        # The rotary module may sit on another device of a split (accelerate puts it with the norm).
+        cos, sin = cos.to(device), sin.to(device)
         for number, layer in enumerate(self.layers, start=1):
             if layer.device != device:
                 device = layer.device

@@ -60,11 +60,35 @@ class LoadedModel:
 
     @property
     def input_device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return execution_device(self.model.get_input_embeddings())
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where the logits come out (the output head's device): seeded generators live there."""
+        head = self.model.get_output_embeddings()
+        return execution_device(head) if head is not None else self.input_device
 
     def block_device(self, layer: int) -> torch.device:
         """Device of the block producing ``layer`` (1-based), for vectors that follow their layer."""
-        return next(self.blocks[layer - 1].parameters()).device
+        return execution_device(self.blocks[layer - 1])
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on. Normally its weights' device; where accelerate offloads
+    it (``device_map`` with ``"cpu"`` or ``"disk"`` entries) its weights sit on ``meta`` between
+    forwards and its hook names the device they are brought to, which is where its activations,
+    KV cache and steering deltas must live."""
+    for part in module.modules():
+        hook = getattr(part, "_hf_hook", None)
+        for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            device = getattr(one, "execution_device", None)
+            if device is not None:
+                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if part is module:
+            weights = next(module.parameters(recurse=False), None)
+            if weights is not None and weights.device.type != "meta":
+                return weights.device
+    return next(module.parameters()).device
 
 
 def config_fingerprint(config) -> str:

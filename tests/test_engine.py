@@ -183,6 +183,61 @@ def test_the_row_kernel_can_be_turned_off():
     assert out.stdout.split("\n")[-2] == "False 2 [True, True]", out.stdout
 
 
+def test_blocks_offloaded_by_a_device_map_keep_their_cache_and_deltas_where_they_compute(lm, tmp_path):
+    """accelerate's device maps can offload blocks ("cpu" or "disk"): their weights sit on ``meta``
+    between forwards and come in for each. The engine must put such a block's KV cache, steering
+    deltas and captures on the device it computes on (not ``meta``), and generate what the same
+    model kept whole generates, steered at the offloaded block and monitored after it."""
+    import copy
+
+    from accelerate import dispatch_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from steering.layers import decoder_blocks
+    from steering.model import LoadedModel
+
+    config = LlamaConfig(vocab_size=len(lm.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    whole = LlamaForCausalLM(config).eval().requires_grad_(False)
+    split = copy.deepcopy(whole)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    split = dispatch_model(split, device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    assert next(split.model.layers[1].parameters()).device.type == "meta"
+    assert split.lm_head.weight.device.type == "meta"
+
+    def loaded(model):
+        return LoadedModel(model=model, tokenizer=lm.tokenizer, name="tiny", fingerprint="tiny", num_layers=3,
+                           hidden_size=64, context_length=256, dtype=torch.float32, blocks=decoder_blocks(model),
+                           eos_token_ids=lm.eos_token_ids)
+
+    offloaded = loaded(split)
+    assert offloaded.block_device(2) == offloaded.output_device == torch.device("cpu")
+    push = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    probe = torch.nn.functional.normalize(torch.randn(1, 64, generator=torch.Generator().manual_seed(2)), dim=-1)
+    prompt = _prompt(lm, "Say something about rivers.")
+    results = []
+    for model in (loaded(whole), offloaded):
+        engine = Engine(model, max_batch_size=2, max_num_batched_tokens=16, max_model_len=128, fused=False)
+        try:
+            assert all(t.device.type == "cpu" for t in engine.cache.keys + engine.cache.values)
+            plain = engine.add_request(_greedy(prompt, 8))
+            steered = engine.add_request(_greedy(prompt, 8, steering=RowSteering(prompt={2: push}, response={2: push}),
+                                                 probes={3: probe}))
+            seeded = engine.add_request(GenerationRequest(prompt_ids=prompt, sampling=SamplingParams(
+                max_new_tokens=8, temperature=1.0, seed=7, ignore_eos=True)))
+            while not all(_finished(e) for e in (plain, steered, seeded)):
+                engine.step()
+            results.append([_tokens(e) for e in (plain, steered, seeded)])
+        finally:
+            engine.hooks.remove()
+    assert all(len(tokens) == 8 for tokens in results[1]), results
+    assert results[0] == results[1]
+    assert results[0][0] != results[0][1]  # the steering at the offloaded block changed the text
+
+
 @pytest.mark.skipif(not packing_available(), reason="this CPU or torch build has no oneDNN bfloat16")
 def test_prepacked_bfloat16_layers_match_plain_ones_and_keep_batch_invariance():
     plain = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR, prepack=False)
