@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     # Our engine on CPU: linear layers multiply by oneDNN-packed copies of their weights (bfloat16:
-    # steps of up to 64 rows; float32: every step); the linear weights then take twice the memory.
+    # steps of up to 64 rows; float32: every step but single rows where cpu_kernels is on); the
+    # linear weights then take twice the memory.
     cpu_prepack: bool = True
     # Our engine on x86 CPUs with AVX2, float32: one-row products use steering.cpu_kernels' own
     # matrix-vector kernel (built with g++); False leaves them to oneDNN.

@@ -22,7 +22,8 @@ The same holds for float32 on a CPU without native bfloat16, more so: on the 2-c
 rows up to 512 (a ``[3072, 576]`` projection: 229 against 1,174 us for 2 rows, 2.0 against 3.9 ms
 for 32, 25.6 against 28.8 ms for 512; the 49,152-row output head: 30 against 74 ms for 32 rows)
 and for one row on the weights too large for the caches (the output head: 7.5 against 13.8 ms),
-so float32 layers use the packed weight for every step (``MAX_ROWS``).
+so float32 layers use the packed weight for every step (``MAX_ROWS``) except single rows, which
+take the AVX2 kernel of :mod:`steering.cpu_kernels` where it builds (faster still at one row).
 
 Both forms of each weight are kept, so the linear weights take twice their memory once packed.
 """
