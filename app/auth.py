@@ -70,5 +70,12 @@ def is_admin(request: Request, state) -> bool:
     return not state.settings.admin_keys or bool(key and _matches(key, state.settings.admin_keys))
 
 
+def reads_thresholds(request: Request, state) -> bool:
+    """Whether the caller may see monitor thresholds: whoever may read ``/v1/monitors`` (an admin,
+    or anyone where no admin keys are set) and holders of a metrics key."""
+    key = _presented(request)
+    return is_admin(request, state) or bool(key and _matches(key, state.settings.metrics_keys))
+
+
 User = Annotated[str, Depends(require_user)]
 Admin = Annotated[str, Depends(require_admin)]

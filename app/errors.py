@@ -25,7 +25,7 @@ from steering.engine import (
 from steering.extract import DefinitionError
 from steering.limits import PromptTooLongError
 from steering.monitor import MonitorConfigError
-from steering.registry import VectorNotFoundError
+from steering.registry import VectorInUseError, VectorNotFoundError
 from steering.steer import SteeringError
 from steering.vector import VectorFormatError, VectorModelMismatchError
 
@@ -73,6 +73,8 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(404, str(exc), param=getattr(exc, "param", None), code="vector_not_found")
     if isinstance(exc, VectorModelMismatchError):
         return APIError(409, str(exc), code="vector_model_mismatch")
+    if isinstance(exc, VectorInUseError):
+        return APIError(409, str(exc), code="vector_in_use")
     if isinstance(exc, SteeringError):
         return APIError(400, str(exc), param=exc.param, code="invalid_steering")
     if isinstance(exc, SteeringPolicyError):
@@ -80,7 +82,7 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, MonitorConfigError):
         return APIError(400, str(exc), param=exc.param, code="invalid_monitor")
     if isinstance(exc, VectorFormatError):
-        return APIError(400, str(exc), code="invalid_vector")
+        return APIError(400, str(exc), param=exc.param, code="invalid_vector")
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), param=exc.param, code="prompt_too_long")
     if isinstance(exc, DefinitionError):
@@ -169,7 +171,7 @@ def install(app: FastAPI) -> None:
     async def _domain(_req: Request, exc: Exception):
         return error_response(as_api_error(exc))
 
-    for kind in (APIError, VectorNotFoundError, VectorModelMismatchError, SteeringError, VectorFormatError, EngineError,
+    for kind in (APIError, VectorNotFoundError, VectorModelMismatchError, VectorInUseError, SteeringError, VectorFormatError, EngineError,
                  SteeringPolicyError, MonitorConfigError, PromptTooLongError, DefinitionError, JobLimitError,
                  JobDeadlineError):
         app.add_exception_handler(kind, _domain)

@@ -1,5 +1,9 @@
 """Prometheus metrics. Prefix ``persona_``, base units, labels only from configuration
-(endpoint route templates, vector names in the registry), never from request content."""
+(endpoint route templates, vector names in the registry), never from request content.
+
+Monitor thresholds live on a registry of their own (:attr:`Metrics.ops_registry`), served only
+to scrapes that hold an admin or metrics key: a client that knows a block threshold can tune a
+prompt to sit just under it."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.ops_registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             "persona_requests", "HTTP requests answered, by route and status code.", ["endpoint", "status"], registry=r
@@ -67,7 +72,7 @@ class Metrics:
         )
         self.monitor_threshold = Gauge(
             "persona_monitor_threshold", "Current monitor thresholds, by vector and level (flag, block, response).",
-            ["vector", "level"], registry=r,
+            ["vector", "level"], registry=self.ops_registry,
         )
         self.response_stops = Counter(
             "persona_monitor_response_stops", "Generations stopped by a response-phase monitor.", ["vector"], registry=r,

@@ -125,11 +125,14 @@ class Settings(BaseSettings):
     # Comma-separated in the environment: PERSONA_API_KEYS=k1,k2
     api_keys: Annotated[list[str], NoDecode] = []
     admin_keys: Annotated[list[str], NoDecode] = []
+    # Keys that may read monitor thresholds in /metrics (admin keys may too): one for Prometheus,
+    # so that its scrape config holds no admin key.
+    metrics_keys: Annotated[list[str], NoDecode] = []
     # Admin routes change what every client gets (vectors, monitors, thresholds); serving them
     # to the network without keys must be a deliberate choice, not the result of a forgotten env var.
     allow_unauthenticated_admin: bool = False
 
-    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "metrics_keys", "cors_origins", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):

@@ -2,6 +2,9 @@
 (chat, completions, assessment): the server's limits, the ops caps on monitored vectors, and
 the rule that keeps an enforced monitor's reading out of the request's reach.
 
+Every check reads the one resolution of the request that its deltas are built from
+(:func:`steering.steer.resolve_terms`: vectors, layers, phases, raw coefficients).
+
 Limits hold for the request as a whole. Entries add up (that is the contract), so every check
 that bounds a coefficient bounds the resolved sum per (vector, layer, phase) in raw units, the
 unit the deltas are finally built in: four entries of 1.0 are checked as 4.0, whatever unit
@@ -17,8 +20,7 @@ from app.schemas import SteeringField, steering_entries
 from app.settings import Settings
 from steering.monitor import MonitorSet
 from steering.registry import VectorRegistry
-from steering.steer import RowSteering, SteeringError, SteeringSpec, resolve_steering
-from steering.vector import PersonaVector
+from steering.steer import RowSteering, SteeringError, SteeringSpec, SteeringTerm, build_row, resolve_terms
 
 
 class SteeringPolicyError(ValueError):
@@ -64,49 +66,28 @@ def admit_steering(
                                 f"steering[{i}].layers")
     specs = [SteeringSpec(e.vector, e.coefficient, tuple(e.layers) if e.layers else None, e.positions, e.unit)
              for e in entries]
-    steering = resolve_steering(specs, registry)
-    vectors = {spec.vector: registry.get(spec.vector) for spec in specs}
-    sums = _raw_sums(specs, vectors, settings.max_abs_coefficient)
+    terms = resolve_terms(specs, registry)
+    sums = _raw_sums(terms, settings.max_abs_coefficient)
     _check_sums(sums, settings.max_abs_coefficient)
     _check_caps(sums, monitors)
-    _check_enforced_monitors(specs, vectors, monitors)
-    return steering
+    _check_enforced_monitors(terms, monitors)
+    return build_row(terms)
 
 
-def _layers(spec: SteeringSpec, vector: PersonaVector) -> tuple[int, ...]:
-    return spec.layers or (vector.recommended_layer,)
-
-
-def _phases(spec: SteeringSpec) -> tuple[str, ...]:
-    return {"all": ("prompt", "response"), "prompt": ("prompt",), "response": ("response",)}[spec.positions]
-
-
-def _raw(coefficient: float, unit: str, vector: PersonaVector, layer: int) -> float:
-    """The raw-unit coefficient that adds the same delta as ``coefficient`` in ``unit``."""
-    if unit == "raw":
-        return coefficient
-    norm = float(vector.direction(layer).norm())
-    if unit == "unit":
-        return coefficient / norm
-    return coefficient * float(vector.stats["residual_norm"][layer]) / norm
-
-
-def _raw_sums(specs: list[SteeringSpec], vectors: dict[str, PersonaVector], limit: float) -> dict[tuple, _Sum]:
+def _raw_sums(terms: list[SteeringTerm], limit: float) -> dict[tuple, _Sum]:
     """Per (vector, layer, phase), the summed raw coefficient; each entry is bounded on its own
     too, so opposite entries cannot hide huge deltas that cancel only on paper."""
     sums: dict[tuple, _Sum] = defaultdict(_Sum)
-    for i, spec in enumerate(specs):
-        vector = vectors[spec.vector]
-        for layer in _layers(spec, vector):
-            raw = _raw(spec.coefficient, spec.unit, vector, layer)
-            if abs(raw) > limit:
-                raise SteeringError(
-                    f"|coefficient| must be at most {limit:g} in raw units; this entry is {raw:.4g} raw at layer {layer}",
-                    f"steering[{i}].coefficient")
-            for phase in _phases(spec):
-                total = sums[(spec.vector, layer, phase)]
-                total.raw += raw
-                total.entries.append(i)
+    for term in terms:
+        # Written so that a NaN (which compares false with everything) is refused too.
+        if not abs(term.raw) <= limit:
+            raise SteeringError(
+                f"|coefficient| must be at most {limit:g} in raw units; this entry is {term.raw:.4g} raw "
+                f"at layer {term.layer}", f"steering[{term.entry}].coefficient")
+        for phase in term.phases:
+            total = sums[(term.vector.name, term.layer, phase)]
+            total.raw += term.raw
+            total.entries.append(term.entry)
     return sums
 
 
@@ -141,21 +122,21 @@ def _check_caps(sums: dict[tuple, _Sum], monitors: MonitorSet) -> None:
                 f"steering[{total.entries[-1]}].coefficient")
 
 
-def _check_enforced_monitors(specs: list[SteeringSpec], vectors: dict[str, PersonaVector], monitors: MonitorSet) -> None:
-    """Refuse prompt-phase steering below an enforced monitor's layer: it would change the state
-    the monitor reads, so a request could steer itself past a block. Steering at or above that
-    layer, or on generated tokens only, leaves the reading alone."""
-    enforced = [c for c in monitors.active() if c.mode == "enforce"]
+def _check_enforced_monitors(terms: list[SteeringTerm], monitors: MonitorSet) -> None:
+    """Refuse prompt-phase steering below any enforced monitor's layer: it would change the state
+    that monitor reads, so a request could steer itself past its block. Steering at or above every
+    enforced layer, or on generated tokens only, leaves the readings alone."""
+    enforced = sorted((c for c in monitors.active() if c.mode == "enforce"), key=lambda c: c.layer)
     if not enforced:
         return
-    lowest = min(enforced, key=lambda c: c.layer)
-    for i, spec in enumerate(specs):
-        if "prompt" not in _phases(spec):
+    for term in terms:
+        if "prompt" not in term.phases:
             continue
-        below = [layer for layer in _layers(spec, vectors[spec.vector]) if layer < lowest.layer]
-        if below:
+        reached = next((c for c in enforced if term.layer < c.layer), None)
+        if reached is not None:
+            layers = ", ".join(str(c.layer) for c in enforced)
             raise SteeringPolicyError(
-                f"steering at layer {below[0]} on prompt positions would change what the enforced monitor on "
-                f"'{lowest.vector}' reads at layer {lowest.layer}; steer at layer {lowest.layer} or above, "
-                "or use positions 'response'",
-                f"steering[{i}].layers")
+                f"steering at layer {term.layer} on prompt positions would change what the enforced monitor on "
+                f"'{reached.vector}' reads at layer {reached.layer}; enforced monitors read layers {layers}, so "
+                f"steer prompt positions at layer {enforced[-1].layer} or above, or use positions 'response'",
+                f"steering[{term.entry}].layers")

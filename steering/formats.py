@@ -72,6 +72,8 @@ def import_gguf(path: Path, *, name: str, model: ModelRef, description: str = ""
         values = torch.from_numpy(np.array(tensor.data, dtype=np.float32).reshape(-1))
         if values.numel() != model.hidden_size:
             raise VectorFormatError(f"{tensor.name} has {values.numel()} values, the model's hidden size is {model.hidden_size}")
+        if not torch.isfinite(values).all():
+            raise VectorFormatError(f"{tensor.name} contains NaN or inf", tensor.name)
         directions[layer] = values
         found.append(layer)
     if not found:

@@ -9,9 +9,9 @@ atomically and appends every change to an audit log.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,7 +20,10 @@ from typing import Literal
 import torch
 
 from steering.atomic import atomic_write_bytes
+from steering.registry import VectorInUseError
 from steering.vector import PersonaVector
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["enforce", "annotate", "off"]
 Score = Literal["projection", "z"]
@@ -63,6 +66,8 @@ class MonitorConfig:
             raise MonitorConfigError(f"layer must be in 1..{num_layers}", "layer")
         if self.score == "z" and ("neutral_mean" not in vector.stats or "neutral_std" not in vector.stats):
             raise MonitorConfigError(f"vector '{vector.name}' has no neutral statistics for z-scores; use score 'projection'", "score")
+        if not vector.direction(layer).any():
+            raise MonitorConfigError(f"vector '{vector.name}' is zero at layer {layer}: nothing to read there", "layer")
         for name in ("flag_threshold", "block_threshold", "response_threshold", "steering_min", "steering_max"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -149,6 +154,11 @@ class _Compiled:
 class MonitorSet:
     """The active monitors, persisted in ``path`` (JSON, atomic) with an append-only audit log.
 
+    It owns the rule that the registry and the monitors never disagree: every monitor fits its
+    vector (:meth:`MonitorConfig.validate`). Monitor writes are validated here; vector writes,
+    whoever makes them, pass :meth:`check_vector` through the registry's write guard, which
+    refuses (409) an upload a monitor could not read and the delete of a monitored vector.
+
     Example::
 
         monitors = MonitorSet(Path("data/monitors.json"), registry, num_layers=30)
@@ -161,13 +171,14 @@ class MonitorSet:
         self.audit_path = Path(audit_path or self.path.with_name("audit.jsonl"))
         self.registry = registry
         self.num_layers = num_layers
-        self._lock = threading.Lock()
+        self._lock = registry.lock
         self._configs: dict[str, MonitorConfig] = {}
         if self.path.exists():
             raw = json.loads(self.path.read_text())
             self._configs = {name: MonitorConfig(**cfg) for name, cfg in raw.get("monitors", {}).items()}
         self._compiled: dict[str, _Compiled] = {}
         self._recompile()
+        registry.guard_writes(self.check_vector, self._recompile)
 
     # ---- configuration ----
 
@@ -178,9 +189,8 @@ class MonitorSet:
         return self._configs.get(vector)
 
     def put(self, config: MonitorConfig, *, who: str) -> MonitorConfig:
-        vector = self.registry.get(config.vector)
-        config = config.validate(vector, self.num_layers)
         with self._lock:
+            config = config.validate(self.registry.get(config.vector), self.num_layers)
             old = self._configs.get(config.vector)
             configs = {**self._configs, config.vector: config}
             self._persist(configs)
@@ -214,12 +224,35 @@ class MonitorSet:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def check_vector(self, name: str, vector: PersonaVector | None) -> None:
+        """Refuse a vector write (``vector`` None: a delete) that the monitor on ``name`` could
+        not read; raises :class:`VectorInUseError` naming the monitor."""
+        config = self._configs.get(name)
+        if config is None:
+            return
+        if vector is None:
+            raise VectorInUseError(f"the monitor on '{name}' (mode '{config.mode}') reads this vector; "
+                                   f"delete the monitor first (DELETE /v1/monitors/{name})")
+        try:
+            config.validate(vector, self.num_layers)
+        except MonitorConfigError as exc:
+            raise VectorInUseError(
+                f"the monitor on '{name}' (mode '{config.mode}', score '{config.score}', layer {config.layer}) could "
+                f"not read this vector: {exc}; change or delete the monitor first (/v1/monitors/{name})") from None
+
     def _recompile(self) -> None:
         compiled = {}
         for name, cfg in self._configs.items():
             if name not in self.registry:
-                continue  # the vector was deleted; the config waits for it to come back
+                log.warning("monitor on '%s' is inactive: no such vector", name)
+                continue
             vec = self.registry.get(name)
+            try:
+                cfg.validate(vec, self.num_layers)
+            except MonitorConfigError as exc:
+                # Only state written past these checks (by hand, or by an older server) gets here.
+                log.warning("monitor on '%s' is inactive: %s", name, exc)
+                continue
             d = vec.direction(cfg.layer)
             stats = vec.stats
             compiled[name] = _Compiled(
@@ -228,11 +261,6 @@ class MonitorSet:
                 float(stats["neutral_std"][cfg.layer]) if "neutral_std" in stats else None,
             )
         self._compiled = compiled
-
-    def refresh(self) -> None:
-        """Recompute cached directions after the registry changed."""
-        with self._lock:
-            self._recompile()
 
     # ---- scoring (hot path) ----
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from steering.atomic import fsync_dir, remove_stale_temp_files
@@ -22,6 +23,11 @@ class VectorNotFoundError(KeyError):
 
     def __str__(self) -> str:
         return f"vector '{self.args[0]}' not found"
+
+
+class VectorInUseError(ValueError):
+    """A vector write that would leave state derived from the vector wrong (HTTP 409), e.g. a
+    z-score monitor on a vector without neutral statistics; the message names what refused it."""
 
 
 class VectorRegistry:
@@ -45,10 +51,28 @@ class VectorRegistry:
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self._vectors: dict[str, PersonaVector] = {}
-        self._lock = threading.Lock()
+        # Reentrant: the owner of derived state (the monitor set) takes it for its own writes and
+        # is called back under it from ours.
+        self.lock = threading.RLock()
+        self._check: Callable[[str, PersonaVector | None], None] = lambda name, vector: None
+        self._changed: Callable[[], None] = lambda: None
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(self.directory)
         self._load_all()
+
+    def guard_writes(self, check: Callable[[str, PersonaVector | None], None], changed: Callable[[], None]) -> None:
+        """Make one owner of state derived from the vectors part of every write, whoever writes.
+
+        ``check(name, vector)`` (``vector`` is None for a delete) runs before the write and refuses
+        it by raising :class:`VectorInUseError`; ``changed()`` runs after. Both run under
+        :attr:`lock`, which the owner also holds while it changes its own state, so the vectors and
+        what is derived from them change together.
+
+        Example::
+
+            registry.guard_writes(check=refuse_if_monitored, changed=recompile_monitors)
+        """
+        self._check, self._changed = check, changed
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{validate_name(name)}.safetensors"
@@ -98,19 +122,26 @@ class VectorRegistry:
     def put(self, vector: PersonaVector) -> bool:
         """Store ``vector`` (replacing one of the same name); returns True when it was new.
 
-        Raises :class:`VectorModelMismatchError` for a vector of another model.
+        Raises :class:`VectorModelMismatchError` for a vector of another model and
+        :class:`VectorInUseError` when the write guard refuses it.
         """
         self._fits(vector)
-        with self._lock:
+        with self.lock:
+            self._check(vector.name, vector)
             created = vector.name not in self._vectors
             vector.save(self._path(vector.name))
             self._vectors[vector.name] = vector
+            self._changed()
         return created
 
     def delete(self, name: str) -> None:
-        with self._lock:
+        """Remove a vector; raises :class:`VectorNotFoundError`, or :class:`VectorInUseError` when
+        the write guard refuses it."""
+        with self.lock:
             if name not in self._vectors:
                 raise VectorNotFoundError(name)
+            self._check(name, None)
             self._path(name).unlink(missing_ok=True)
             fsync_dir(self.directory)
             del self._vectors[name]
+            self._changed()

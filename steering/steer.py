@@ -1,7 +1,9 @@
 """Steering requests: from wire-level entries to per-layer additive deltas, and their batching.
 
-A request's steering is a list of :class:`SteeringSpec`. :func:`resolve_steering` turns it
-into a :class:`RowSteering`, two maps ``layer -> delta [hidden]`` (one added at prompt
+A request's steering is a list of :class:`SteeringSpec`. :func:`resolve_terms` resolves each
+entry's vector, layers, phases and raw-unit coefficient (:class:`SteeringTerm`), the one
+resolution both the deltas and the server's steering policy read; :func:`build_row` sums the
+terms into a :class:`RowSteering`, two maps ``layer -> delta [hidden]`` (one added at prompt
 positions during prefill, one added at generated positions during decode). The engine
 stacks the rows of a batch with :func:`stack_deltas` once per batch change; the hooks then
 add ``delta[row]`` to every position of that row, so each row carries its own steering.
@@ -15,9 +17,12 @@ from typing import Literal
 import torch
 
 from steering.registry import VectorNotFoundError, VectorRegistry
+from steering.vector import PersonaVector
 
 Positions = Literal["all", "prompt", "response"]
+Phase = Literal["prompt", "response"]
 Unit = Literal["raw", "unit", "residual"]
+PHASES: dict[str, tuple[Phase, ...]] = {"all": ("prompt", "response"), "prompt": ("prompt",), "response": ("response",)}
 
 
 class SteeringError(ValueError):
@@ -62,14 +67,31 @@ class RowSteering:
         return not self.prompt and not self.response
 
 
-def resolve_steering(specs: list[SteeringSpec], registry: VectorRegistry) -> RowSteering:
-    """Look up every entry's vector and sum the deltas per layer and phase.
+@dataclass(frozen=True)
+class SteeringTerm:
+    """One entry at one layer, resolved: the delta it adds is ``raw * vector.direction(layer)``
+    at the positions of ``phases``. The engine's deltas and the server's steering policy are
+    both built from these, so the coefficient the policy bounds is the one that is applied."""
+
+    entry: int
+    vector: PersonaVector
+    layer: int
+    phases: tuple[Phase, ...]
+    raw: float
+
+
+def resolve_terms(specs: list[SteeringSpec], registry: VectorRegistry) -> list[SteeringTerm]:
+    """Look up every entry's vector and layers and convert its coefficient to raw units.
 
     Raises :class:`SteeringError` (bad layer, missing statistics) or
     :class:`SteeringVectorNotFound`, each naming the entry, e.g. ``steering[1].layers``.
+
+    Example::
+
+        resolve_terms([SteeringSpec("optimistic", 1.0, unit="unit")], registry)
+        # [SteeringTerm(entry=0, vector=..., layer=19, phases=("prompt", "response"), raw=0.21)]
     """
-    row = RowSteering()
-    used: list[str] = []
+    terms = []
     for i, spec in enumerate(specs):
         try:
             vector = registry.get(spec.vector)
@@ -84,6 +106,7 @@ def resolve_steering(specs: list[SteeringSpec], registry: VectorRegistry) -> Row
             layers = (vector.recommended_layer,)
         if not layers:
             raise SteeringError("layers must not be empty", f"steering[{i}].layers")
+        phases = PHASES[spec.positions]
         for layer in layers:
             if not 1 <= layer <= registry.num_layers:
                 raise SteeringError(
@@ -91,33 +114,49 @@ def resolve_steering(specs: list[SteeringSpec], registry: VectorRegistry) -> Row
                     "(block outputs; 0 is the embedding layer)",
                     f"steering[{i}].layers",
                 )
-            delta = _scaled(vector, layer, spec, i)
-            for phase, applies in (("prompt", spec.positions != "response"), ("response", spec.positions != "prompt")):
-                if applies:
-                    target = getattr(row, phase)
-                    target[layer] = target[layer] + delta if layer in target else delta
-        used.append(vector.name)
-    row.vectors = tuple(dict.fromkeys(used))
+            terms.append(SteeringTerm(i, vector, layer, phases, _raw(vector, layer, spec, i)))
+    return terms
+
+
+def build_row(terms: list[SteeringTerm]) -> RowSteering:
+    """Sum the terms' deltas per layer and phase."""
+    row = RowSteering()
+    for term in terms:
+        delta = term.raw * term.vector.direction(term.layer)
+        for phase in term.phases:
+            target = getattr(row, phase)
+            target[term.layer] = target[term.layer] + delta if term.layer in target else delta
+    row.vectors = tuple(dict.fromkeys(term.vector.name for term in terms))
     return row
 
 
-def _scaled(vector, layer: int, spec: SteeringSpec, index: int) -> torch.Tensor:
-    direction = vector.direction(layer)
+def resolve_steering(specs: list[SteeringSpec], registry: VectorRegistry) -> RowSteering:
+    """Resolve a request's entries (:func:`resolve_terms`) and sum them into per-layer deltas.
+
+    Example::
+
+        row = resolve_steering([SteeringSpec("optimistic", 1.5)], registry)
+        row.prompt[19]    # 1.5 * optimistic's direction at its recommended layer
+    """
+    return build_row(resolve_terms(specs, registry))
+
+
+def _raw(vector: PersonaVector, layer: int, spec: SteeringSpec, index: int) -> float:
+    """The raw-unit coefficient that adds what ``spec.coefficient`` in ``spec.unit`` means."""
     if spec.unit == "raw":
-        return spec.coefficient * direction
-    norm = direction.norm()
+        return spec.coefficient
+    norm = float(vector.direction(layer).norm())
     if norm == 0:
         raise SteeringError(f"vector '{vector.name}' is zero at layer {layer}", f"steering[{index}].layers")
-    unit_dir = direction / norm
     if spec.unit == "unit":
-        return spec.coefficient * unit_dir
+        return spec.coefficient / norm
     residual = vector.stats.get("residual_norm")
     if residual is None:
         raise SteeringError(
             f"vector '{vector.name}' has no residual-norm statistics; use unit 'raw' or 'unit'",
             f"steering[{index}].unit",
         )
-    return spec.coefficient * float(residual[layer]) * unit_dir
+    return spec.coefficient * float(residual[layer]) / norm
 
 
 class DeltaTable:
@@ -145,11 +184,15 @@ class DeltaTable:
         ids: dict[tuple[int, str], int] = {}
         if steering is None:
             return ids
-        for phase in ("prompt", "response"):
-            for layer, delta in getattr(steering, phase).items():
-                entry = self._take(layer)
-                self._tables[layer][entry] = delta.to(self._tables[layer].device, self.dtype)
-                ids[(layer, phase)] = entry
+        try:
+            for phase in ("prompt", "response"):
+                for layer, delta in getattr(steering, phase).items():
+                    ids[(layer, phase)] = entry = self._take(layer)
+                    self._tables[layer][entry] = delta.to(self._tables[layer].device, self.dtype)
+        except BaseException:
+            # All or nothing: a row that cannot join must not keep the entries it got so far.
+            self.release(ids)
+            raise
         return ids
 
     def release(self, ids: dict[tuple[int, str], int]) -> None:

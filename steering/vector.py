@@ -14,6 +14,7 @@ safetensors header under the key ``persona_vector``, so a vector is always one a
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,11 @@ _STAT_KEYS = ("residual_norm", "neutral_mean", "neutral_std")
 
 
 class VectorFormatError(ValueError):
-    """The file or payload is not a valid persona vector."""
+    """The file or payload is not a valid persona vector; ``param`` names the tensor or field when one is at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class VectorModelMismatchError(ValueError):
@@ -84,23 +89,30 @@ class PersonaVector:
         validate_name(self.name)
         d = self.directions
         if not isinstance(d, torch.Tensor) or d.dim() != 2:
-            raise VectorFormatError("directions must be a 2-D tensor [num_layers + 1, hidden]")
+            raise VectorFormatError("directions must be a 2-D tensor [num_layers + 1, hidden]", "directions")
         expected = (self.model.num_layers + 1, self.model.hidden_size)
         if tuple(d.shape) != expected:
             raise VectorFormatError(
                 f"directions has shape {list(d.shape)}, expected {list(expected)} "
-                "(num_layers + 1 rows, row 0 = embeddings)"
+                "(num_layers + 1 rows, row 0 = embeddings)", "directions"
             )
-        if not torch.isfinite(d).all():
-            raise VectorFormatError("directions contain NaN or inf")
-        self.directions = d.detach().to(torch.float32).contiguous()
+        # Checked after the cast: a float64 value past float32's range becomes inf there.
+        self.directions = _finite(d.detach().to(torch.float32).contiguous(), "directions")
+        stats = {}
         for key, value in self.stats.items():
-            if key not in _STAT_KEYS or tuple(value.shape) != (expected[0],):
-                raise VectorFormatError(f"statistic '{key}' must be one of {_STAT_KEYS}, shape [{expected[0]}]")
-        if self.recommended_layer is not None and not 1 <= self.recommended_layer <= self.model.num_layers:
-            raise VectorFormatError(
-                f"recommended_layer {self.recommended_layer} outside 1..{self.model.num_layers}"
-            )
+            if key not in _STAT_KEYS or not isinstance(value, torch.Tensor) or tuple(value.shape) != (expected[0],):
+                raise VectorFormatError(f"statistic '{key}' must be one of {_STAT_KEYS}, shape [{expected[0]}]", key)
+            stats[key] = _finite(value.detach().to(torch.float32), key)
+            # A negative spread or norm has no meaning; read as a z-score or a residual unit it would flip signs.
+            if key != "neutral_mean" and (stats[key] < 0).any():
+                raise VectorFormatError(f"statistic '{key}' must not be negative", key)
+        self.stats = stats
+        rl = self.recommended_layer
+        if rl is not None and (not isinstance(rl, int) or isinstance(rl, bool) or not 1 <= rl <= self.model.num_layers):
+            raise VectorFormatError(f"recommended_layer {rl!r} is not a layer in 1..{self.model.num_layers}",
+                                    "recommended_layer")
+        if self.coefficient_range is not None and not all(math.isfinite(x) for x in self.coefficient_range):
+            raise VectorFormatError("coefficient_range must be finite numbers", "coefficient_range")
 
     def direction(self, layer: int) -> torch.Tensor:
         return self.directions[layer]
@@ -182,3 +194,12 @@ class PersonaVector:
     @classmethod
     def load(cls, path: Path) -> "PersonaVector":
         return cls.from_bytes(Path(path).read_bytes())
+
+
+def _finite(values: torch.Tensor, name: str) -> torch.Tensor:
+    """``values``, or :class:`VectorFormatError` naming the tensor and the first row with NaN or inf."""
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        row = int(bad.reshape(len(values), -1).any(dim=1).nonzero()[0])
+        raise VectorFormatError(f"{name} contains NaN or inf (at layer {row})", name)
+    return values

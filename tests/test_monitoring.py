@@ -245,7 +245,9 @@ def test_metrics_follow_a_known_sequence(live, c):
             sample(before, "persona_monitor_decisions_total", vector="optimistic", action=action, mode="enforce")
         assert delta == n
     assert sample(after, "persona_monitor_score_count", vector="optimistic") - sample(before, "persona_monitor_score_count", vector="optimistic") == 5
-    assert sample(after, "persona_monitor_threshold", vector="optimistic", level="block") == pytest.approx(cut)
+    assert "persona_monitor_threshold" not in after  # a client's scrape carries no thresholds
+    ops = httpx.get(f"{live.url}/metrics", headers=ADMIN, timeout=30).text
+    assert sample(ops, "persona_monitor_threshold", vector="optimistic", level="block") == pytest.approx(cut)
     assert sample(after, "persona_requests_total", endpoint="/v1/chat/completions", status="400") - \
         sample(before, "persona_requests_total", endpoint="/v1/chat/completions", status="400") == 2
 

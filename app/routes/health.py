@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.auth import reads_thresholds
 from app.deps import State
 
 router = APIRouter()
@@ -26,5 +27,9 @@ async def ready(state: State):
 
 
 @router.get("/metrics")
-async def metrics(state: State):
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(state: State, request: Request):
+    """Open to every scrape; the monitor thresholds only for callers that may read them."""
+    body = generate_latest(state.metrics.registry)
+    if reads_thresholds(request, state):
+        body += generate_latest(state.metrics.ops_registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

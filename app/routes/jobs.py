@@ -64,7 +64,6 @@ async def extract(body: ExtractRequest, state: State, who: Admin):
                                     neutral_prompts=neutral, method=body.method, sweep=body.sweep,
                                     limit=state.prompt_limit)
         state.registry.put(vector)
-        state.monitors.refresh()
         return {"vector": vector.name, "recommended_layer": vector.recommended_layer,
                 "coefficient_range": vector.coefficient_range, "heldout_auroc": vector.extra["heldout_auroc"]}
 

@@ -129,12 +129,10 @@ async def put_vector(name: str, state: State, http: Request, _admin: Admin, form
     else:
         vector = PersonaVector.from_bytes(data, name=name)
     created = state.registry.put(vector)
-    state.monitors.refresh()
     return JSONResponse(summary(vector), status_code=201 if created else 200)
 
 
 @router.delete("/v1/vectors/{name}")
 async def delete_vector(name: str, state: State, _admin: Admin):
     state.registry.delete(_name(name))
-    state.monitors.refresh()
     return {"id": name, "object": "vector", "deleted": True}
