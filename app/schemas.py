@@ -193,6 +193,19 @@ class ModelCard(BaseModel):
     max_model_len: int
 
 
+class LoadLoraAdapterRequest(_Strict):
+    """vLLM's ``POST /v1/load_lora_adapter`` body: a PEFT directory on the server's disk."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(_Strict):
+    """vLLM's ``POST /v1/unload_lora_adapter`` body."""
+
+    lora_name: str
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
@@ -201,14 +214,15 @@ class ModelList(BaseModel):
 class TokenizeRequest(_OpenAIRequest):
     """Body of ``POST /tokenize`` (vLLM's): a text ``prompt`` or chat ``messages``, exactly one.
 
-    ``add_special_tokens`` is off by default for both, unlike vLLM's for a prompt: the ids are
-    the ones this server's completions generate from, and those add none."""
+    ``add_special_tokens`` defaults as vLLM's do, to the ids the generation routes use: on for a
+    prompt (a completion's prompt gets the tokenizer's BOS), off for messages (the chat template
+    writes its own)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
-    add_special_tokens: bool = False
+    add_special_tokens: bool | None = None
     return_token_strs: bool = False
 
 

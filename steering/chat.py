@@ -15,4 +15,16 @@ def chat_prompt_ids(tokenizer, messages: list[dict], *, add_generation_prompt: b
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` alone, to be joined to other ids (no BOS or other special tokens)."""
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def completion_prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a text completion's prompt, with the special tokens the tokenizer adds by
+    default (BOS for Llama 3 and Gemma, which degrade without it), as vLLM encodes one.
+
+    Example::
+
+        ids = completion_prompt_ids(tok, "The sea is")
+    """
+    return tokenizer(text).input_ids

@@ -25,6 +25,7 @@ class TextStream:
         self.token_ids: list[int] = []
         self.text = ""
         self._sent = 0
+        self._final = 0  # len(text) without its trailing U+FFFD placeholders
         self.stopped = False
         # Decode only a short window: the text of ids[_prefix:] minus that of ids[_prefix:_read]
         # is what the newest tokens add (tokenizers merge across token boundaries, so the
@@ -46,17 +47,21 @@ class TextStream:
     def push(self, token_id: int) -> str:
         self.token_ids.append(token_id)
         text = self._decoded()
+        # Trailing U+FFFD stand for the bytes of a character not complete yet, and their number is
+        # not that of the characters they become ("\ufffd\ufffd" turns into one "！"): positions
+        # are counted on the text before them, or a stop ending in such a character is searched
+        # for past its start and a stop's prefix is sent before the stop is seen.
+        final = len(text.rstrip("\ufffd"))
         if self._stop:
-            start = max(0, len(self.text) - self._hold)
+            start = max(0, self._final - self._hold)
             hits = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]
             if hits:
                 self.text = text[: min(hits)]
                 self.stopped = True
                 return self.flush()
         self.text = text
-        safe = len(text) - self._hold
-        while safe > self._sent and text[safe - 1] == "\ufffd":
-            safe -= 1
+        self._final = final
+        safe = final - self._hold
         if safe <= self._sent:
             return ""
         delta = text[self._sent : safe]

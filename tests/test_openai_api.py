@@ -94,6 +94,23 @@ def test_stop_string_ends_the_answer_before_it(client):
     assert stopped["choices"][0]["finish_reason"] == "stop"
 
 
+def test_stop_string_ending_in_a_character_of_several_tokens_ends_the_answer(client, lm):
+    # The model copies the pattern; fullwidth "！" is two byte-level tokens of its vocabulary.
+    body = {"model": "default", "prompt": "Hi！Yo " * 6 + "Hi！", "temperature": 0, "max_tokens": 12}
+    assert len(lm.tokenizer("！", add_special_tokens=False).input_ids) == 2
+    free = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert free.find("！") > 0  # some text, then the stop
+    for stream in (False, True):
+        r = client.post("/v1/completions", json={**body, "stop": ["！"], "stream": stream})
+        if stream:
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+            finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1]
+        else:
+            text, finish = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+        assert (text, finish) == (free[: free.index("！")], "stop")
+
+
 def test_seeded_sampling_is_reproducible(client):
     fields = {"temperature": 1.0, "top_p": 0.9, "seed": 1234, "max_tokens": 20}
     a = chat(client, "Invent a name for a cat.", **fields).json()["choices"][0]["message"]["content"]
@@ -258,3 +275,51 @@ def test_settings_override_the_defaults_on_a_live_server(lm, tmp_path):
         second = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=120).json()
     assert first["usage"]["completion_tokens"] == 5
     assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]  # greedy
+
+
+def _bos_model_dir(lm, folder: Path) -> Path:
+    """The default model with a tokenizer that adds BOS to every text, as Llama 3's tokenizer.json does."""
+    source = Path(lm.model.name_or_path)
+    for f in source.iterdir():
+        if f.name != "tokenizer.json":
+            (folder / f.name).symlink_to(f)
+    spec = json.loads((source / "tokenizer.json").read_text())
+    bos = lm.tokenizer.bos_token
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [lm.tokenizer.bos_token_id], "tokens": [bos]}},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
+
+
+def test_a_text_completion_prompt_gets_the_bos_its_tokenizer_adds(lm, tmp_path):
+    from steering.model import load_model
+    from tests.conftest import CACHE_DIR
+
+    (tmp_path / "model").mkdir()
+    model_dir = _bos_model_dir(lm, tmp_path / "model")
+    bos_lm = load_model(str(model_dir), dtype="float32", device="cpu", cache_dir=CACHE_DIR)
+    bos = bos_lm.tokenizer.bos_token_id
+    text = "The three primary colors are"
+    plain = bos_lm.tokenizer(text, add_special_tokens=False).input_ids
+    assert bos not in plain
+    with make_server(bos_lm, tmp_path / "data") as live, httpx.Client(base_url=live.url, timeout=120) as c:
+        counted = c.post("/tokenize", json={"prompt": text}).json()
+        assert counted["tokens"] == [bos, *plain]
+        body = {"model": "default", "temperature": 0, "max_tokens": 6}
+        out = c.post("/v1/completions", json={**body, "prompt": text}).json()
+        assert out["usage"]["prompt_tokens"] == counted["count"]
+        # The engine got exactly those ids: the same ids sent as a token prompt give the same answer.
+        ids = c.post("/v1/completions", json={**body, "prompt": counted["tokens"]}).json()
+        assert ids["choices"][0]["text"] == out["choices"][0]["text"]
+        # A chat's template writes its own special tokens: none are added on top, on either route.
+        messages = [{"role": "user", "content": text}]
+        chat_counted = c.post("/tokenize", json={"messages": messages}).json()
+        template = bos_lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert chat_counted["tokens"] == bos_lm.tokenizer(template, add_special_tokens=False).input_ids
+        usage = c.post("/v1/chat/completions", json={**body, "messages": messages}).json()["usage"]
+        assert usage["prompt_tokens"] == chat_counted["count"]

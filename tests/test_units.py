@@ -23,6 +23,21 @@ def test_text_stream_holds_back_a_possible_stop_and_cuts_at_it(lm):
     assert sent == "Hello world. " == ts.text
 
 
+@pytest.mark.parametrize(("text", "stop", "sent"), [
+    ("Hello！World", "！", "Hello"),  # fullwidth "！" is two byte-level tokens here
+    ("Party 🎉 time", "🎉", "Party "),  # three
+    ("Say hi！ then go", "hi！", "Say "),  # the stop's start must not leak while its end is partial
+])
+def test_text_stream_stops_at_a_stop_ending_in_a_character_of_several_tokens(lm, text, stop, sent):
+    tok = lm.tokenizer
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the character really spans tokens
+    ts = TextStream(tok, stop=(stop,))
+    streamed = "".join(ts.push(i) for i in ids if not ts.stopped)
+    assert ts.stopped
+    assert streamed == sent == ts.text
+
+
 @pytest.mark.parametrize("text", ["Plain text, all of it.", "Ünïcödé — emoji 🎉🎉 and 日本語のテキスト!  two  spaces\n\nlines"])
 def test_text_stream_without_stops_streams_everything(lm, text):
     tok = lm.tokenizer

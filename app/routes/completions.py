@@ -9,7 +9,7 @@ from app.deps import State
 from app.errors import APIError
 from app.generation import Renderer, build_request, respond
 from app.schemas import CompletionRequest
-from steering.chat import text_ids
+from steering.chat import completion_prompt_ids
 from steering.engine import TokenOut
 
 router = APIRouter()
@@ -44,7 +44,7 @@ COMPLETION = Renderer("text_completion", "text_completion", "cmpl", _final, _chu
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, state: State, http: Request, _user: User):
     if isinstance(body.prompt, str):
-        prompt_ids = text_ids(state.lm.tokenizer, body.prompt)
+        prompt_ids = completion_prompt_ids(state.lm.tokenizer, body.prompt)
     else:
         vocab = len(state.lm.tokenizer)
         if any(not 0 <= t < vocab for t in body.prompt):

@@ -24,7 +24,8 @@ async def tokenize(body: TokenizeRequest, state: State, _user: User):
     tokenizer = state.lm.tokenizer
     text = body.prompt if body.messages is None else chat_text(
         state, body.messages, add_generation_prompt=body.add_generation_prompt)
-    tokens = tokenizer(text, add_special_tokens=body.add_special_tokens).input_ids
+    special = body.messages is None if body.add_special_tokens is None else body.add_special_tokens
+    tokens = tokenizer(text, add_special_tokens=special).input_ids
     return {
         "count": len(tokens),
         "max_model_len": state.engine.max_model_len,
