@@ -257,7 +257,7 @@ def extraction_choices(trait: TraitDefinition, method: str | None = None, model:
     spec = trait.extraction or {}
     if not isinstance(spec, dict):
         raise DefinitionError("trait.extraction must be an object", "trait.extraction")
-    unknown = set(spec) - {"method", "combine", "smooth_layers", "layer", "model", "chosen_by"}
+    unknown = set(spec) - {"method", "combine", "smooth_layers", "layer", "model", "chosen_by", "chosen_on"}
     if unknown:
         raise DefinitionError(f"trait.extraction has unknown fields: {sorted(unknown)}", "trait.extraction")
     own_method = spec.get("method", "contrastive_texts")
@@ -275,6 +275,11 @@ def extraction_choices(trait: TraitDefinition, method: str | None = None, model:
         raise DefinitionError("layer must be a positive integer (1 = the first decoder layer's output)", "trait.extraction.layer")
     if "model" in spec and not isinstance(spec["model"], str):
         raise DefinitionError("model must be a string (the model the layer was chosen on)", "trait.extraction.model")
+    chosen_on = spec.get("chosen_on", {"evidence_questions": 0, "heldout_questions": 0})
+    if not isinstance(chosen_on, dict) or set(chosen_on) != {"evidence_questions", "heldout_questions"} or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in chosen_on.values()):
+        raise DefinitionError("chosen_on must be an object of two counts, evidence_questions and heldout_questions "
+                              "(the leading questions of each list that chose the layer)", "trait.extraction.chosen_on")
     if method is not None and method != own_method:
         return {"method": method, "combine": "mean", "smooth_layers": 0, "layer": None}
     if model is not None and spec.get("model", model) != model:
