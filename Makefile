@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml
 	# The AVX2 one-row kernel (steering/cpu_kernels.py), compiled once here rather than at the
 	# first start; where it cannot be built the server runs without it.
 	$(PY) -m steering.cpu_kernels || true
+	# jemalloc: `persona-server serve` preloads it (app/allocator.py); under glibc's malloc the
+	# server's memory grows under a long, varied load. Without it the server runs on glibc's.
+	$(PY) -c "from app.allocator import find; raise SystemExit(find('jemalloc') is None)" || { apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libjemalloc2; } \
+		|| echo "warning: could not install libjemalloc2; the server will use glibc's malloc"
 	# promtool and prometheus run the alert-rule tests and a real scrape test.
 	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus; } || echo "warning: could not install prometheus"

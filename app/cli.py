@@ -9,18 +9,23 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from app import allocator
 
-    from app.main import create_app
-    from app.server import DrainingServer
+    allocator.reexec_with_allocator()  # before anything else: it restarts the process
     from app.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
-    problem = settings.exposure_problem()
+    problem = settings.exposure_problem() or _engine_problem(settings.engine)
     if problem:
         raise SystemExit(f"persona-server: {problem}")
+    # Only now the heavy imports (torch, transformers): a refused start is told at once.
+    import uvicorn
+
+    from app.main import create_app
+    from app.server import DrainingServer
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s")
+    allocator.log_in_effect()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)

@@ -131,7 +131,7 @@ def _wave(url: str, model: str, vectors: list[str], wave: int) -> str:
 def run(args: argparse.Namespace) -> dict:
     began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
-    server = our_server("ours-default", workdir)
+    server = our_server("ours-default", workdir, env=dict(item.split("=", 1) for item in args.env))
     server.start()
     try:
         server.wait_ready(args.ready_timeout)
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                  "minutes": args.minutes, "waves": wave, "sample_s": args.sample_s, "window_min": args.window_min,
-                 "note": args.note},
+                 "note": args.note, "env": args.env},
         "verdict": verdict(samples, 60 * args.window_min),
         "samples": samples,
     }
@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "bench" / "soak.json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--note", default="")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the server (repeatable), to trial a setting")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     text = args.readme.read_text()
