@@ -16,7 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
-    problem = settings.exposure_problem() or _engine_problem(settings.engine)
+    problem = settings.exposure_problem()
     if problem:
         raise SystemExit(f"persona-server: {problem}")
     # Only now the heavy imports (torch, transformers): a refused start is told at once.
