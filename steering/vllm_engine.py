@@ -8,7 +8,8 @@ A request whose projection crosses an enforced ``block_above`` limit is aborted 
 of its tokens is yielded and ends ``blocked``, as on our engine.
 
 Per-request steering changes the KV cache, so a steered request's prefix-cache key is salted
-with a hash of its steering: vLLM never reuses blocks computed under other steering.
+with a hash of its steering, and of where its prompt ends when the prompt and the response are
+steered differently: vLLM never reuses blocks computed under other steering.
 
 Not supported here (they raise :class:`UnsupportedOnEngineError`): ``mean_from`` (all-layer
 span means for extraction) and ``option_ids`` (assessment); the CLI runs those on our engine.
@@ -48,7 +49,7 @@ from steering.engine import (
     UnsupportedOnEngineError,
 )
 from steering.model import LoadedModel
-from steering.vllm_plugin import EXTENSION, EXTRA_KEY, encode_request
+from steering.vllm_plugin import EXTENSION, EXTRA_KEY, PROMPT, RESPONSE, encode_request
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class VLLMEngine:
 
     name = "vllm"
     # Work that needs what only our engine reports (all-layer span means, option log-probabilities).
-    unsupported = frozenset({"extraction", "assessment"})
+    unsupported = frozenset({"extraction", "assessment", "adapters"})
 
     def __init__(self, lm: LoadedModel, *, model_dir: Path, max_batch_size: int = 32, max_waiting: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512, dtype: str = "auto",
@@ -199,7 +200,7 @@ class VLLMEngine:
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_ids))
         if extra and extra["steer"]:
             # Never reuse prefix-cache blocks computed under another steering.
-            prompt["cache_salt"] = _salt(extra["steer"])
+            prompt["cache_salt"] = _salt(extra["steer"], len(request.prompt_ids))
         needs_prefill = bool(request.probes or request.capture_layers)
         watching = bool(request.response_probes)
         prefill_only = request.sampling.max_new_tokens == 0
@@ -306,11 +307,23 @@ class VLLMEngine:
             await asyncio.sleep(0.002)
 
 
-def _salt(steer: list) -> str:
+def _salt(steer: list, prompt_len: int) -> str:
+    """The prefix-cache salt of a steered request (``steer`` as :func:`encode_request` packs it).
+
+    A cached block holds keys computed under the delta of each of its positions' phase. When the
+    phases differ, a follow-up turn that resends an earlier answer as its prompt would find the
+    answer's blocks, computed under the response's delta, where its prompt's delta belongs; the
+    prompt's length in the salt keeps the two layouts apart (vLLM salts the whole block chain).
+    """
     digest = hashlib.sha256()
     for layer, phase, blob in sorted(steer, key=lambda e: (e[0], e[1])):
         digest.update(f"{layer}:{phase}:".encode())
         digest.update(blob)
+    phases = {PROMPT: {}, RESPONSE: {}}
+    for layer, phase, blob in steer:
+        phases[phase][layer] = blob
+    if phases[PROMPT] != phases[RESPONSE]:
+        digest.update(f"prompt:{prompt_len}".encode())
     return digest.hexdigest()[:32]
 
 

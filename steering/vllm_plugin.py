@@ -60,6 +60,38 @@ def encode_request(uid: str, hidden: int, *, prompt: dict[int, torch.Tensor], re
     }
 
 
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Which of a request's scheduled tokens in one forward pass do what (offsets into the chunk)."""
+
+    split: int  # the first response-phase token (the chunk's length when all are prompt tokens)
+    last_prompt: int | None  # the last prompt token, when this pass is the prompt's first prefill
+    produces: bool  # the last token's state yields a sampled token (vLLM discards the others')
+
+
+def chunk_layout(computed: int, scheduled: int, prompt_len: int, num_tokens: int) -> ChunkLayout:
+    """Where a request's chunk of ``scheduled`` tokens, after ``computed`` already in the KV cache,
+    meets its prompt/response boundary; ``num_tokens`` is its prompt plus generated tokens so far.
+
+    A token is sampled only from a chunk that reaches ``num_tokens``, vLLM's own rule: after a
+    preemption vLLM recomputes the prompt and the generated tokens from position 0 in chunks, and
+    those chunks pass the prompt's end without producing anything; nor do they read the last
+    prompt token again (the request was read, and possibly blocked, before its first token).
+
+    Example::
+
+        chunk_layout(0, 5, 10, 13)    # a recompute chunk: split 5, last_prompt None, produces False
+        chunk_layout(10, 3, 10, 13)   # its last one: split 0, produces True
+    """
+    end = computed + scheduled
+    first_prefill = num_tokens == prompt_len and computed <= prompt_len - 1 < end
+    return ChunkLayout(
+        split=max(0, min(scheduled, prompt_len - computed)),
+        last_prompt=prompt_len - 1 - computed if first_prefill else None,
+        produces=end >= num_tokens,
+    )
+
+
 @dataclass
 class _Spec:
     """A request's decoded ``persona`` arguments, its tensors on the worker's device."""
@@ -168,17 +200,18 @@ class PersonaWorkerExtension:
             begin, end = int(starts[i]), int(starts[i + 1])
             if end <= begin:
                 continue
-            first = int(batch.num_computed_tokens_cpu[i])  # position of this chunk's first token
-            prompt_len = int(runner.requests[req_id].num_prompt_tokens)
-            split = begin + max(0, min(end - begin, prompt_len - first))  # first response token here
+            state = runner.requests[req_id]
+            layout = chunk_layout(int(batch.num_computed_tokens_cpu[i]), end - begin, int(state.num_prompt_tokens),
+                                  int(state.num_tokens))
+            split = begin + layout.split
             for (layer, phase), delta in spec.deltas.items():
                 lo, hi = (begin, split) if phase == PROMPT else (split, end)
                 if hi > lo:
                     rows.setdefault(layer, []).append((lo, hi, delta))
-            if spec.wants_prefill and first <= prompt_len - 1 < first + (end - begin):
-                step.last_prompt.append((spec, begin + prompt_len - 1 - first))
+            if spec.wants_prefill and layout.last_prompt is not None:
+                step.last_prompt.append((spec, begin + layout.last_prompt))
                 layers.update(spec.probes, spec.capture)
-            if spec.watch and first + (end - begin) >= prompt_len:
+            if spec.watch and layout.produces:
                 # The state that produces this step's token: the last prompt token's in the step
                 # that ends the prompt, the fed-back generated token's after it.
                 step.fed_back.append((spec, end - 1))
