@@ -9,6 +9,9 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from app import allocator
+
+    allocator.reexec_with_allocator()  # before anything else: it restarts the process
     from app.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
@@ -22,6 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.server import DrainingServer
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s")
+    allocator.log_in_effect()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
@@ -239,7 +243,13 @@ def _evidence(args: argparse.Namespace) -> int:
     first = results[0]
     header = (f"Latest `make evidence`: {datetime.date.today().isoformat()}, {platform.machine()}, {lm.name} (float32), "
               f"{len(first['levels'])} levels x {first['questions']} questions = {first['n']} greedy answers of at most "
-              f"{args.max_tokens} tokens per vector, unsteered; {time.monotonic() - started:.0f} s in all.")
+              f"{args.max_tokens} tokens per vector, unsteered; {time.monotonic() - started:.0f} s for "
+              f"{len(results)} vectors.")
+    if args.vector and not args.questions and out.is_file():  # a run over some vectors keeps the others' results
+        stored = json.loads(out.read_text())
+        if stored.get("max_new_tokens") == args.max_tokens:
+            fresh = {r["vector"] for r in results}
+            results = sorted([r for r in stored["results"] if r["vector"] not in fresh] + results, key=lambda r: r["vector"])
     table = markdown(results, header=header)
     out.write_text(json.dumps({"model": lm.name, "max_new_tokens": args.max_tokens, "results": results},
                               separators=(",", ":"), ensure_ascii=False) + "\n")
@@ -262,6 +272,8 @@ def _methods(args: argparse.Namespace) -> int:
     import json
     import platform
     import time
+
+    from tqdm import tqdm
 
     from app.settings import shipped_assets_dir
     from steering.atomic import atomic_write_bytes
@@ -293,14 +305,14 @@ def _methods(args: argparse.Namespace) -> int:
             shipped_path = assets / lm.name / f"{name}.safetensors"
             shipped = PersonaVector.load(shipped_path) if shipped_path.is_file() else None
             trait = TraitDefinition.load(traits_dir / f"{name}.json")
-            res = asyncio.run(compare(EngineRunner(engine), lm.tokenizer, trait, evidence[name], lm.num_layers, shipped))
+            with tqdm(desc=f"methods {name}", unit="pass") as bar:
+                res = asyncio.run(compare(EngineRunner(engine, progress=bar.update), lm.tokenizer, trait, evidence[name],
+                                          lm.num_layers, shipped, neutral_prompts=neutral))
             samples = res.pop("samples")
-            results.append(res)
-            best = res["rows"][res["chosen"]]
-            print(f"{name}: chose {best['method']} {best['combine']} smooth={best['smooth_layers']} layer {best['layer']}: "
-                  f"AUROC {best['select_auroc']:.3f} choosing, {best['report_auroc']:.3f} reporting "
-                  f"({time.monotonic() - t:.0f} s)", flush=True)
-            if args.write_definitions:
+            best, decision = res["chosen"], res["decision"]
+            print(f"{name}: chose {best}; nested CV AUROC {res['nested']['all']}; {decision['reason']}: "
+                  f"{'ship' if decision['ship'] else 'keep the previous build'} ({time.monotonic() - t:.0f} s)", flush=True)
+            if args.write_definitions and decision["ship"]:
                 path = traits_dir / f"{name}.json"
                 data = json.loads(path.read_text())
                 data["extraction"] = extraction_spec(res, lm.name)
@@ -313,18 +325,23 @@ def _methods(args: argparse.Namespace) -> int:
                     lo, hi = vector.coefficient_range
                     print(f"  rebuilt {name}: layer {vector.recommended_layer}, held-out AUROC "
                           f"{vector.extra['heldout_auroc']:.3f}, coefficients {lo:g}..{hi:g}", flush=True)
+            results.append(res)
+            if out.is_file():  # stored as each vector finishes: a long run stopped early keeps what it measured
+                kept = {r["vector"]: r for r in json.loads(out.read_text())["results"] if "nested" in r}  # not the old rule's
+                merged = sorted({**kept, res["vector"]: res}.values(), key=lambda r: r["vector"])
+            else:
+                merged = [res]
+            atomic_write_bytes(out, (json.dumps({"model": lm.name, "results": merged}, indent=1) + "\n").encode())
     finally:
         engine.shutdown()
     if not results:
         return 1
     header = (f"Latest `make methods`: {datetime.date.today().isoformat()}, {platform.machine()}, {lm.name} (float32), "
-              f"{time.monotonic() - started:.0f} s in all. Each cell: held-out AUROC on the reporting half "
-              f"({results[0]['questions_reporting']} questions x 4 levels) at the layer the choosing half picked.")
-    if out.is_file():  # a run over some vectors keeps the others' stored results
-        kept = {r["vector"]: r for r in json.loads(out.read_text())["results"]}
-        results = sorted({**kept, **{r["vector"]: r for r in results}}.values(), key=lambda r: r["vector"])
+              f"{time.monotonic() - started:.0f} s for {len(results)} vectors. Each candidate cell: mean AUROC over "
+              f"the folds at its best layer (✗: checked and does not steer); nested CV: chosen on the other folds, "
+              f"scored on the one left out, mean ± sd over folds.")
+    results = json.loads(out.read_text())["results"]  # with the vectors an earlier run measured
     table = markdown(results, header=header)
-    atomic_write_bytes(out, (json.dumps({"model": lm.name, "results": results}, indent=1) + "\n").encode())
     atomic_write_bytes(out.with_suffix(".md"), (table + "\n").encode())
     print(table)
     if args.readme:
