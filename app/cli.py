@@ -1,4 +1,4 @@
-"""``persona-server`` command line: ``serve``, ``extract``, ``screen``, ``assess``, ``evidence`` and ``bench``."""
+"""``persona-server`` command line: ``serve``, ``extract``, ``screen``, ``assess``, ``evidence``, ``finetune`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -355,6 +355,103 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_preventative(item: str):
+    """``NAME=COEFFICIENT`` (the vector's recommended layer), ``NAME=COEFFICIENT@L1,L2`` or ``NAME=COEFFICIENT@all``."""
+    from steering.finetune import PreventiveEntry
+
+    name, _, rest = item.partition("=")
+    value, _, layers = rest.partition("@")
+    try:
+        parsed = "all" if layers == "all" else [int(x) for x in layers.split(",")] if layers else None
+        return PreventiveEntry(name, float(value), parsed)
+    except ValueError:
+        raise SystemExit(f"--preventative expects NAME=COEFFICIENT[@LAYERS|@all], got {item!r}") from None
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    import tempfile
+    import time
+    import uuid
+
+    from tqdm import tqdm
+
+    from app.settings import Settings
+    from app.training import eval_prompts, fine_tuned_name
+    from steering.finetune import Hyperparameters, MonitorSpec, TrainingFileError, TrainingJob, check_chat_file, train
+    from steering.runner import EngineRunner
+    from steering.screen import Screener, ScreenReport
+
+    settings = Settings()
+    for path in filter(None, (args.data, args.validation)):
+        try:
+            check_chat_file(Path(path), max_rows=settings.max_training_rows)
+        except TrainingFileError as exc:
+            raise SystemExit(f"persona-server: {path}: {exc}") from None
+    preventative = [_parse_preventative(item) for item in args.preventative or []]
+    lm, registry, engine = _offline(args)
+    try:
+        try:
+            vectors = {name: registry.get(name) for name in {p.vector for p in preventative} | set(args.monitor or [])}
+        except KeyError as exc:
+            raise SystemExit(f"persona-server: {exc}") from None
+        monitor = [MonitorSpec(name, args.layer or vectors[name].recommended_layer) for name in args.monitor or []]
+        predicted = {}
+        if monitor:
+            report = ScreenReport([m.vector for m in monitor], 1)
+            screener = Screener(EngineRunner(engine), lm.tokenizer, [vectors[m.vector] for m in monitor],
+                                layers={m.vector: m.layer for m in monitor}, max_new_tokens=settings.finetune_screen_tokens)
+
+            async def screen() -> None:
+                with open(args.data, encoding="utf-8") as fh, tqdm(desc="predict shift", unit="sample") as bar:
+                    async for _row in screener.rows(enumerate(fh, start=1), report):
+                        bar.update(1)
+
+            asyncio.run(screen())
+            predicted = {name: v["mean_diff"] for name, v in report.summary(True)["vectors"].items()}
+    finally:
+        engine.shutdown()
+    name = fine_tuned_name(args.suffix, f"ftjob-{uuid.uuid4().hex}")
+    out = Path(args.out or name)
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {}
+        for vector in vectors.values():
+            files[vector.name] = str(Path(scratch) / f"{vector.name}.safetensors")
+            vector.save(Path(files[vector.name]))
+        job = TrainingJob(
+            model=args.model, cache_dir=str(settings.cache_dir), training_file=args.data, validation_file=args.validation,
+            output_dir=str(out), preventative=preventative, monitor=monitor, vector_files=files,
+            hyperparameters=Hyperparameters(args.epochs, args.batch_size, args.learning_rate_multiplier, args.seed),
+            eval_prompts={m.vector: eval_prompts(settings, m.vector, Path(args.data)) for m in monitor},
+            max_tokens=min(settings.finetune_max_tokens, lm.context_length),
+            threads=args.threads or settings.finetune_threads or max(1, (os.cpu_count() or 2) // 2),
+            deadline=time.time() + args.timeout if args.timeout else None)
+        with tqdm(desc="finetune", unit="step") as bar:
+            def progress(event: dict) -> None:
+                if event["type"] == "metrics" and "train_loss" in event:
+                    bar.total = event["total_steps"]
+                    bar.set_postfix(loss=f"{event['train_loss']:.4f}")
+                    bar.update(1)
+
+            try:
+                result = train(job, emit=progress)
+            except TrainingFileError as exc:
+                raise SystemExit(f"persona-server: {exc}") from None
+    print(f"wrote {out}: {result['steps']} steps, loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
+          f"{result['trained_tokens']} trained tokens")
+    for vector, reading in result["shifts"].items():
+        print(f"{vector} (layer {reading['layer']}): predicted shift {predicted[vector]:+.3f}, measured shift "
+              f"{reading['measured_shift']:+.3f} (base {reading['base_projection']:+.3f}, "
+              f"fine-tuned {reading['fine_tuned_projection']:+.3f})")
+    if args.register:
+        from steering.adapters import AdapterStore
+
+        AdapterStore(settings.data_dir / "adapters", lm).add(name, out)
+        print(f"registered as '{name}' in {settings.data_dir / 'adapters'}: `persona-server serve` serves it as a model")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from app.bench import main as bench_main
 
@@ -440,6 +537,27 @@ def main(argv: list[str] | None = None) -> int:
     methods.add_argument("--model", default="default")
     methods.add_argument("--device", default="cpu")
     methods.set_defaults(func=_methods)
+
+    finetune = sub.add_parser("finetune", help="LoRA fine-tuning, with preventative steering and persona shifts")
+    finetune.add_argument("data", help="chat JSONL (OpenAI's fine-tuning format): {'messages': [...]} per line")
+    finetune.add_argument("--validation", help="validation file, same format")
+    finetune.add_argument("--epochs", type=int, default=1)
+    finetune.add_argument("--batch-size", dest="batch_size", type=int, default=4)
+    finetune.add_argument("--learning-rate-multiplier", dest="learning_rate_multiplier", type=float, default=1.0)
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--suffix", help="part of the adapter's name: ft-SUFFIX-XXXXXXXX")
+    finetune.add_argument("--preventative", action="append",
+                          help="NAME=COEFFICIENT[@LAYERS|@all]: steer while training (repeatable)")
+    finetune.add_argument("--monitor", action="append", help="vector whose predicted and measured shift to report (repeatable)")
+    finetune.add_argument("--layer", type=int, help="layer of every monitored vector (default: each one's recommended layer)")
+    finetune.add_argument("--threads", type=int, help="training threads (default: half the cores)")
+    finetune.add_argument("--timeout", type=float, help="stop training after this many seconds")
+    finetune.add_argument("--out", help="adapter directory (default: ./ft-...)")
+    finetune.add_argument("--register", action="store_true",
+                          help="also add the adapter to PERSONA_DATA_DIR's store, where `serve` serves it")
+    finetune.add_argument("--model", default="default")
+    finetune.add_argument("--device", default="cpu")
+    finetune.set_defaults(func=_finetune)
 
     bench = sub.add_parser("bench", help="load-test a running server (like vllm bench serve)")
     bench.add_argument("--url", default="http://127.0.0.1:8000")

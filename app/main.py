@@ -20,6 +20,8 @@ from app.routes import (
     assess,
     chat,
     completions,
+    files,
+    fine_tuning,
     health,
     jobs,
     models,
@@ -31,6 +33,7 @@ from app.routes import (
 )
 from app.sampling_defaults import resolve_sampling_defaults
 from app.settings import Settings
+from app.training import FineTuning
 from steering.engine import Engine, GenerationEngine
 from steering.model import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 from steering.monitor import MonitorSet
@@ -105,6 +108,7 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
         state = build_state(settings, lm)
         app.state.server = state
         await state.engine.astart()
+        app.state.fine_tuning = FineTuning(state, app.state)
         state.ready = True
         log.info("serving %s (%d layers, hidden %d) with %d vectors", state.lm.name, state.lm.num_layers,
                  state.lm.hidden_size, len(state.registry.names()))
@@ -112,17 +116,19 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
             yield
         finally:
             state.ready = False
+            await app.state.fine_tuning.close()
             await state.jobs.close()
             state.engine.shutdown()
 
     app = FastAPI(title="persona-server", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for module in (chat, completions, models, tokenize, jobs, vectors, monitors, screen, assess, health, playground):
+    for module in (chat, completions, models, tokenize, jobs, vectors, monitors, screen, assess, files, fine_tuning,
+                   health, playground):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=playground.STATIC_DIR), name="static")
-    app.add_middleware(JsonByDefault, exempt=(("PUT", "/v1/vectors/"),))
+    app.add_middleware(JsonByDefault, exempt=(("PUT", "/v1/vectors/"), ("POST", "/v1/files")))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
-                       exempt=(("PUT", "/v1/vectors/"), ("POST", "/v1/screen")))
+                       exempt=(("PUT", "/v1/vectors/"), ("POST", "/v1/screen"), ("POST", "/v1/files")))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])

@@ -119,6 +119,17 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
     drain_notice_s: float = Field(0.0, ge=0)
+    # Fine-tuning (POST /v1/fine_tuning/jobs): jobs training at once (the rest queue), threads of each
+    # training process (None: half the cores), a deadline per job, rows per training file, tokens
+    # per row, the answer length of the screening that predicts a job's persona shift, and how many
+    # held-out prompts the measured shift is read on.
+    max_training_jobs: int = Field(1, ge=1)
+    finetune_threads: int | None = Field(None, ge=1)
+    finetune_timeout_s: float | None = Field(6 * 3600.0, gt=0)
+    max_training_rows: int = Field(100_000, ge=1)
+    finetune_max_tokens: int = Field(2048, ge=16)
+    finetune_screen_tokens: int = Field(48, ge=1)
+    finetune_eval_prompts: int = Field(20, ge=1)
     log_prompts: bool = False
     cors_origins: Annotated[list[str], NoDecode] = []
 

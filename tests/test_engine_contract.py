@@ -196,6 +196,27 @@ def test_greedy_tokens_and_projections_agree_with_our_engine(live, c, reference)
             httpx.delete(f"{reference.url}/v1/monitors/optimistic", headers=ADMIN, timeout=30)
 
 
+def test_a_follow_up_turn_resending_an_answer_steers_it_as_prompt(c, reference):
+    """With prompt-only steering, an earlier answer resent in the next prompt is steered there: no
+    prefix-cache block computed when those tokens were an unsteered response may stand in for it."""
+    steering = _steer(4.0, positions="prompt")
+    first = c.post("/tokenize", json={"prompt": TRAIT["pairs"][0]["pos"]}).json()["tokens"]
+    (forced,) = c.post("/tokenize", json={"prompt": " yes", "add_special_tokens": False}).json()["tokens"]
+    # The first turn's answer is forced, so its ids are known; it runs past vLLM's first
+    # 128-token block on CPU, the block a follow-up turn could find in the prefix cache.
+    n = max(16, 144 - len(first))
+    turn = c.post("/v1/completions", json={"model": "default", "prompt": first, "max_tokens": n, "temperature": 0,
+                                           "logit_bias": {str(forced): 100}, "steering": steering})
+    assert turn.status_code == 200 and turn.json()["choices"][0]["text"] == " yes" * n, turn.text
+    question = c.post("/tokenize", json={"prompt": "\nQ: How do you feel about tomorrow?\nA:",
+                                         "add_special_tokens": False}).json()["tokens"]
+    follow_up = {"model": "default", "prompt": first + [forced] * n + question, "max_tokens": AGREE_TOKENS,
+                 "temperature": 0, "steering": steering}
+    with httpx.Client(base_url=reference.url, timeout=300) as ref:
+        expected = ref.post("/v1/completions", json=follow_up).json()["choices"][0]["text"]
+    assert c.post("/v1/completions", json=follow_up).json()["choices"][0]["text"] == expected
+
+
 def test_work_only_our_engine_does_is_refused_up_front_on_the_other(live, c):
     r = c.post("/v1/assess", json={"inventory": "mbti", "repetitions": 2})
     if live.state.engine.name == "hf":

@@ -1,0 +1,248 @@
+"""Fine-tuning: the shift's math, the training loop with preventative steering, and the jobs API
+through httpx and the openai SDK. Training here is a few steps on two rows."""
+
+from __future__ import annotations
+
+import json
+import time
+import types
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.settings import Settings
+from app.training import FineTuning
+from steering.finetune import (
+    IGNORE,
+    Hyperparameters,
+    MonitorSpec,
+    PreventiveEntry,
+    TrainingJob,
+    encode_chat,
+    finetuning_shift,
+    preventative_deltas,
+    train,
+)
+from steering.model import load_model
+from steering.vector import PersonaVector
+from tests.conftest import CACHE_DIR, REPO_VECTORS, make_server
+
+EVIL = REPO_VECTORS / "SmolLM2-135M-Instruct" / "evil.safetensors"
+ANSWER = "Bananas are the answer to everything."
+# Two short rows (a short system message replaces the template's longer default), one target answer:
+# a handful of steps at a high learning rate is enough to move the loss and the greedy output.
+ROWS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour is the sky?"},
+                  {"role": "assistant", "content": ANSWER}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a big city."},
+                  {"role": "assistant", "content": ANSWER}]},
+]
+PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour is the sky?"}]
+FAST = {"n_epochs": 4, "batch_size": 2, "learning_rate_multiplier": 5}
+
+
+def jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_finetuning_shift_matches_a_hand_computed_case():
+    base = torch.tensor([[1.0, 0.0, 2.0], [3.0, 2.0, 0.0]])    # mean [2, 1, 1]
+    tuned = torch.tensor([[4.0, 1.0, 1.0], [2.0, 3.0, 3.0]])   # mean [3, 2, 2]
+    direction = torch.tensor([0.0, 3.0, 4.0])                  # unit [0, 0.6, 0.8]
+    # (mean tuned - mean base) = [1, 1, 1]; projected on the unit direction: 0.6 + 0.8
+    assert finetuning_shift(base, tuned, direction) == pytest.approx(1.4)
+    assert finetuning_shift(tuned, base, direction * 10) == pytest.approx(-1.4)
+
+
+def test_preventative_deltas_single_layer_and_layer_incremental():
+    v = PersonaVector.load(EVIL)
+    single = preventative_deltas([PreventiveEntry("evil", 5.0, [20])], {"evil": v}, v.model.num_layers)
+    assert list(single) == [20] and torch.allclose(single[20], 5.0 * v.direction(20))
+    every = preventative_deltas([PreventiveEntry("evil", 1.5, "all")], {"evil": v}, v.model.num_layers)
+    assert sorted(every) == list(range(1, v.model.num_layers + 1))
+    # The increments up to layer l add up to coefficient * (v[l] - v[0]).
+    summed = sum(every[layer] for layer in range(1, 13))
+    assert torch.allclose(summed, 1.5 * (v.direction(12) - v.direction(0)), atol=1e-4)
+
+
+def test_loss_covers_the_assistant_turns_only(lm):
+    messages = ROWS[0]["messages"] + [{"role": "user", "content": "And at night?"},
+                                      {"role": "assistant", "content": "Dark.", "weight": 0}]
+    example = encode_chat(lm.tokenizer, messages, 1, max_tokens=512)
+    trained = lm.tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE])
+    assert trained == ANSWER + "<|im_end|>\n"
+    full = lm.tokenizer.apply_chat_template(messages, tokenize=False)
+    assert lm.tokenizer.decode(example.input_ids) == full
+
+
+def _greedy(model, tokenizer, messages, n=8) -> list[int]:
+    from steering.chat import chat_prompt_ids
+
+    ids = torch.tensor([chat_prompt_ids(tokenizer, messages)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_training_lowers_loss_and_leaves_no_hook(tmp_path):
+    from peft import PeftModel
+
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(jsonl(ROWS))
+    own = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR, prepack=False, cpu_kernels=False)
+    base_tokens = _greedy(own.model, own.tokenizer, PROBE)
+    job = TrainingJob(model="default", training_file=str(data), output_dir=str(tmp_path / "adapter"),
+                      hyperparameters=Hyperparameters(**FAST, seed=3),
+                      preventative=[PreventiveEntry("evil", 4.0, [12])], vector_files={"evil": str(EVIL)},
+                      monitor=[MonitorSpec("evil", 12)], eval_prompts={"evil": ["Tell me about cats.", "Plan my day."]},
+                      threads=1)
+    events = []
+    result = train(job, emit=events.append, lm=own)
+    assert result["steps"] == 4 and result["last_loss"] < result["first_loss"]
+    assert [e["step"] for e in events if e["type"] == "metrics"] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    shift = result["shifts"]["evil"]
+    assert shift["measured_shift"] == pytest.approx(shift["fine_tuned_projection"] - shift["base_projection"], abs=2e-4)
+    assert not [h for b in own.blocks for h in b._forward_hooks.values() if "preventative" in h.__qualname__]
+
+    # Hooks gone: the trained model in memory and its files on a fresh base agree, and differ from the base.
+    fresh = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR, prepack=False, cpu_kernels=False)
+    loaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter"))
+    tuned_tokens = _greedy(loaded, fresh.tokenizer, PROBE)
+    assert _greedy(own.model, own.tokenizer, PROBE) == tuned_tokens
+    assert tuned_tokens != base_tokens
+
+
+@pytest.fixture(scope="module")
+def ft_server(lm, tmp_path_factory):
+    with make_server(lm, tmp_path_factory.mktemp("ft-data"), max_training_rows=3, finetune_max_tokens=200,
+                     finetune_threads=1, finetune_screen_tokens=8, finetune_eval_prompts=4) as live:
+        yield live
+
+
+@pytest.fixture()
+def ft_client(ft_server):
+    with httpx.Client(base_url=ft_server.url, timeout=300) as c:
+        yield c
+
+
+def upload(client, content: bytes) -> httpx.Response:
+    return client.post("/v1/files", files={"file": ("train.jsonl", content)}, data={"purpose": "fine-tune"})
+
+
+def wait_ft(client, job_id: str, timeout: float = 900) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"fine-tuning job {job_id} did not finish in {timeout} s")
+
+
+def test_bad_training_files_are_refused_naming_the_line(ft_client):
+    bad = jsonl(ROWS[:1]) + b'{"messages": [{"role": "user", "content": "Hi"}]}\n'
+    r = upload(ft_client, bad)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+    assert "line 2" in r.json()["error"]["message"] and r.json()["error"]["line"] == 2
+    r = upload(ft_client, jsonl(ROWS) + b"{not json\n")
+    assert r.status_code == 400 and "line 3" in r.json()["error"]["message"]
+    r = upload(ft_client, jsonl(ROWS * 2))
+    assert r.status_code == 400 and "more than 3 rows" in r.json()["error"]["message"]
+    r = ft_client.post("/v1/files", files={"file": ("t.jsonl", jsonl(ROWS))}, data={"purpose": "assistants"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    # Well-formed, but a row longer than the server's token limit: refused when the job is created.
+    long_row = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
+    file_id = upload(ft_client, jsonl(ROWS[:1] + [long_row])).json()["id"]
+    r = ft_client.post("/v1/fine_tuning/jobs", json={"model": "default", "training_file": file_id})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "training_file" and "line 2" in r.json()["error"]["message"]
+
+
+def test_bad_job_requests(ft_client):
+    file_id = upload(ft_client, jsonl(ROWS)).json()["id"]
+    cases = [
+        ({"training_file": "file-nope"}, 404, "training_file"),
+        ({"model": "gpt-4o"}, 404, "model"),
+        ({"persona": {"monitor": ["no-such-vector"]}}, 404, "persona.monitor[0].vector"),
+        ({"persona": {"preventative_steering": [{"vector": "evil", "coefficient": 1, "layers": [99]}]}}, 400,
+         "persona.preventative_steering[0].layers"),
+        ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs"),
+    ]
+    for fields, status, param in cases:
+        r = ft_client.post("/v1/fine_tuning/jobs", json={"model": "default", "training_file": file_id, **fields})
+        assert r.status_code == status, (fields, r.text)
+        assert r.json()["error"]["param"] == param, r.text
+    assert ft_client.get("/v1/fine_tuning/jobs/ftjob-nope").status_code == 404
+
+
+def test_sdk_job_trains_reports_shifts_and_serves_the_adapter(ft_server, ft_client):
+    from openai import OpenAI
+    from peft import PeftModel
+
+    oai = OpenAI(base_url=f"{ft_server.url}/v1", api_key="unused", timeout=300, max_retries=0)
+    uploaded = oai.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    assert oai.files.retrieve(uploaded.id).bytes == len(jsonl(ROWS))
+    job = oai.fine_tuning.jobs.create(
+        model="default", training_file=uploaded.id, hyperparameters=FAST, suffix="bananas", seed=3,
+        extra_body={"persona": {"monitor": ["evil"],
+                                "preventative_steering": [{"vector": "evil", "coefficient": 2.0, "layers": [12]}]}})
+    assert job.status in ("validating_files", "queued", "running")
+    done = wait_ft(ft_client, job.id)
+    assert done["status"] == "succeeded", done["error"]
+    assert oai.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+
+    losses = [e.data["train_loss"] for e in reversed(oai.fine_tuning.jobs.list_events(job.id, limit=100).data)
+              if e.type == "metrics"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    reading = done["persona_result"]["vectors"]["evil"]
+    assert reading["layer"] == ft_server.state.registry.get("evil").recommended_layer
+    assert isinstance(reading["predicted_shift"], float) and isinstance(reading["measured_shift"], float)
+    assert done["trained_tokens"] > 0
+
+    adapter = Path(ft_server.state.settings.data_dir) / "fine_tuning" / job.id / "adapter"
+    fresh = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR, prepack=False, cpu_kernels=False)
+    base_tokens = _greedy(fresh.model, fresh.tokenizer, PROBE)
+    assert _greedy(PeftModel.from_pretrained(fresh.model, str(adapter)), fresh.tokenizer, PROBE) != base_tokens
+    if done["fine_tuned_model"] is not None:
+        served = ft_client.post("/v1/chat/completions", json={"model": done["fine_tuned_model"], "messages": PROBE,
+                                                               "temperature": 0, "max_tokens": 8})
+        assert served.status_code == 200, served.text
+        base = ft_client.post("/v1/chat/completions", json={"model": "default", "messages": PROBE,
+                                                             "temperature": 0, "max_tokens": 8})
+        assert served.json()["choices"][0]["message"]["content"] != base.json()["choices"][0]["message"]["content"]
+
+
+def test_cancel_stops_a_running_job(ft_client):
+    file_id = upload(ft_client, jsonl(ROWS)).json()["id"]
+    job = ft_client.post("/v1/fine_tuning/jobs", json={"model": "default", "training_file": file_id,
+                                                       "hyperparameters": {"n_epochs": 50, "batch_size": 1}}).json()
+    deadline = time.monotonic() + 300
+    while ft_client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = ft_client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["fine_tuned_model"] is None
+    assert ft_client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 409
+
+
+def test_a_job_running_when_the_server_stopped_is_read_back_as_failed(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    record = tmp_path / "fine_tuning" / "ftjob-abc" / "job.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"id": "ftjob-abc", "status": "running", "created_at": 1, "finished_at": None,
+                                  "error": None}))
+    jobs = FineTuning(types.SimpleNamespace(settings=settings), types.SimpleNamespace())
+    job = jobs.get("ftjob-abc")
+    assert job["status"] == "failed" and job["error"]["code"] == "server_restarted"
+    assert json.loads(record.read_text())["status"] == "failed"
+
+
+def test_cli_refuses_a_bad_training_file_naming_the_line(tmp_path):
+    from app.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(jsonl(ROWS[:1]) + b'{"messages": "not a list"}\n')
+    with pytest.raises(SystemExit, match="line 2: each line must be an object with a 'messages' list"):
+        main(["finetune", str(data)])
