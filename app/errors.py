@@ -27,6 +27,7 @@ from steering.limits import PromptTooLongError
 from steering.monitor import MonitorConfigError
 from steering.registry import VectorInUseError, VectorNotFoundError
 from steering.steer import SteeringError
+from steering.store import PreconditionFailedError
 from steering.vector import VectorFormatError, VectorModelMismatchError
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(409, str(exc), code="vector_model_mismatch")
     if isinstance(exc, VectorInUseError):
         return APIError(409, str(exc), code="vector_in_use")
+    if isinstance(exc, PreconditionFailedError):
+        return APIError(412, str(exc), param=exc.param, code="precondition_failed")
     if isinstance(exc, SteeringError):
         return APIError(400, str(exc), param=exc.param, code="invalid_steering")
     if isinstance(exc, SteeringPolicyError):
@@ -173,7 +176,7 @@ def install(app: FastAPI) -> None:
 
     for kind in (APIError, VectorNotFoundError, VectorModelMismatchError, VectorInUseError, SteeringError, VectorFormatError, EngineError,
                  SteeringPolicyError, MonitorConfigError, PromptTooLongError, DefinitionError, JobLimitError,
-                 JobDeadlineError):
+                 JobDeadlineError, PreconditionFailedError):
         app.add_exception_handler(kind, _domain)
     # Anything else is a bug: answer with the envelope (Starlette still logs the traceback).
     app.add_exception_handler(Exception, _domain)

@@ -38,6 +38,7 @@ from steering.engine import Engine, GenerationEngine
 from steering.model import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 from steering.monitor import MonitorSet
 from steering.registry import VectorRegistry
+from steering.store import SharedStore
 
 log = logging.getLogger("persona_server")
 
@@ -51,9 +52,10 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
             # vLLM's engine loads the weights itself; this process needs the config and tokenizer.
             weights=settings.engine == "hf", prepack=settings.cpu_prepack, cpu_kernels=settings.cpu_kernels,
         )
+    store = SharedStore(settings.data_dir, poll_s=settings.store_poll_s)
     registry = VectorRegistry(
         settings.data_dir / "vectors", model_name=lm.name, fingerprint=lm.fingerprint,
-        num_layers=lm.num_layers, hidden_size=lm.hidden_size,
+        num_layers=lm.num_layers, hidden_size=lm.hidden_size, store=store,
     )
     seeded = registry.seed_from(settings.shipped_vectors_dir)
     if seeded:
@@ -64,6 +66,7 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
     metrics.bind_engine(engine)
     metrics.model_info.info({"model": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch.")})
     metrics.set_thresholds(monitor_set.configs())
+    monitor_set.on_change(metrics.set_thresholds)  # also changes made by other replicas
     model_dir = getattr(lm.model, "name_or_path", None)
     defaults = resolve_sampling_defaults(settings, Path(model_dir) if model_dir else None,
                                          embedded=settings.model == DEFAULT_MODEL)
@@ -109,6 +112,7 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
         app.state.server = state
         await state.engine.astart()
         app.state.fine_tuning = FineTuning(state, app.state)
+        state.registry.store.watch()
         state.ready = True
         log.info("serving %s (%d layers, hidden %d) with %d vectors", state.lm.name, state.lm.num_layers,
                  state.lm.hidden_size, len(state.registry.names()))
@@ -116,6 +120,7 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
             yield
         finally:
             state.ready = False
+            state.registry.store.close()
             await app.state.fine_tuning.close()
             await state.jobs.close()
             state.engine.shutdown()

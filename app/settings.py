@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # None: in bfloat16 one fewer than torch's thread count (a core for the event loop), in float32 all.
     cpu_small_step_threads: int | None = Field(None, ge=1)
     data_dir: Path = Path("data")
+    # Replicas sharing data_dir: each polls the store's generation marker this often (seconds) and
+    # reloads vectors and monitors on a change; 0: never (only this process writes data_dir).
+    store_poll_s: float = Field(1.0, ge=0)
     cache_dir: Path = Path.home() / ".cache" / "persona-server"
     # Shipped data; each path defaults to its place under assets_dir.
     assets_dir: Path = Field(default_factory=shipped_assets_dir)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ import torch
 
 from steering.atomic import atomic_write_bytes
 from steering.registry import VectorInUseError
+from steering.store import check_precondition, content_etag
 from steering.vector import PersonaVector
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,15 @@ def calibrate_thresholds(scores: list[float], flag_rate: float, block_rate: floa
     return threshold(flag_rate), threshold(block_rate)
 
 
+def config_etag(config: MonitorConfig) -> str:
+    """A monitor's ETag: a hash of its canonical JSON, so every replica computes the same one."""
+    return content_etag(json.dumps(asdict(config), sort_keys=True).encode())
+
+
+def _serialize(configs: dict[str, MonitorConfig]) -> bytes:
+    return json.dumps({"monitors": {k: asdict(v) for k, v in sorted(configs.items())}}, indent=2).encode()
+
+
 def percentiles(scores: list[float]) -> dict[str, float]:
     t = torch.tensor(scores, dtype=torch.float64)
     qs = {"p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9, "p95": 0.95, "p99": 0.99}
@@ -159,26 +170,30 @@ class MonitorSet:
     whoever makes them, pass :meth:`check_vector` through the registry's write guard, which
     refuses (409) an upload a monitor could not read and the delete of a monitored vector.
 
+    Replicas may share the file: writes run under the registry's store lock against the
+    configuration as it is on disk (conditional on an ETag when the caller gives one), and a
+    write by another process is picked up by :meth:`reload` within the store's poll interval.
+    Requests score under :meth:`snapshot`, which never mixes two configurations.
+
     Example::
 
         monitors = MonitorSet(Path("data/monitors.json"), registry, num_layers=30)
         monitors.put(MonitorConfig("evil", flag_threshold=2, block_threshold=4, mode="enforce"), who="ops")
-        readings = monitors.score({19: last_token_state})
+        readings = monitors.snapshot().score_states({19: last_token_state})
     """
 
     def __init__(self, path: Path, registry, *, num_layers: int, audit_path: Path | None = None):
         self.path = Path(path)
         self.audit_path = Path(audit_path or self.path.with_name("audit.jsonl"))
         self.registry = registry
+        self.store = registry.store
         self.num_layers = num_layers
-        self._lock = registry.lock
-        self._configs: dict[str, MonitorConfig] = {}
-        if self.path.exists():
-            raw = json.loads(self.path.read_text())
-            self._configs = {name: MonitorConfig(**cfg) for name, cfg in raw.get("monitors", {}).items()}
+        self._listeners: list[Callable[[dict[str, MonitorConfig]], None]] = []
+        self._configs: dict[str, MonitorConfig] = self._read() if self.path.exists() else {}
         self._compiled: dict[str, _Compiled] = {}
         self._recompile()
         registry.guard_writes(self.check_vector, self._recompile)
+        self.store.subscribe(self.reload)
 
     # ---- configuration ----
 
@@ -188,37 +203,68 @@ class MonitorSet:
     def get(self, vector: str) -> MonitorConfig | None:
         return self._configs.get(vector)
 
-    def put(self, config: MonitorConfig, *, who: str) -> MonitorConfig:
-        with self._lock:
-            config = config.validate(self.registry.get(config.vector), self.num_layers)
+    def etag(self, vector: str) -> str | None:
+        """The ETag of the monitor on ``vector`` (None: no monitor), the same on every replica."""
+        config = self._configs.get(vector)
+        return config_etag(config) if config else None
+
+    def list_etag(self) -> str:
+        """The ETag of the whole configuration (``GET /v1/monitors``)."""
+        return content_etag(_serialize(self._configs))
+
+    def on_change(self, listener: Callable[[dict[str, MonitorConfig]], None]) -> None:
+        """Call ``listener(configs)`` after every change, made here or reloaded from another process."""
+        self._listeners.append(listener)
+
+    def put(self, config: MonitorConfig, *, who: str, if_match: str | None = None,
+            if_none_match: str | None = None) -> MonitorConfig:
+        """Validate and store ``config``; ``if_match`` / ``if_none_match`` are HTTP conditions on
+        the current monitor's ETag (:class:`PreconditionFailedError` when they fail)."""
+        with self.store.write():
             old = self._configs.get(config.vector)
-            configs = {**self._configs, config.vector: config}
-            self._persist(configs)
-            self._audit(who, "put", config.vector, old, config)
-            self._configs = configs
-            self._recompile()
+            check_precondition(config_etag(old) if old else None, if_match=if_match, if_none_match=if_none_match,
+                               what=f"the monitor on '{config.vector}'")
+            config = config.validate(self.registry.get(config.vector), self.num_layers)
+            self._commit({**self._configs, config.vector: config}, who, "put", config.vector, old, config)
         return config
 
-    def delete(self, vector: str, *, who: str) -> MonitorConfig:
-        with self._lock:
+    def delete(self, vector: str, *, who: str, if_match: str | None = None) -> MonitorConfig:
+        """Remove the monitor on ``vector``: KeyError when there is none, :class:`PreconditionFailedError`
+        when ``if_match`` fails."""
+        with self.store.write():
             old = self._configs.get(vector)
             if old is None:
                 raise KeyError(vector)
-            configs = {k: v for k, v in self._configs.items() if k != vector}
-            self._persist(configs)
-            self._audit(who, "delete", vector, old, None)
-            self._configs = configs
-            self._recompile()
+            check_precondition(config_etag(old), if_match=if_match, what=f"the monitor on '{vector}'")
+            self._commit({k: v for k, v in self._configs.items() if k != vector}, who, "delete", vector, old, None)
         return old
 
-    def _persist(self, configs: dict[str, MonitorConfig]) -> None:
-        blob = {"monitors": {k: asdict(v) for k, v in sorted(configs.items())}}
-        atomic_write_bytes(self.path, json.dumps(blob, indent=2).encode())
+    def _commit(self, configs: dict[str, MonitorConfig], who: str, action: str, vector: str, old, new) -> None:
+        atomic_write_bytes(self.path, _serialize(configs))
+        self._audit(who, action, vector, old, new)
+        self._configs = configs
+        self._recompile()
+
+    def _read(self) -> dict[str, MonitorConfig]:
+        raw = json.loads(self.path.read_text())
+        return {name: MonitorConfig(**cfg) for name, cfg in raw.get("monitors", {}).items()}
+
+    def reload(self) -> None:
+        """Read the configuration again (another process changed the store). A file that does not
+        parse keeps the configuration in force: a hand edit gone wrong must not drop every monitor."""
+        try:
+            configs = self._read() if self.path.exists() else {}
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("%s not reloaded, keeping the monitors in force: %s", self.path, exc)
+            return
+        self._configs = configs
+        self._recompile()
 
     def _audit(self, who: str, action: str, vector: str, old, new) -> None:
         entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": who, "action": action,
                  "vector": vector, "old": asdict(old) if old else None, "new": asdict(new) if new else None}
         self.audit_path.parent.mkdir(parents=True, exist_ok=True)
+        # Appends from several replicas never interleave: the caller holds the store's lock.
         with open(self.audit_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
             fh.flush()
@@ -261,6 +307,8 @@ class MonitorSet:
                 float(stats["neutral_std"][cfg.layer]) if "neutral_std" in stats else None,
             )
         self._compiled = compiled
+        for listener in self._listeners:
+            listener(dict(self._configs))
 
     # ---- scoring (hot path) ----
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse
 
 from app.auth import Admin
 from app.deps import ServerState, State
@@ -15,11 +17,13 @@ from steering.chat import chat_prompt_ids
 from steering.monitor import (
     MonitorConfig,
     calibrate_thresholds,
+    config_etag,
     percentiles,
     scalar_projection,
     z_score,
 )
 from steering.runner import EngineRunner
+from steering.store import check_precondition
 
 router = APIRouter()
 
@@ -28,25 +32,52 @@ def _view(cfg: MonitorConfig) -> dict:
     return {"object": "monitor", **asdict(cfg)}
 
 
+IfMatch = Annotated[str | None, Header(description="write only if the monitor has this ETag (412 otherwise)")]
+IfNoneMatch = Annotated[str | None, Header(description="'*': create only, 412 if a monitor exists")]
+
+
+def _tagged(cfg: MonitorConfig) -> JSONResponse:
+    return JSONResponse(_view(cfg), headers={"ETag": f'"{config_etag(cfg)}"'})
+
+
+def _not_found(vector: str) -> APIError:
+    return APIError(404, f"no monitor for vector '{vector}'", type="not_found_error", code="monitor_not_found")
+
+
 @router.get("/v1/monitors")
 async def list_monitors(state: State, _admin: Admin):
-    return {"object": "list", "data": [_view(c) for _, c in sorted(state.monitors.configs().items())]}
+    """Every monitor; the ``ETag`` covers the whole configuration, the same on every replica."""
+    configs = state.monitors.configs()
+    etag = state.monitors.list_etag()
+    return JSONResponse({"object": "list", "data": [_view(c) for _, c in sorted(configs.items())]},
+                        headers={"ETag": f'"{etag}"'})
+
+
+@router.get("/v1/monitors/{vector}")
+async def get_monitor(vector: str, state: State, _admin: Admin):
+    """One monitor, with the ``ETag`` that a conditional ``PUT`` / ``DELETE`` names in ``If-Match``."""
+    config = state.monitors.get(vector)
+    if config is None:
+        raise _not_found(vector)
+    return _tagged(config)
 
 
 @router.put("/v1/monitors/{vector}")
-async def put_monitor(vector: str, body: MonitorPut, state: State, who: Admin):
-    config = state.monitors.put(MonitorConfig(vector=vector, **body.model_dump()), who=who)
-    state.metrics.set_thresholds(state.monitors.configs())
-    return _view(config)
+async def put_monitor(vector: str, body: MonitorPut, state: State, who: Admin, if_match: IfMatch = None,
+                      if_none_match: IfNoneMatch = None):
+    """Create or replace the monitor on ``vector``. With ``If-Match`` it applies only if the
+    monitor is still the one read (412 otherwise): of two admins racing, one wins."""
+    config = state.monitors.put(MonitorConfig(vector=vector, **body.model_dump()), who=who, if_match=if_match,
+                                if_none_match=if_none_match)
+    return _tagged(config)
 
 
 @router.delete("/v1/monitors/{vector}")
-async def delete_monitor(vector: str, state: State, who: Admin):
+async def delete_monitor(vector: str, state: State, who: Admin, if_match: IfMatch = None):
     try:
-        state.monitors.delete(vector, who=who)
+        state.monitors.delete(vector, who=who, if_match=if_match)
     except KeyError:
-        raise APIError(404, f"no monitor for vector '{vector}'", type="not_found_error", code="monitor_not_found") from None
-    state.metrics.set_thresholds(state.monitors.configs())
+        raise _not_found(vector) from None
     return {"id": vector, "object": "monitor", "deleted": True}
 
 
@@ -68,13 +99,15 @@ async def prompt_scores(state: ServerState, vector_name: str, layer: int, kind: 
 
 
 @router.post("/v1/monitors/{vector}/calibrate")
-async def calibrate(vector: str, body: CalibrateRequest, state: State, who: Admin):
+async def calibrate(vector: str, body: CalibrateRequest, state: State, who: Admin, if_match: IfMatch = None):
     """Score benign prompts (given, or the built-in neutral set) and set thresholds so that
-    the target shares of them would be flagged and blocked."""
+    the target shares of them would be flagged and blocked. Applying them is conditional on the
+    monitor still being the one calibrated (412 if another write came in while scoring)."""
     if body.target_block_rate > body.target_flag_rate:
         raise APIError(400, "target_block_rate must not exceed target_flag_rate", param="target_block_rate")
     vec = state.registry.get(vector)
     current = state.monitors.get(vector)
+    check_precondition(config_etag(current) if current else None, if_match=if_match, what=f"the monitor on '{vector}'")
     base = current or MonitorConfig(vector=vector, score="z" if "neutral_std" in vec.stats else "projection")
     base = base.validate(vec, state.lm.num_layers)
     prompts = body.prompts or json.loads(state.settings.neutral_prompts_file.read_text())["prompts"]
@@ -96,6 +129,6 @@ async def calibrate(vector: str, body: CalibrateRequest, state: State, who: Admi
     }
     if body.apply:
         updated = MonitorConfig(**{**asdict(base), "flag_threshold": flag, "block_threshold": block})
-        result["monitor"] = _view(state.monitors.put(updated, who=who))
-        state.metrics.set_thresholds(state.monitors.configs())
+        condition = {"if_match": f'"{config_etag(current)}"'} if current else {"if_none_match": "*"}
+        result["monitor"] = _view(state.monitors.put(updated, who=who, **condition))
     return result

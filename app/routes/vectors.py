@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -42,24 +43,32 @@ async def list_vectors(state: State, _user: User):
     return {"object": "list", "data": [summary(v) for v in state.registry.list()]}
 
 
+IfMatch = Annotated[str | None, Header(description="write only if the stored vector has this ETag (412 otherwise)")]
+IfNoneMatch = Annotated[str | None, Header(description="'*': create only, 412 if the vector exists")]
+
+
 @router.get("/v1/vectors/{name}")
 async def get_vector(name: str, state: State, _user: User, format: str = "json"):
-    vector = state.registry.get(_name(name))
+    """One vector; its ``ETag`` (the same on every replica, whatever the format) is what a
+    conditional ``PUT`` / ``DELETE`` names in ``If-Match``."""
+    name = _name(name)
+    vector, etag = state.registry.get(name), state.registry.etag(name)
+    tag = {"ETag": f'"{etag}"'}
     if format == "safetensors":
         return Response(
             vector.to_bytes(),
             media_type="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="{vector.name}.safetensors"'},
+            headers={"Content-Disposition": f'attachment; filename="{vector.name}.safetensors"', **tag},
         )
     if format == "gguf":
         with tempfile.TemporaryDirectory() as tmp:
             export_gguf(vector, Path(tmp) / "v.gguf")
             data = (Path(tmp) / "v.gguf").read_bytes()
         return Response(data, media_type="application/octet-stream",
-                        headers={"Content-Disposition": f'attachment; filename="{vector.name}.gguf"'})
+                        headers={"Content-Disposition": f'attachment; filename="{vector.name}.gguf"', **tag})
     if format != "json":
         raise APIError(400, "format must be 'json', 'safetensors' or 'gguf'", param="format")
-    return summary(vector)
+    return JSONResponse(summary(vector), headers=tag)
 
 
 async def _read_limited(http: Request, limit: int) -> bytes:
@@ -96,11 +105,13 @@ def _is_json(content_type: str, data: bytes) -> bool:
         }
     },
 )
-async def put_vector(name: str, state: State, http: Request, _admin: Admin, format: str = "safetensors"):
+async def put_vector(name: str, state: State, http: Request, _admin: Admin, format: str = "safetensors",
+                     if_match: IfMatch = None, if_none_match: IfNoneMatch = None):
     """Upload a vector as a safetensors file (``application/octet-stream``, metadata in the
     header as written by this server), as JSON (``directions`` for the loaded model), or
     import a llama.cpp / repeng control vector (``?format=gguf``) or a persona-vectors tensor
-    (``?format=pt``, loaded without pickle code)."""
+    (``?format=pt``, loaded without pickle code). ``If-Match`` / ``If-None-Match: *`` make the
+    write conditional (412 when the stored vector changed since it was read)."""
     name = _name(name)
     data = await _read_limited(http, state.settings.max_upload_bytes)
     lm = state.lm
@@ -128,11 +139,12 @@ async def put_vector(name: str, state: State, http: Request, _admin: Admin, form
         )
     else:
         vector = PersonaVector.from_bytes(data, name=name)
-    created = state.registry.put(vector)
-    return JSONResponse(summary(vector), status_code=201 if created else 200)
+    stored = state.registry.put(vector, if_match=if_match, if_none_match=if_none_match)
+    return JSONResponse(summary(vector), status_code=201 if stored.created else 200,
+                        headers={"ETag": f'"{stored.etag}"'})
 
 
 @router.delete("/v1/vectors/{name}")
-async def delete_vector(name: str, state: State, _admin: Admin):
-    state.registry.delete(_name(name))
+async def delete_vector(name: str, state: State, _admin: Admin, if_match: IfMatch = None):
+    state.registry.delete(_name(name), if_match=if_match)
     return {"id": name, "object": "vector", "deleted": True}
