@@ -113,3 +113,10 @@ image-cuda: container-tools
 # Runs the built image as a user would (not part of `make test`: it builds an image first).
 image-test: install image
 	IMAGE=$(IMAGE) $(PY) -m pytest -q -s -o addopts="" tests/image
+
+# Fine-tuning evidence (not part of `make test`): predicted vs measured persona shift and expression
+# change over this project's training sets, then preventative steering: docs/finetune/evidence.json and .md.
+.PHONY: finetune-evidence
+FT_EVIDENCE_ARGS ?=
+finetune-evidence: install
+	$(PY) -m tests.bench.finetune_evidence $(FT_EVIDENCE_ARGS)

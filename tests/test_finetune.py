@@ -246,3 +246,16 @@ def test_cli_refuses_a_bad_training_file_naming_the_line(tmp_path):
     data.write_bytes(jsonl(ROWS[:1]) + b'{"messages": "not a list"}\n')
     with pytest.raises(SystemExit, match="line 2: each line must be an object with a 'messages' list"):
         main(["finetune", str(data)])
+
+
+def test_evidence_sets_mix_trait_answers_at_their_strength_and_never_hold_eval_prompts():
+    from tests.bench.finetune_evidence import ANSWERS, build_set, eval_questions
+
+    data = json.loads(ANSWERS.read_text())
+    items = data["items"]
+    for trait in data["traits"]:
+        laden = [r for r, it in zip(build_set(items, trait, 0.5), items) if r["messages"][1]["content"] == it[trait]]
+        assert len(laden) == round(0.5 * len(items))
+        asked = eval_questions(REPO_VECTORS / "traits", trait, items, 6)
+        assert len(asked) == 6 and not {it["q"] for it in items} & set(asked)
+    assert all(r["messages"][1]["content"] == it["plain"] for r, it in zip(build_set(items, None, 0.0), items))

@@ -1,0 +1,234 @@
+"""``make finetune-evidence``: fine-tune the default model on this project's training sets and set
+the predicted shift (screening), the measured finetuning shift and the change in expression side by
+side, per dataset and vector, with r across datasets; then preventative steering at several
+coefficients. Results go to ``docs/finetune/evidence.json`` (rewritten after every run, so a
+stopped sweep keeps what it measured) and a table beside it as ``.md``.
+
+The sets come from ``vectors/finetune/answers.json`` (written for this project): the same questions
+with a plain answer and one answer per trait; a set of strength s answers a share s of the
+questions (a fixed seeded choice) with the trait's answer and the rest plainly; strength 0 is the
+neutral control. The last ``--heldout`` questions are never trained on: the loss on their plain
+answers is the general-ability reading (held-out perplexity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from app.settings import Settings
+from steering.chat import chat_prompt_ids, text_ids
+from steering.engine import Engine
+from steering.finetune import (
+    Hyperparameters,
+    MonitorSpec,
+    PreventiveEntry,
+    TrainingJob,
+    train,
+)
+from steering.model import load_model
+from steering.registry import VectorRegistry
+from steering.runner import EngineRunner
+from steering.screen import Screener, ScreenReport
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSWERS = ROOT / "vectors" / "finetune" / "answers.json"
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return round(sxy / math.sqrt(sxx * syy), 3) if sxx > 0 and syy > 0 else None
+
+
+def build_set(items: list[dict], trait: str | None, strength: float, seed: int = 0) -> list[dict]:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    laden = set(order[: round(strength * len(items))]) if trait else set()
+    return [{"messages": [{"role": "user", "content": it["q"]},
+                          {"role": "assistant", "content": it[trait] if i in laden else it["plain"]}]}
+            for i, it in enumerate(items)]
+
+
+def eval_questions(traits_dir: Path, trait: str, items: list[dict], count: int) -> list[str]:
+    """The trait definition's held-out questions that no set holds, the first ``count``."""
+    seen = {it["q"] for it in items}
+    return [q for q in json.loads((traits_dir / f"{trait}.json").read_text())["heldout_questions"] if q not in seen][:count]
+
+
+@torch.no_grad()
+def expression(model, tok, prompts: list[str], unit: torch.Tensor, layer: int, max_new_tokens: int) -> float:
+    """Mean projection of greedy answers' response-token states (the answers' own trait reading)."""
+    values = []
+    for prompt in prompts:
+        ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": prompt}])])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False)
+        if out.shape[1] == ids.shape[1]:
+            continue
+        hidden = model(input_ids=out, output_hidden_states=True).hidden_states[layer][0, ids.shape[1]:]
+        values.append(float(hidden.float().mean(0) @ unit))
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def heldout_perplexity(model, tok, items: list[dict]) -> float:
+    total, count = 0.0, 0
+    for it in items:
+        prompt = chat_prompt_ids(tok, [{"role": "user", "content": it["q"]}])
+        answer = text_ids(tok, it["plain"])
+        ids = torch.tensor([prompt + answer])
+        labels = torch.tensor([[-100] * len(prompt) + answer])
+        loss = model(input_ids=ids, labels=labels).loss
+        total, count = total + float(loss) * len(answer), count + len(answer)
+    return round(math.exp(total / count), 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--traits", default="evil,sycophantic,hallucinating,impolite")
+    p.add_argument("--strengths", default="0.5,1.0")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr-multiplier", type=float, default=2.0)
+    p.add_argument("--heldout", type=int, default=6)
+    p.add_argument("--eval-prompts", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--preventative", default="evil:5@single,evil:10@single,evil:1@all,evil:2@all",
+                   help="VECTOR:COEFFICIENT@single|all runs on the vector's 100%% set; empty: none")
+    p.add_argument("--out", default=str(ROOT / "docs" / "finetune" / "evidence.json"))
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    settings = Settings()
+    data = json.loads(ANSWERS.read_text())
+    items, heldout = data["items"][: -args.heldout], data["items"][-args.heldout:]
+    traits = [t for t in args.traits.split(",") if t]
+    serving = load_model("default", dtype="float32", device="cpu", cache_dir=settings.cache_dir)
+    registry = VectorRegistry(Path(tempfile.mkdtemp()) / "vectors", model_name=serving.name,
+                              fingerprint=serving.fingerprint, num_layers=serving.num_layers,
+                              hidden_size=serving.hidden_size)
+    registry.seed_from(settings.shipped_vectors_dir)
+    vectors = {t: registry.get(t) for t in traits}
+    layers = {t: v.recommended_layer for t, v in vectors.items()}
+    units = {t: v.direction(layers[t]) / v.direction(layers[t]).norm() for t, v in vectors.items()}
+    prompts = {t: eval_questions(settings.traits_dir, t, data["items"], args.eval_prompts) for t in traits}
+    engine = Engine(serving, max_batch_size=32, max_waiting=1 << 20)
+    engine.start()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    record = {"model": serving.name, "machine": platform.machine(), "hyperparameters": vars(args), "runs": []}
+
+    fresh = lambda: load_model("default", dtype="float32", device="cpu", cache_dir=settings.cache_dir,  # noqa: E731
+                               prepack=False, cpu_kernels=False)
+    base = fresh()
+    record["base"] = {"heldout_perplexity": heldout_perplexity(base.model, base.tokenizer, heldout),
+                      "expression": {t: round(expression(base.model, base.tokenizer, prompts[t], units[t], layers[t],
+                                                         args.max_new_tokens), 4) for t in traits}}
+    del base
+
+    def predicted(rows: list[dict]) -> dict[str, float]:
+        report = ScreenReport(traits, 1)
+        screener = Screener(EngineRunner(engine), serving.tokenizer, list(vectors.values()), layers=layers,
+                            max_new_tokens=settings.finetune_screen_tokens)
+
+        async def go() -> None:
+            async for _row in screener.rows([(i + 1, json.dumps(r)) for i, r in enumerate(rows)], report):
+                pass
+
+        asyncio.run(go())
+        return {t: v["mean_diff"] for t, v in report.summary(True)["vectors"].items()}
+
+    def run(label: str, rows: list[dict], preventative: list[PreventiveEntry]) -> None:
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "train.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            pred = predicted(rows)
+            lm = fresh()
+            job = TrainingJob(model="default", training_file=str(path), output_dir=str(Path(tmp) / "adapter"),
+                              cache_dir=str(settings.cache_dir),
+                              hyperparameters=Hyperparameters(args.epochs, args.batch_size, args.lr_multiplier, 0),
+                              preventative=preventative,
+                              vector_files={t: str(settings.shipped_vectors_dir / serving.name / f"{t}.safetensors")
+                                            for t in traits},
+                              monitor=[MonitorSpec(t, layers[t]) for t in traits], eval_prompts=prompts,
+                              threads=args.threads)
+            result = train(job, lm=lm)
+        row = {"run": label, "preventative": [vars(e) for e in preventative], "first_loss": result["first_loss"],
+               "last_loss": result["last_loss"], "heldout_perplexity": heldout_perplexity(lm.model, lm.tokenizer, heldout),
+               "vectors": {}}
+        for t in traits:
+            expr = expression(lm.model, lm.tokenizer, prompts[t], units[t], layers[t], args.max_new_tokens)
+            row["vectors"][t] = {"predicted_shift": pred[t], "measured_shift": result["shifts"][t]["measured_shift"],
+                                 "expression": round(expr, 4),
+                                 "expression_change": round(expr - record["base"]["expression"][t], 4)}
+        row["seconds"] = round(time.monotonic() - t0)
+        record["runs"].append(row)
+        record["correlations"] = correlations(record["runs"], traits)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        out.with_suffix(".md").write_text(table(record, traits, time.monotonic() - started) + "\n")
+        print(f"{label}: " + ", ".join(f"{t} pred {v['predicted_shift']:+.2f} meas {v['measured_shift']:+.2f} "
+                                       f"expr {v['expression_change']:+.2f}" for t, v in row["vectors"].items())
+              + f", ppl {row['heldout_perplexity']} ({row['seconds']} s)", flush=True)
+
+    try:
+        run("neutral", build_set(items, None, 0.0), [])
+        for t in traits:
+            for s in (float(x) for x in args.strengths.split(",") if x):
+                run(f"{t} {int(s * 100)}%", build_set(items, t, s), [])
+        for spec in filter(None, args.preventative.split(",")):
+            name, _, rest = spec.partition(":")
+            coef, _, where = rest.partition("@")
+            entry = PreventiveEntry(name, float(coef), "all" if where == "all" else [layers[name]])
+            run(f"{name} 100% + preventative {coef} {where}", build_set(items, name, 1.0), [entry])
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def correlations(runs: list[dict], traits: list[str]) -> dict:
+    plain = [r for r in runs if not r["preventative"]]
+    per = {}
+    for t in traits:
+        pred = [r["vectors"][t]["predicted_shift"] for r in plain]
+        meas = [r["vectors"][t]["measured_shift"] for r in plain]
+        expr = [r["vectors"][t]["expression_change"] for r in plain]
+        per[t] = {"predicted_vs_measured": pearson(pred, meas), "measured_vs_expression": pearson(meas, expr),
+                  "predicted_vs_expression": pearson(pred, expr), "datasets": len(plain)}
+    return per
+
+
+def table(record: dict, traits: list[str], seconds: float) -> str:
+    lines = [f"Latest `make finetune-evidence`: {record['machine']}, {record['model']} (float32), "
+             f"{len(record['runs'])} fine-tunes in {seconds:.0f} s; base held-out perplexity "
+             f"{record['base']['heldout_perplexity']}. Cells: predicted shift / measured shift / expression change.", "",
+             "| run | " + " | ".join(traits) + " | held-out ppl |", "|---|" + "---|" * (len(traits) + 1)]
+    for r in record["runs"]:
+        cells = [f"{v['predicted_shift']:+.2f} / {v['measured_shift']:+.2f} / {v['expression_change']:+.2f}"
+                 for v in (r["vectors"][t] for t in traits)]
+        lines.append(f"| {r['run']} | " + " | ".join(cells) + f" | {r['heldout_perplexity']} |")
+    lines += ["", "| r across datasets (no preventative steering) | " + " | ".join(traits) + " |",
+              "|---|" + "---|" * len(traits)]
+    for key in ("predicted_vs_measured", "measured_vs_expression", "predicted_vs_expression"):
+        lines.append(f"| {key.replace('_', ' ')} | "
+                     + " | ".join(str(record["correlations"][t][key]) for t in traits) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
