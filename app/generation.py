@@ -241,7 +241,10 @@ async def _until(task: asyncio.Future, http: Request):
 
 
 def _children(gen: GenerationRequest, n: int) -> list[GenerationRequest]:
-    """``n`` engine requests for one API request; a seeded request's choice i uses seed + i."""
+    """``n`` engine requests for one API request; a seeded request's choice i uses seed + i. They
+    form one prefill group: the engine reads their shared prompt once."""
+    if n > 1:
+        gen = replace(gen, prefill_group=gen.request_id)
     out = [gen]
     for i in range(1, n):
         seed = gen.sampling.seed
@@ -274,13 +277,17 @@ async def respond(
             await stream.aclose()
 
     # Wait for every prefill before answering, so queue-full, blocks and other refusals are
-    # real HTTP statuses rather than errors inside a 200 stream.
+    # real HTTP statuses rather than errors inside a 200 stream. The choices are submitted
+    # together, so their prefills share steps (and the engine reads their prompt once).
+    starts = [asyncio.ensure_future(anext(stream)) for stream in streams]
     try:
-        firsts = [await _until(asyncio.ensure_future(anext(stream)), http) for stream in streams]
+        firsts = await _until(asyncio.gather(*starts), http)
     except _ClientGone:
+        await _cancel(*starts)
         await close_all()
         raise APIError(499, "client disconnected", code="client_closed_request") from None
     except Exception as exc:
+        await _cancel(*starts)
         await close_all()
         raise as_api_error(exc) from exc
     for first in firsts:

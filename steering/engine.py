@@ -105,6 +105,10 @@ class GenerationRequest:
     # Prompt position from which PrefillDone.prompt_logprobs holds each prompt token's
     # log-probability given the tokens before it (teacher-forced scoring, vLLM's prompt_logprobs).
     score_from: int | None = None
+    # Requests of one group carry the same prompt and steering (the n choices of one API
+    # request): one of them reads the prompt and the others get a copy of its cache, then read
+    # only their last token (for their own logits, captures and probes). Not for mean_from/score_from.
+    prefill_group: str | None = None
 
     def __repr__(self) -> str:
         # Short on purpose: the generated repr prints every steering and probe tensor in full,
@@ -384,8 +388,11 @@ class Engine:
                 raise EngineDeadError("the generation engine has stopped; the server must be restarted")
             if self._stopping or self._draining:
                 raise DrainingError("the server is shutting down; retry on another replica")
-            if len(self._pending) >= self.max_waiting:
-                raise QueueFullError(len(self._pending))
+            # Every request passes through _pending, but only those beyond the free slots wait: as
+            # in the vLLM engine, refused once running + waiting reach max_batch_size + max_waiting
+            # (so max_waiting=0 means no queue, not no service).
+            if len(self._pending) >= self.max_waiting + len(self._free_slots):
+                raise QueueFullError(max(0, len(self._pending) - len(self._free_slots)))
             self._pending.append(row)
             self._wake.notify()
 
@@ -482,12 +489,13 @@ class Engine:
         while self._pending and self._free_slots:
             row = self._pending.popleft()
             row.queue_wait_s = time.monotonic() - row.submitted
-            row.slot = self._free_slots.pop()
             try:
                 row.steer_ids = self.deltas.add(row.request.steering)
-            except Exception as exc:
-                self._fail_row(row, exc)
+            except Exception as exc:  # the row fails before it takes a slot
+                log.exception("request %s failed to join", row.request.request_id or row.uid)
+                self._fail_row(row, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
                 continue
+            row.slot = self._free_slots.pop()
             self._rows.append(row)
 
     def _schedule(self) -> _Step:
@@ -503,11 +511,17 @@ class Engine:
         # it, so a chunk deep into a long prompt gets fewer tokens than a fresh one.
         work = self._chunk_cost(0, self.max_num_batched_tokens) - len(decode)
         chunks = []
+        reading: set[str] = set()  # prefill groups one of whose rows reads the shared prompt
         for row in self._rows:
             if budget <= 0:
                 break
             if row.done or row.decoding:
                 continue
+            group = row.request.prefill_group
+            if group is not None:
+                if row.computed == 0 and row.prompt_len > 1 and group in reading:
+                    continue  # it gets the reader's cache (_share_prefill)
+                reading.add(group)
             n = min(row.prompt_len - row.computed, budget, self._affordable(row.computed, work))
             if n <= 0:
                 if chunks:
@@ -556,8 +570,10 @@ class Engine:
                 self._run_step(_Step([], [chunk]), retry=False)
             return
         self._score(step, logits)
-        for row, _a, b in step.chunks:
+        for row, a, b in step.chunks:
             row.computed = b
+            if row.request.prefill_group is not None and a < row.prompt_len - 1 <= b:
+                self._share_prefill(row)
             for layer, total in hooks.sums.get(row.uid, {}).items():
                 row.span_sums[layer] = row.span_sums[layer] + total if layer in row.span_sums else total
             if b == row.prompt_len and not row.done:
@@ -687,17 +703,26 @@ class Engine:
                                             torch.tensor(counts, device=table.device), output_size=total)
             hooks.steer[layer] = (table, index)
 
-    @staticmethod
-    def _score(step: _Step, logits: torch.Tensor) -> None:
-        """Append the log-probabilities of this step's scored prompt tokens to their rows."""
-        if not step.scoring:
-            return
-        first = step.scoring[0][1]
-        targets = [t for _row, _at, ids in step.scoring for t in ids]
-        index = torch.tensor(targets, device=logits.device)[:, None]
-        values = torch.log_softmax(logits[first : first + len(targets)].float(), dim=-1).gather(1, index)[:, 0].tolist()
+    def _score(self, step: _Step, logits: torch.Tensor) -> None:
+        """Append the log-probabilities of this step's scored prompt tokens to their rows; a
+        failure fails its row only (one small call per row, so no row sees another's fault)."""
         for row, at, ids in step.scoring:
-            row.scored.extend(values[at - first : at - first + len(ids)])
+            self._guarded(row, _extend_scores, row, logits[at : at + len(ids)], ids)
+
+    def _share_prefill(self, reader: _Row) -> None:
+        """Copy ``reader``'s cache of all but its last prompt token to the rows of its group that
+        have not started reading; the copy equals what their own prefill would have written."""
+        shared = reader.prompt_len - 1
+        ask = reader.request
+        for row in self._rows:
+            other = row.request
+            if (row is reader or row.done or row.computed or other.prefill_group != ask.prefill_group
+                    or other.prompt_ids != ask.prompt_ids or other.steering is not ask.steering
+                    or other.mean_from is not None or other.score_from is not None):
+                continue
+            for tensor in self.cache.keys + self.cache.values:
+                tensor[row.slot, :, :shared].copy_(tensor[reader.slot, :, :shared])
+            row.computed = shared
 
     @staticmethod
     def _state(step: _Step, hooks: StepHooks, layer: int, row: _Row) -> torch.Tensor:
@@ -851,6 +876,11 @@ def default_attention_horizon(config, device: torch.device) -> float:
     linear = hidden * head_dim * (2 * heads + 2 * kv_heads) + gated * hidden * inner
     horizon = linear / (2 * heads * head_dim)
     return horizon / (CPU_ATTENTION_SLOWDOWN if device.type == "cpu" else 1.0)
+
+
+def _extend_scores(row: _Row, logits: torch.Tensor, targets: list[int]) -> None:
+    index = torch.tensor(targets, device=logits.device)[:, None]
+    row.scored.extend(torch.log_softmax(logits.float(), dim=-1).gather(1, index)[:, 0].tolist())
 
 
 def _deliver(items) -> None:

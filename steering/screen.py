@@ -11,7 +11,9 @@ prompt / response pair) and each vector, at the vector's layer:
 High values flag samples that would shift the persona if fine-tuned on. The input is read
 line by line and processed in chunks, so a large file is never held in memory; a malformed
 line, or one whose prompt and response (or natural answer) would not fit the prompt limit, is
-reported with its number and skipped.
+reported with its number and skipped (all are counted, the first :data:`MAX_ERRORS` kept).
+Reading hands the event loop back every few milliseconds, so a server screening a large
+upload keeps answering everyone else.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterable
 
@@ -31,6 +34,13 @@ from steering.output import Finished, generate_text
 from steering.runner import EngineRunner
 from steering.sampling import SamplingParams
 from steering.vector import PersonaVector
+
+
+# A report keeps the first errors with their line numbers and counts the rest: a malformed
+# upload of millions of lines must not grow the job's stored result with it.
+MAX_ERRORS = 100
+# Longest stretch of parsing and tokenizing between two hand-backs to the event loop.
+YIELD_AFTER_S = 0.005
 
 
 class SampleError(ValueError):
@@ -80,10 +90,16 @@ class ScreenReport:
     vectors: list[str]
     top_k: int
     samples: int = 0
-    errors: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)  # the first MAX_ERRORS
+    error_count: int = 0
     _sums: dict[str, float] = field(default_factory=dict)
     _cheap_sums: dict[str, float] = field(default_factory=dict)
     _tops: dict[str, list] = field(default_factory=dict)
+
+    def error(self, line: int, message: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append({"line": line, "error": message})
 
     def add(self, row: dict) -> None:
         self.samples += 1
@@ -103,6 +119,7 @@ class ScreenReport:
         return {
             "samples": self.samples,
             "errors": self.errors,
+            "error_count": self.error_count,
             "vectors": {
                 name: {
                     "mean_diff": round(self._sums.get(name, 0.0) / n, 4) if generated else None,
@@ -190,8 +207,9 @@ class Screener:
         return rows
 
     async def rows(self, lines: Iterable[tuple[int, str]] | AsyncIterator[tuple[int, str]], report: ScreenReport):
-        """Yield one scored row per valid sample; malformed lines go to ``report.errors``."""
+        """Yield one scored row per valid sample; malformed lines go to ``report`` (:meth:`ScreenReport.error`)."""
         batch: list[Sample] = []
+        since = time.monotonic()
 
         async def each():
             if hasattr(lines, "__aiter__"):
@@ -202,13 +220,17 @@ class Screener:
                     yield item
 
         async for line_no, raw in each():
+            if time.monotonic() - since > YIELD_AFTER_S:
+                # Malformed and blank lines never reach the engine, so nothing else here awaits.
+                await asyncio.sleep(0)
+                since = time.monotonic()
             try:
                 sample = parse_line(line_no, raw)
                 if sample is None:
                     continue
                 batch.append(self.encode(sample))
             except SampleError as exc:
-                report.errors.append({"line": line_no, "error": str(exc)})
+                report.error(line_no, str(exc))
                 continue
             if len(batch) >= self.chunk:
                 for row in await self._score(batch):

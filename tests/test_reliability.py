@@ -311,3 +311,29 @@ def test_hand_written_hostile_input(client, case):
             assert r.status_code in (400, 404)
     assert "error" in r.json() and set(r.json()["error"]) >= {"message", "type", "param", "code"}
     assert client.get("/ready").status_code == 200
+
+
+def test_the_n_choices_of_one_request_read_their_prompt_once(server, client):
+    """``n: 4`` on a long prompt: the choices are submitted together and the prompt is read once,
+    so the first token does not wait for four prefills one after another."""
+    engine = server.state.engine
+    original = engine._forward
+    steps: list[list[tuple[int, int, int]]] = []
+
+    def recording(step):
+        steps.append([(row.prompt_len, a, b) for row, a, b in step.chunks])
+        return original(step)
+
+    engine._forward = recording
+    try:
+        response = client.post(CHAT, json=_body(messages=[{"role": "user", "content": "Tell me about rivers. " * 60}],
+                                                n=4, max_tokens=2, temperature=1.0, seed=3))
+    finally:
+        del engine._forward
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 4
+    length = response.json()["usage"]["prompt_tokens"]
+    ours = [[(a, b) for n, a, b in step if n == length] for step in steps]
+    assert sum(b - a for step in ours for a, b in step) == length + 3
+    ends = [i for i, step in enumerate(ours) for _a, b in step if b == length]
+    assert len(ends) == 4 and len(set(ends)) == 2  # the reader's last chunk, then the three copies together

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,29 @@ def test_samples_that_do_not_fit_the_context_are_reported_by_line_and_skipped(cl
     assert str(context) in errors[4]
     rows = [json.loads(line) for line in client.get(f"/v1/jobs/{job['id']}/output").text.splitlines()]
     assert [row["line"] for row in rows] == [1, 2, 5] and job["result"]["samples"] == 3
+
+
+def test_a_large_malformed_upload_neither_stalls_the_server_nor_grows_the_job_result(client):
+    """300,000 malformed lines: while the job reads them, the server keeps answering (the job is
+    seen running between /health answers), and its stored result keeps the first 100 errors and
+    counts them all."""
+    lines = 300_000
+    r = client.post("/v1/screen", params={"vectors": "sycophantic", "generate": "false"}, content=b"x\n" * lines,
+                    headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 202, r.text
+    seen_running, slowest = 0, 0.0
+    while (job := client.get(f"/v1/jobs/{r.json()['id']}").json())["status"] in ("queued", "running"):
+        seen_running += job["status"] == "running"
+        started = time.monotonic()
+        assert client.get("/health").status_code == 200
+        slowest = max(slowest, time.monotonic() - started)
+    print(f"job seen running {seen_running} times; slowest /health answer {slowest * 1000:.0f} ms")
+    assert seen_running >= 2  # before, the job read every line in one turn of the event loop
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert result["samples"] == 0 and result["error_count"] == lines
+    assert [e["line"] for e in result["errors"]] == list(range(1, 101))
+    assert all("not JSON" in e["error"] for e in result["errors"])
 
 
 def test_screen_refuses_bad_requests(client):
