@@ -18,9 +18,9 @@ keeps replicas in step:
 Example::
 
     store = SharedStore(Path("data"), poll_s=1.0)
-    store.subscribe(registry.reload)
+    registry = VectorRegistry(Path("data/vectors"), ..., store=store)   # subscribes its reload
     with store.write():
-        ...   # read, check If-Match, write files atomically
+        ...   # check If-Match against the fresh view, write files atomically
     store.watch()   # a daemon thread that reloads on others' writes
 """
 
@@ -155,7 +155,10 @@ class SharedStore:
         self._reloads.append(reload)
 
     def sync(self) -> bool:
-        """Reload every part if the store changed since this process last looked; True if it did."""
+        """Reload every part if the store changed since this process last looked; True if it did.
+        Costs one small file read when nothing changed."""
+        if self.generation() == self._seen:
+            return False  # an unlocked peek: most calls find nothing and never wait for a writer
         with self.lock():
             generation = self.generation()
             if generation == self._seen:
@@ -175,9 +178,7 @@ class SharedStore:
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                # Unlocked peek first: most polls find nothing and never contend with writers.
-                if self.generation() != self._seen:
-                    self.sync()
+                self.sync()
             except Exception:  # a bad moment on a network volume must not end the watch
                 log.exception("store reload failed; retrying in %.1f s", self.poll_s)
 

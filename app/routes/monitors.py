@@ -47,6 +47,7 @@ def _not_found(vector: str) -> APIError:
 @router.get("/v1/monitors")
 async def list_monitors(state: State, _admin: Admin):
     """Every monitor; the ``ETag`` covers the whole configuration, the same on every replica."""
+    state.monitors.store.sync()  # reads of the configuration see every completed write, on any replica
     configs = state.monitors.configs()
     etag = state.monitors.list_etag()
     return JSONResponse({"object": "list", "data": [_view(c) for _, c in sorted(configs.items())]},
@@ -56,6 +57,7 @@ async def list_monitors(state: State, _admin: Admin):
 @router.get("/v1/monitors/{vector}")
 async def get_monitor(vector: str, state: State, _admin: Admin):
     """One monitor, with the ``ETag`` that a conditional ``PUT`` / ``DELETE`` names in ``If-Match``."""
+    state.monitors.store.sync()
     config = state.monitors.get(vector)
     if config is None:
         raise _not_found(vector)

@@ -40,6 +40,7 @@ def _name(name: str) -> str:
 
 @router.get("/v1/vectors")
 async def list_vectors(state: State, _user: User):
+    state.registry.store.sync()
     return {"object": "list", "data": [summary(v) for v in state.registry.list()]}
 
 
@@ -52,6 +53,7 @@ async def get_vector(name: str, state: State, _user: User, format: str = "json")
     """One vector; its ``ETag`` (the same on every replica, whatever the format) is what a
     conditional ``PUT`` / ``DELETE`` names in ``If-Match``."""
     name = _name(name)
+    state.registry.store.sync()  # reads of the registry see every completed write, on any replica
     vector, etag = state.registry.get(name), state.registry.etag(name)
     tag = {"ETag": f'"{etag}"'}
     if format == "safetensors":
