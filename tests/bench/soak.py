@@ -32,6 +32,7 @@ import httpx
 
 from app.bench import BenchError, long_prompt, make_prompt, run_load
 from steering.atomic import atomic_write_bytes
+from steering.model import cpu_has_native_bf16
 from tests.bench.peers import _exit_on_sigterm, our_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,6 +165,7 @@ def run(args: argparse.Namespace) -> dict:
         server.stop()
     return {
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+                 "cpu": "AVX512-BF16, bfloat16" if cpu_has_native_bf16() else "no native bfloat16, float32",
                  "minutes": args.minutes, "waves": wave, "sample_s": args.sample_s, "window_min": args.window_min,
                  "note": args.note, "env": args.env},
         "verdict": verdict(samples, 60 * args.window_min),
@@ -175,7 +177,7 @@ def render_block(results: dict) -> str:
     v, m = results["verdict"], results["meta"]
     lines = [
         START,
-        f"Measured {m['date']} by `make soak` ({m['minutes']} min, {m['waves']} waves, RSS sampled every "
+        f"Measured {m['date']} ({m['cpu']}) by `make soak` ({m['minutes']:g} min, {m['waves']} waves, RSS sampled every "
         f"{m['sample_s']} s{'; ' + m['note'] if m['note'] else ''}):",
         "",
         "| RSS, median of the first "
