@@ -67,13 +67,14 @@ def choose(environ: dict[str, str], dirs: list[Path] | None = None) -> tuple[str
 
 def preload_environment(environ: dict[str, str], dirs: list[Path] | None = None) -> dict[str, str] | None:
     """The environment to re-execute the server with so the chosen allocator is preloaded, or None
-    when nothing is to change (the system's chosen or nothing installed, or the library already in
-    ``LD_PRELOAD``, which also ends the re-execution after one round even if the loader refused it)."""
+    when nothing is to change: the system's chosen or nothing installed, or an allocator of
+    :data:`LIBRARIES` already in ``LD_PRELOAD`` (the user's choice stands, two allocators never load,
+    and the re-execution ends after one round even if the loader refused the library)."""
     name, library = choose(environ, dirs)
     if library is None:
         return None
     preloaded = environ.get("LD_PRELOAD", "").replace(":", " ").split()
-    if str(library) in preloaded or any(Path(p).name in LIBRARIES[name] for p in preloaded):
+    if any(Path(p).name in filenames for p in preloaded for filenames in LIBRARIES.values()):
         return None
     # First in the list: an allocator must be the first to define malloc.
     return {**environ, "LD_PRELOAD": " ".join([str(library), *preloaded])}

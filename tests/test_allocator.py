@@ -52,6 +52,7 @@ def test_preload_environment_puts_the_allocator_first_and_never_loops(tmp_path):
     env = allocator.preload_environment({"LD_PRELOAD": "/opt/libother.so"}, [tmp_path])
     assert env["LD_PRELOAD"] == f"{tmp_path}/libjemalloc.so.2 /opt/libother.so"
     assert allocator.preload_environment(env, [tmp_path]) is None
+    assert allocator.preload_environment({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, [tmp_path]) is None
     assert allocator.preload_environment({"PERSONA_ALLOCATOR": "system"}, [tmp_path]) is None
     assert allocator.choose({"PERSONA_ALLOCATOR": "tcmalloc"}, [tmp_path])[0] == "tcmalloc"
     assert allocator.choose({}, []) == ("system", None)

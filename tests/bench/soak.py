@@ -177,8 +177,8 @@ def render_block(results: dict) -> str:
     v, m = results["verdict"], results["meta"]
     lines = [
         START,
-        f"Measured {m['date']} ({m['cpu']}) by `make soak` ({m['minutes']:g} min, {m['waves']} waves, RSS sampled every "
-        f"{m['sample_s']} s{'; ' + m['note'] if m['note'] else ''}):",
+        f"Measured {m['date']} ({m['cpu']}) by `make soak` ({m['minutes']:g} min, {m['waves']} waves, RSS sampled "
+        f"every {m['sample_s']} s{'; ' + m['note'] if m['note'] else ''}):",
         "",
         "| RSS, median of the first "
         f"{m['window_min']} min | median of the last {m['window_min']} min | growth | min / max | slope of a line "
