@@ -198,8 +198,18 @@ class FineTuning:
         self.event(job, f"Created fine-tuning job: {job_id}")
         task = asyncio.get_running_loop().create_task(self._run(job, spec))
         self._tasks[job_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
+        task.add_done_callback(lambda _t: self._settle(job))
         return job
+
+    def _settle(self, job: dict) -> None:
+        # A task cancelled before its first step never ran _run's handlers: record the end here.
+        self._tasks.pop(job["id"], None)
+        if job["status"] in ACTIVE:
+            if self._closing:
+                self._finish(job, "failed", error={"code": "server_shutdown", "param": None,
+                                                   "message": "the server shut down before the job finished"})
+            else:
+                self._finish(job, "cancelled")
 
     def cancel(self, job_id: str) -> dict | None:
         """Cancel a queued or running job (its child process is stopped); a finished one is left as it is."""

@@ -259,3 +259,21 @@ def test_evidence_sets_mix_trait_answers_at_their_strength_and_never_hold_eval_p
         asked = eval_questions(REPO_VECTORS / "traits", trait, items, 6)
         assert len(asked) == 6 and not {it["q"] for it in items} & set(asked)
     assert all(r["messages"][1]["content"] == it["plain"] for r, it in zip(build_set(items, None, 0.0), items))
+
+
+def test_a_job_cancelled_before_its_task_ran_is_recorded_as_cancelled(tmp_path):
+    import asyncio
+
+    from steering.finetune import TrainingJob
+
+    async def scenario() -> dict:
+        jobs = FineTuning(types.SimpleNamespace(settings=Settings(data_dir=tmp_path)), types.SimpleNamespace())
+        spec = TrainingJob(model="default", training_file=str(tmp_path / "unused.jsonl"), output_dir="")
+        job = jobs.create(spec, model="default", training_file="file-x", validation_file=None, suffix=None,
+                          persona={}, monitor_vectors=[])
+        jobs.cancel(job["id"])  # before the event loop ever ran the job's task
+        return await jobs.wait(job["id"])
+
+    job = asyncio.run(scenario())
+    assert job["status"] == "cancelled"
+    assert json.loads((tmp_path / "fine_tuning" / job["id"] / "job.json").read_text())["status"] == "cancelled"
