@@ -106,7 +106,8 @@ def test_every_readme_python_example_that_calls_the_server_runs(readme_server, t
     for block in python_blocks(README.read_text()):
         script = tmp_path / "example.py"
         script.write_text(SERVER_ADDRESS.sub(address, block))
-        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900)
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "ADMIN": ADMIN_KEY})
         assert done.returncode == 0, f"{block}\n{done.stderr[-3000:]}"
         assert done.stdout.strip(), "the example printed no answer"
 
