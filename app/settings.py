@@ -59,12 +59,12 @@ class Settings(BaseSettings):
     served_model_name: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
-    # Our engine on CPU: linear layers multiply by oneDNN-packed copies of their weights (bfloat16:
-    # steps of up to 64 rows; float32: every step but single rows where cpu_kernels is on); the
-    # linear weights then take twice the memory.
+    # Our engine on CPU without cpu_kernels: linear layers multiply by oneDNN-packed copies of their
+    # weights (bfloat16: steps of up to 64 rows; float32: every step); the weights then take twice
+    # the memory.
     cpu_prepack: bool = True
-    # Our engine on x86 CPUs with AVX2, float32: one-row products use steering.cpu_kernels' own
-    # matrix-vector kernel (built with g++); False leaves them to oneDNN.
+    # Our engine on x86 CPUs with AVX2: products, norms and attention run steering.cpu_kernels
+    # (built with g++), so a row's tokens never depend on its batch; False: oneDNN and SDPA.
     cpu_kernels: bool = True
     # Our engine on CPU: intra-op threads for steps of at most 16 tokens (small-batch decode);
     # None: in bfloat16 one fewer than torch's thread count (a core for the event loop), in float32 all.

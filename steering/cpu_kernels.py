@@ -1,23 +1,35 @@
-"""A float32 matrix-vector product for one-row decoding steps on x86 CPUs with AVX2.
+"""Our own CPU kernels for the engine's per-row arithmetic, whose results never depend on the batch.
 
-At batch 1 a decode step is a chain of matrix-vector products whose cost is reading the
-weights from memory. On the 2-core AVX2 host (2026-12-03), oneDNN's packed float32 product read
-a layer's weights at 10-14 GB/s when they came from DRAM (40 different ``[3072, 576]``
-weights in turn: 509 us a call), while a plain sum over a large tensor read 22 GB/s. The kernel
-here streams four weight rows at a time with two FMA accumulators per row over the whole input
-and splits the output rows over torch's own OpenMP threads: 19-22 GB/s on the same weights
-(349 us a call for ``[3072, 576]``, 161 against 268 us for ``[576, 1536]``, 68 against 133 us for
-``[576, 576]``; the 49,152-row output head 6.2 against 6.5 ms).
+A row's greedy tokens must be the same alone and in any batch (steered beside unsteered, one
+coefficient beside another: the comparisons this server exists for). Library kernels do not
+promise that: oneDNN picks its blocking, and with it the order of a dot product's sums, from the
+number of rows; torch's reductions split differently by shape; SDPA's blocks follow the padded
+length. In bfloat16 such a difference in the last bit becomes, a few tokens later, a different
+token (measured on the AVX512-BF16 host, 2026-12-06: 10 of 32 greedy rows changed in a batch).
 
-It is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja; about
-50 s once, then cached in torch's extension folder, ``TORCH_EXTENSIONS_DIR``); ``make install``
-builds it. Where it cannot be built or loaded (no compiler, no AVX2, another architecture) the
-layers keep oneDNN; ``PERSONA_CPU_KERNELS=0`` (the server's setting) turns it off.
+So every reduction of a row is computed here, in float32, in one fixed order that depends only
+on the row's own sizes (the hidden size, its own context length), never on how many rows share
+the call, where the row sits in it, the padding, or the number of threads:
 
-Only single-row products use it: a row decoding alone takes this kernel and the same row in a
-larger step takes oneDNN, so the two differ by the order of accumulation inside a dot product
-(the greedy tokens are compared in ``tests/test_engine.py``, as they are for oneDNN's packed
-and plain bfloat16 paths).
+- ``linear``: each output element is one 8-lane FMA chain over the input (weight times input),
+  its lanes summed in a fixed tree, then the tail and the bias. Rows are computed in tiles of up
+  to 4 rows by 3 weight rows to reuse loads, but each element's chain is the same in every tile
+  shape; threads split the output columns, never a sum.
+- ``rms_norm`` and ``silu_mul``: HF's RMSNorm and gated SiLU, row by row, with HF's roundings.
+- ``attention``: per (token, KV head), the scores against the keys its own position (and
+  sliding window) allows, read from the slot cache after this step's keys were written, then
+  softmax and the weighted values, summed key by key in position order. A prompt token gives
+  the same numbers whether it was prefilled in one chunk or three, beside 31 rows or none.
+
+The code uses AVX2 and FMA only (8-lane float32), so the AVX2-only hosts and the AVX512 ones
+run the same instructions: the guarantee holds on both by construction, in float32 and in
+bfloat16 (bfloat16 is widened to float32 exactly on load and rounded to nearest even on store).
+
+They are compiled on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja;
+about a minute once, then cached in torch's extension folder, ``TORCH_EXTENSIONS_DIR``);
+``make install`` builds them. Where they cannot be built (no compiler, no AVX2, another
+architecture) or ``PERSONA_CPU_KERNELS=0`` turns them off, the engine uses oneDNN and SDPA:
+faster at large batches, with no batch invariance (the README gives both numbers).
 """
 
 from __future__ import annotations
@@ -32,14 +44,26 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_NAME = "persona_cpu_kernels_v1"
+_NAME = "persona_cpu_kernels_v2"
+_FUNCTIONS = ["linear", "rms_norm", "silu_mul", "attention"]
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+// Every function here computes each output row from that row's inputs alone, with one fixed
+// order of operations: no reduction is ever split between threads or shaped by how many rows a
+// call has. Built with -ffp-contract=off, so the compiler never fuses a multiply and an add in
+// one place and not in another.
 
 namespace {
+
+using bf16 = c10::BFloat16;
 
 inline float lane_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -48,58 +72,353 @@ inline float lane_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// out[r] = <w[r, :], x> for `rows` consecutive weight rows starting at `w` (rows <= 4).
-template <int R>
-inline void dot_rows(const float* x, const float* w, int64_t k_total, float* out) {
-  __m256 even[R], odd[R];
-  for (int r = 0; r < R; ++r) { even[r] = _mm256_setzero_ps(); odd[r] = _mm256_setzero_ps(); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  // bfloat16 is the high half of a float32: widening is exact.
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline float f32(float v) { return v; }
+inline float f32(bf16 v) { return static_cast<float>(v); }
+template <typename T> inline T from_f32(float v) { return static_cast<T>(v); }  // bf16: round to nearest even
+
+// <a, b> over k elements: one 8-lane FMA chain, its lanes summed, then the k % 8 tail in order.
+template <typename A, typename B>
+inline float dot(const A* a, const B* b, int64_t k_total) {
+  __m256 acc = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= k_total; k += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+  for (; k + 8 <= k_total; k += 8) acc = _mm256_fmadd_ps(load8(a + k), load8(b + k), acc);
+  float total = lane_sum(acc);
+  for (; k < k_total; ++k) total = total + f32(a[k]) * f32(b[k]);
+  return total;
+}
+
+// out[r, c] = <x[r, :], w[c, :]> for an R x C tile: each of the R * C accumulators runs exactly
+// the chain of dot() (weight first, as there), so a product's value never depends on the tile
+// it was computed in, nor on how many rows the call had.
+template <int R, int C, typename W>
+inline void tile(const float* x, const W* w, int64_t k_total, float* out, int64_t ldo, const W* bias) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= k_total; k += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = load8(w + c * k_total + k);
     for (int r = 0; r < R; ++r) {
-      const float* row = w + r * k_total + k;
-      even[r] = _mm256_fmadd_ps(_mm256_loadu_ps(row), x0, even[r]);
-      odd[r] = _mm256_fmadd_ps(_mm256_loadu_ps(row + 8), x1, odd[r]);
+      const __m256 xv = _mm256_loadu_ps(x + r * k_total + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
     }
   }
-  for (; k + 8 <= k_total; k += 8) {
-    const __m256 x0 = _mm256_loadu_ps(x + k);
-    for (int r = 0; r < R; ++r) even[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * k_total + k), x0, even[r]);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float total = lane_sum(acc[r][c]);
+      for (int64_t j = k; j < k_total; ++j) total = total + f32(w[c * k_total + j]) * x[r * k_total + j];
+      if (bias) total = total + f32(bias[c]);
+      out[r * ldo + c] = total;
+    }
+}
+
+template <int C, typename W>
+inline void rows_tile(int R, const float* x, const W* w, int64_t k, float* out, int64_t ldo, const W* bias) {
+  switch (R) {
+    case 4: tile<4, C>(x, w, k, out, ldo, bias); break;
+    case 3: tile<3, C>(x, w, k, out, ldo, bias); break;
+    case 2: tile<2, C>(x, w, k, out, ldo, bias); break;
+    default: tile<1, C>(x, w, k, out, ldo, bias); break;
   }
-  for (int r = 0; r < R; ++r) {
-    float total = lane_sum(_mm256_add_ps(even[r], odd[r]));
-    for (int64_t j = k; j < k_total; ++j) total += w[r * k_total + j] * x[j];
-    out[r] = total;
+}
+
+constexpr int kTileRows = 4, kTileCols = 3;
+constexpr int64_t kBlockRows = 64;  // input rows kept hot in L2 while a thread sweeps its weights
+
+template <typename W>
+void linear_impl(const float* x, const W* w, const W* bias, float* out, int64_t m_total, int64_t n_total,
+                 int64_t k_total) {
+  const int64_t blocks = (n_total + kTileCols - 1) / kTileCols;
+  // At least ~128k multiply-adds per thread: a parallel region costs more than a smaller share.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / (kTileCols * k_total * m_total));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < m_total; m0 += kBlockRows) {
+      const int64_t m1 = std::min(m_total, m0 + kBlockRows);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n = b * kTileCols;
+        const int64_t cols = std::min<int64_t>(kTileCols, n_total - n);
+        const W* wb = w + n * k_total;
+        const W* bb = bias ? bias + n : nullptr;
+        for (int64_t m = m0; m < m1; m += kTileRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
+          float* o = out + m * n_total + n;
+          const float* xm = x + m * k_total;
+          if (cols == 3) rows_tile<3>(rows, xm, wb, k_total, o, n_total, bb);
+          else if (cols == 2) rows_tile<2>(rows, xm, wb, k_total, o, n_total, bb);
+          else rows_tile<1>(rows, xm, wb, k_total, o, n_total, bb);
+        }
+      }
+    }
+  });
+}
+
+// The same for bfloat16 inputs and weights on CPUs with AVX512-BF16: each accumulator is one
+// chain of VDPBF16PS over 32-element steps (pairs of products into 16 float32 lanes), its lanes
+// summed by _mm512_reduce_add_ps, then the tail in order. One fixed sequence per element again;
+// such a CPU takes this path for every bfloat16 product, so it is the only one it ever runs.
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+template <int R, int C>
+BF16_TARGET inline void tile_bf16(const bf16* x, const bf16* w, int64_t k_total, float* out, int64_t ldo,
+                                  const bf16* bias) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= k_total; k += 32) {
+    __m512bh wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * k_total + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * k_total + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
+    }
   }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float total = _mm512_reduce_add_ps(acc[r][c]);
+      for (int64_t j = k; j < k_total; ++j) total = total + f32(w[c * k_total + j]) * f32(x[r * k_total + j]);
+      if (bias) total = total + f32(bias[c]);
+      out[r * ldo + c] = total;
+    }
+}
+
+template <int C>
+BF16_TARGET inline void rows_tile_bf16(int R, const bf16* x, const bf16* w, int64_t k, float* out, int64_t ldo,
+                                       const bf16* bias) {
+  switch (R) {
+    case 4: tile_bf16<4, C>(x, w, k, out, ldo, bias); break;
+    case 3: tile_bf16<3, C>(x, w, k, out, ldo, bias); break;
+    case 2: tile_bf16<2, C>(x, w, k, out, ldo, bias); break;
+    default: tile_bf16<1, C>(x, w, k, out, ldo, bias); break;
+  }
+}
+
+BF16_TARGET void linear_bf16(const bf16* x, const bf16* w, const bf16* bias, float* out, int64_t m_total,
+                             int64_t n_total, int64_t k_total) {
+  constexpr int cols_per_tile = 4;
+  const int64_t blocks = (n_total + cols_per_tile - 1) / cols_per_tile;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / (cols_per_tile * k_total * m_total));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < m_total; m0 += kBlockRows) {
+      const int64_t m1 = std::min(m_total, m0 + kBlockRows);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n = b * cols_per_tile;
+        const int64_t cols = std::min<int64_t>(cols_per_tile, n_total - n);
+        const bf16* wb = w + n * k_total;
+        const bf16* bb = bias ? bias + n : nullptr;
+        for (int64_t m = m0; m < m1; m += kTileRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
+          float* o = out + m * n_total + n;
+          const bf16* xm = x + m * k_total;
+          if (cols == 4) rows_tile_bf16<4>(rows, xm, wb, k_total, o, n_total, bb);
+          else if (cols == 3) rows_tile_bf16<3>(rows, xm, wb, k_total, o, n_total, bb);
+          else if (cols == 2) rows_tile_bf16<2>(rows, xm, wb, k_total, o, n_total, bb);
+          else rows_tile_bf16<1>(rows, xm, wb, k_total, o, n_total, bb);
+        }
+      }
+    }
+  });
+}
+
+const bool kHasBf16 = __builtin_cpu_supports("avx512bf16");
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, " must be float32 or bfloat16");
 }
 
 }  // namespace
 
-// x: [1, K] float32 contiguous; weight: [N, K] float32 contiguous; bias: [N] or empty.
-torch::Tensor row_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && x.scalar_type() == at::kFloat);
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat);
-  const int64_t n_total = weight.size(0), k_total = weight.size(1);
-  TORCH_CHECK(x.size(1) == k_total);
+// x [M, K] and weight [N, K] (float32 or bfloat16, contiguous), bias [N] or empty -> [M, N] in x's dtype.
+torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) {
+  check_cpu(x, "x");
+  check_cpu(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1));
   const bool has_bias = bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.numel() == n_total && bias.is_contiguous() && bias.scalar_type() == at::kFloat));
-  auto out = torch::empty({1, n_total}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  const int64_t blocks = (n_total + 3) / 4;
-  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n = b * 4, left = n_total - n;
-      const float* w = wp + n * k_total;
-      if (left >= 4) dot_rows<4>(xp, w, k_total, op + n);
-      else if (left == 3) dot_rows<3>(xp, w, k_total, op + n);
-      else if (left == 2) dot_rows<2>(xp, w, k_total, op + n);
-      else dot_rows<1>(xp, w, k_total, op + n);
-      if (bp) for (int64_t i = n; i < n + (left < 4 ? left : 4); ++i) op[i] += bp[i];
+  TORCH_CHECK(!has_bias || (bias.numel() == weight.size(0) && bias.is_contiguous() &&
+                            bias.scalar_type() == weight.scalar_type()));
+  const int64_t m_total = x.size(0), n_total = weight.size(0), k_total = x.size(1);
+  auto out = torch::empty({m_total, n_total}, x.options().dtype(at::kFloat));
+  if (kHasBf16 && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16) {
+    linear_bf16(x.data_ptr<bf16>(), weight.data_ptr<bf16>(), has_bias ? bias.data_ptr<bf16>() : nullptr,
+                out.data_ptr<float>(), m_total, n_total, k_total);
+    return out.to(at::kBFloat16);
+  }
+  auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  if (weight.scalar_type() == at::kFloat) {
+    linear_impl<float>(xf.data_ptr<float>(), weight.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr,
+                       out.data_ptr<float>(), m_total, n_total, k_total);
+  } else {
+    linear_impl<bf16>(xf.data_ptr<float>(), weight.data_ptr<bf16>(), has_bias ? bias.data_ptr<bf16>() : nullptr,
+                      out.data_ptr<float>(), m_total, n_total, k_total);
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+namespace {
+
+template <typename T>
+void rms_norm_impl(const T* x, const T* w, T* out, int64_t m_total, int64_t k_total, float eps) {
+  at::parallel_for(0, m_total, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const T* row = x + m * k_total;
+      const float inv = 1.0f / std::sqrt(dot(row, row, k_total) / static_cast<float>(k_total) + eps);
+      T* o = out + m * k_total;
+      // HF's order: normalise in float32, round to the model's dtype, then the weight.
+      for (int64_t k = 0; k < k_total; ++k) o[k] = from_f32<T>(f32(w[k]) * f32(from_f32<T>(f32(row[k]) * inv)));
     }
   });
+}
+
+template <typename T>
+void silu_mul_impl(const T* gate_up, T* out, int64_t m_total, int64_t inner) {
+  at::parallel_for(0, m_total, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const T* gate = gate_up + m * 2 * inner;
+      const T* up = gate + inner;
+      T* o = out + m * inner;
+      for (int64_t i = 0; i < inner; ++i) {
+        const float g = f32(gate[i]);
+        o[i] = from_f32<T>(f32(from_f32<T>(g / (1.0f + std::exp(-g)))) * f32(up[i]));
+      }
+    }
+  });
+}
+
+// One (token, KV head): the token's `group` query heads over the keys its window allows, in
+// float32: scores, softmax, weighted values, each summed key by key in position order. Each key
+// and value row is widened to float32 once and serves every query head of the group.
+template <typename T>
+void attend_one(const T* q, const T* keys, const T* values, T* out, int64_t first, int64_t last, int64_t group,
+                int64_t dim, float scale, float softcap, std::vector<float>& buffer) {
+  const int64_t n = last - first + 1;
+  buffer.resize(group * n + group * dim * 2 + dim);
+  float* scores = buffer.data();
+  float* acc = scores + group * n;
+  float* qf = acc + group * dim;
+  float* row = qf + group * dim;
+  for (int64_t i = 0; i < group * dim; ++i) {
+    qf[i] = f32(q[i]);
+    acc[i] = 0.0f;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T* k = keys + (first + j) * dim;
+    for (int64_t d = 0; d < dim; ++d) row[d] = f32(k[d]);
+    for (int64_t h = 0; h < group; ++h) {
+      float s = dot(qf + h * dim, row, dim) * scale;
+      if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);
+      scores[h * n + j] = s;
+    }
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    float* s = scores + h * n;
+    float top = s[0];
+    for (int64_t j = 1; j < n; ++j) top = std::max(top, s[j]);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] - top);
+      sum = sum + s[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < n; ++j) s[j] = s[j] * inv;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = values + (first + j) * dim;
+    for (int64_t d = 0; d < dim; ++d) row[d] = f32(v[d]);
+    for (int64_t h = 0; h < group; ++h) {
+      const float p = scores[h * n + j];
+      float* a = acc + h * dim;
+      const __m256 pv = _mm256_set1_ps(p);
+      int64_t d = 0;
+      for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + d), _mm256_loadu_ps(a + d)));
+      for (; d < dim; ++d) a[d] = a[d] + p * row[d];
+    }
+  }
+  for (int64_t i = 0; i < group * dim; ++i) out[i] = from_f32<T>(acc[i]);
+}
+
+template <typename T>
+void attention_impl(const T* q, const T* keys, const T* values, const int64_t* slots, const int64_t* positions,
+                    T* out, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t dim, float scale,
+                    int64_t window, float softcap) {
+  const int64_t group = heads / kv_heads;
+  int64_t keys_read = 0;
+  for (int64_t t = 0; t < tokens; ++t) keys_read += window > 0 ? std::min(window, positions[t] + 1) : positions[t] + 1;
+  // Short contexts run in the calling thread: a parallel region would cost more than it saves.
+  const int64_t grain = keys_read * heads * dim < (int64_t{1} << 17) ? tokens * kv_heads : 1;
+  at::parallel_for(0, tokens * kv_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / kv_heads, g = i % kv_heads;
+      const int64_t last = positions[t];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      const int64_t base = (slots[t] * kv_heads + g) * max_len * dim;
+      attend_one(q + (t * heads + g * group) * dim, keys + base, values + base, out + (t * heads + g * group) * dim,
+                 first, last, group, dim, scale, softcap, buffer);
+    }
+  });
+}
+
+}  // namespace
+
+// x [M, K], weight [K] (same dtype) -> HF's RMSNorm of every row.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  check_cpu(x, "x");
+  check_cpu(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type());
+  auto out = torch::empty_like(x);
+  if (x.scalar_type() == at::kFloat)
+    rms_norm_impl<float>(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), x.size(0), x.size(1), eps);
+  else
+    rms_norm_impl<bf16>(x.data_ptr<bf16>(), weight.data_ptr<bf16>(), out.data_ptr<bf16>(), x.size(0), x.size(1), eps);
+  return out;
+}
+
+// gate_up [M, 2I] (gate then up) -> silu(gate) * up [M, I], rounded as HF's two operations are.
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_cpu(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0);
+  const int64_t inner = gate_up.size(1) / 2;
+  auto out = torch::empty({gate_up.size(0), inner}, gate_up.options());
+  if (gate_up.scalar_type() == at::kFloat)
+    silu_mul_impl<float>(gate_up.data_ptr<float>(), out.data_ptr<float>(), gate_up.size(0), inner);
+  else
+    silu_mul_impl<bf16>(gate_up.data_ptr<bf16>(), out.data_ptr<bf16>(), gate_up.size(0), inner);
+  return out;
+}
+
+// query [T, H, D]; keys/values [slots, KVH, max_len, D] (the cache, this step's keys already
+// written); slots/positions int64 [T]. Token t attends to positions max(0, p - window + 1)..p
+// (window 0: from 0) of its slot; softcap > 0 caps the scores as softcap * tanh(s / softcap).
+torch::Tensor attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor slots,
+                        torch::Tensor positions, double scale, int64_t window, double softcap) {
+  check_cpu(query, "query");
+  check_cpu(keys, "keys");
+  check_cpu(values, "values");
+  TORCH_CHECK(query.dim() == 3 && keys.dim() == 4 && keys.sizes() == values.sizes());
+  TORCH_CHECK(query.scalar_type() == keys.scalar_type() && keys.scalar_type() == values.scalar_type());
+  TORCH_CHECK(query.size(2) == keys.size(3) && query.size(1) % keys.size(1) == 0);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.is_contiguous() &&
+              positions.is_contiguous() && slots.numel() == query.size(0) && positions.numel() == query.size(0));
+  const int64_t tokens = query.size(0), heads = query.size(1), kv_heads = keys.size(1), max_len = keys.size(2);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_len && slot[t] >= 0 && slot[t] < keys.size(0), "token ", t, " is outside the cache");
+  auto out = torch::empty_like(query);
+  if (query.scalar_type() == at::kFloat)
+    attention_impl<float>(query.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), slot, pos,
+                          out.data_ptr<float>(), tokens, heads, kv_heads, max_len, query.size(2), scale, window, softcap);
+  else
+    attention_impl<bf16>(query.data_ptr<bf16>(), keys.data_ptr<bf16>(), values.data_ptr<bf16>(), slot, pos,
+                         out.data_ptr<bf16>(), tokens, heads, kv_heads, max_len, query.size(2), scale, window, softcap);
   return out;
 }
 """
@@ -109,7 +428,7 @@ _loaded: object = None  # the extension module, False once it failed, None befor
 
 
 def supported() -> bool:
-    """True where the kernel can run: x86-64 with AVX2 (as torch sees the CPU) and a C++ compiler."""
+    """True where the kernels can run: x86-64 with AVX2 (as torch sees the CPU) and a C++ compiler."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
@@ -135,12 +454,14 @@ def _build():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["row_linear"],
-                             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as exc:  # noqa: BLE001 - any build failure leaves oneDNN in place
-        log.warning("could not build the CPU row kernel (%s); single-row products use oneDNN", exc)
+        module = load_inline(_NAME, cpp_sources=_SOURCE, functions=_FUNCTIONS,
+                             extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
+                             extra_ldflags=["-fopenmp"])
+    except Exception as exc:  # noqa: BLE001 - any build failure leaves oneDNN and SDPA in place
+        log.warning("could not build the CPU kernels (%s); the engine uses oneDNN and SDPA, without batch "
+                    "invariance", exc)
         return False
-    log.info("CPU row kernel ready (AVX2 float32, single-row products)")
+    log.info("CPU kernels ready (AVX2 float32 accumulation: batch-invariant products, norms and attention)")
     return module
 
 

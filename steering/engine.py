@@ -293,10 +293,17 @@ class Engine:
         self.cache = kvcache.SlotKVCache(num_layers=lm.num_layers, slots=max_batch_size, kv_heads=kv_heads,
                                          head_dim=head_dim, max_len=self.max_model_len, dtype=lm.dtype,
                                          device_of_layer=lm.block_device)
+        # On CPU, steering.cpu_kernels computes every row's products, norms and attention in a fixed
+        # order: a row's tokens never depend on who shares its step (None: oneDNN and SDPA).
+        self.kernels = lm.kernels if lm.input_device.type == "cpu" else None
+        if self.kernels is None and getattr(config, "attn_logit_softcapping", None):
+            raise ValueError(f"{lm.name} caps its attention logits (attn_logit_softcapping), which this engine "
+                             "computes only with its CPU kernels: serve it on the CPU with PERSONA_CPU_KERNELS=1, "
+                             "or with --engine vllm")
         lm.model.set_attn_implementation(kvcache.register())
         self.hooks = SteeringHooks(lm.blocks, lm.model.get_input_embeddings())
         # Llama-style models run the engine's fused forward (steering.fastpath); others the HF one.
-        self.fused = fastpath.shared_fused_decoder(lm.model, lm.blocks) if fused else None
+        self.fused = fastpath.shared_fused_decoder(lm.model, lm.blocks, self.kernels) if fused else None
         self.deltas = DeltaTable(hidden_size=lm.hidden_size, dtype=lm.dtype, device_of_layer=lm.block_device)
         self.forward_passes = 0
         self._device = lm.input_device
@@ -622,6 +629,7 @@ class Engine:
             positions=torch.tensor(positions, device=dev),
             num_decode=nd,
             chunks=chunks,
+            kernels=self.kernels,
         )
         if nd:
             decode_slots = [r.slot for r in step.decode]

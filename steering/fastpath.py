@@ -59,19 +59,20 @@ def _fuse(parts: list[nn.Linear]) -> nn.Linear:
         if has_bias:
             p.bias = nn.Parameter(bias[start:start + rows], requires_grad=False)
         start += rows
-    # A part that packs its weight for small steps on CPU (steering.cpu_linear) makes the fused
-    # layer do the same; the part's own packed copy, if any, was made from the same numbers.
+    # A part that runs our CPU kernel or packs its weight for small steps (steering.cpu_linear)
+    # makes the fused layer do the same; the part's own packed copy, if any, was made from the
+    # same numbers.
     if hasattr(first, "packed_max_rows"):
         fused.__class__ = type(first)
         fused.packed_max_rows = first.packed_max_rows
         fused.packed = None
-        fused.row_kernel = getattr(first, "row_kernel", None)
+        fused.kernel = getattr(first, "kernel", None)
     return fused
 
 
 class _Layer:
     __slots__ = ("qkv", "o", "gate_up", "down", "norm1", "norm2", "eps1", "eps2", "attn", "split",
-                 "intermediate", "device", "index", "scaling")
+                 "intermediate", "device", "index", "scaling", "window")
 
     def __init__(self, block: nn.Module):
         attn, mlp = block.self_attn, block.mlp
@@ -86,9 +87,14 @@ class _Layer:
         self.split = (attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0] + attn.v_proj.weight.shape[0])
         self.device = self.qkv.weight.device
         self.index, self.scaling = attn.layer_idx, attn.scaling
+        # Qwen2 sets a window per layer on its attention; Mistral's attention reads it from the config.
+        self.window = (attn.sliding_window if hasattr(attn, "sliding_window")
+                       else getattr(getattr(attn, "config", None), "sliding_window", None))
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels=None) -> torch.Tensor:
+    if kernels is not None:  # row by row in a fixed order (steering.cpu_kernels): batch-invariant
+        return kernels.rms_norm(x.contiguous(), weight, eps)
     if x.dtype == torch.float32:
         # One call instead of six (about 40 against 65 us for one row on the 2-core host); in
         # float32 it computes what HF's operations do (compared in tests/test_engine.py).
@@ -108,8 +114,9 @@ class FusedDecoder:
         logits = fused(ids, positions, layout, keep, hooks)   # [len(keep), vocab]
     """
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module]):
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], kernels=None):
         inner = model.model
+        self.kernels = kernels
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
@@ -119,18 +126,37 @@ class FusedDecoder:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.layers = [_Layer(block) for block in blocks]
+        # cos and sin per position, computed once for all positions (grown as needed): a token's
+        # rotation then never depends on which other positions share its step. Rotations that
+        # rescale with the sequence's length ("dynamic") are computed per step instead.
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_fixed = "dynamic" not in str(getattr(self.rotary, "rope_type", "default"))
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``positions`` ``[T]`` for states ``h`` ``[1, T, hidden]``, each ``[T, head_dim]``."""
+        if not self._rope_fixed:
+            cos, sin = self.rotary(h, positions[None])
+            return cos[0], sin[0]
+        needed = int(positions.max()) + 1
+        if self._rope_table is None or self._rope_table[0].shape[0] < needed:
+            size = max(needed, 2 * self._rope_table[0].shape[0] if self._rope_table is not None else 256)
+            cos, sin = self.rotary(h[:, :1], torch.arange(size, device=positions.device)[None])
+            self._rope_table = (cos[0], sin[0])
+        cos, sin = self._rope_table
+        return cos.index_select(0, positions), sin.index_select(0, positions)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, layout: kvcache.StepLayout,
                  keep: torch.Tensor, hooks) -> torch.Tensor:
         """Logits ``[len(keep), vocab]`` of the packed step ``ids`` ``[T]``; ``hooks`` (a
         :class:`~steering.hooks.SteeringHooks` inside its ``state``) steers and captures."""
         total = ids.shape[0]
+        kernels = self.kernels
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         half = head_dim // 2
         h = self.embed(ids[None])  # the embedding's forward hook is layer 0's
-        cos, sin = self.rotary(h, positions[None])
-        cos = cos[0, :, None, :]  # [T, 1, head_dim]
-        sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)[:, None, :]
+        cos, sin = self._rope(h, positions)
+        cos = cos[:, None, :]  # [T, 1, head_dim]
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]
         h = h[0]
         device = h.device
         # The rotary module may sit on another device of a split (accelerate puts it with the norm).
@@ -140,23 +166,29 @@ class FusedDecoder:
                 device = layer.device
                 h, cos, sin = h.to(device), cos.to(device), sin.to(device)
             # The linear parts' forward is called directly: the fused path runs no module hooks.
-            qkv = layer.qkv.forward(_rms_norm(h, layer.norm1, layer.eps1))
+            qkv = layer.qkv.forward(_rms_norm(h, layer.norm1, layer.eps1, kernels))
             q_rows, kv_rows = layer.split
             qk = qkv[:, :q_rows + kv_rows // 2].view(total, heads + kv_heads, head_dim)
             qk = qk * cos + qk.roll(half, dims=-1) * sin
             value = qkv[:, q_rows + kv_rows // 2:].view(total, kv_heads, head_dim)
-            out = kvcache.attend(layer.index, qk[:, :heads], qk[:, heads:], value, layer.scaling, layout)
+            out = kvcache.attend(layer.index, qk[:, :heads], qk[:, heads:], value, layer.scaling, layout,
+                                 window=layer.window)
             h = h + layer.o.forward(out.reshape(total, heads * head_dim))
-            gate, up = layer.gate_up.forward(_rms_norm(h, layer.norm2, layer.eps2)).split(layer.intermediate, dim=-1)
-            h = h + layer.down.forward(F.silu(gate) * up)
+            gate_up = layer.gate_up.forward(_rms_norm(h, layer.norm2, layer.eps2, kernels))
+            gate, up = gate_up.split(layer.intermediate, dim=-1)
+            h = h + layer.down.forward(F.silu(gate) * up if kernels is None else kernels.silu_mul(gate_up))
             hooks.apply(number, h)
         h = h.index_select(0, keep.to(h.device))
+        if kernels is not None:
+            return self.lm_head(_rms_norm(h, self.norm.weight, self.norm.variance_epsilon, kernels))
         return self.lm_head(self.norm(h))
 
 
-def fused_decoder(model: nn.Module, blocks: list[nn.Module]) -> FusedDecoder | None:
+def fused_decoder(model: nn.Module, blocks: list[nn.Module], kernels=None) -> FusedDecoder | None:
     """A :class:`FusedDecoder` for ``model`` when every block is a plain Llama-style block with
-    SiLU MLP and default-shaped parts; None otherwise (the engine then runs the HF forward)."""
+    SiLU MLP and default-shaped parts; None otherwise (the engine then runs the HF forward).
+    ``kernels`` (:mod:`steering.cpu_kernels`, for a model on the CPU) computes its norms and
+    activations row by row, batch-invariant."""
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm")):
         return None
@@ -172,7 +204,7 @@ def fused_decoder(model: nn.Module, blocks: list[nn.Module]) -> FusedDecoder | N
             return None
         if getattr(mlp, "act_fn", None).__class__.__name__ not in ("SiLU", "SiLUActivation"):
             return None
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm") or getattr(attn, "sliding_window", None):
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
             return None
         biases = {getattr(attn, p).bias is None for p in ("q_proj", "k_proj", "v_proj")}
         if len(biases) != 1 or (mlp.gate_proj.bias is None) != (mlp.up_proj.bias is None):
@@ -181,7 +213,10 @@ def fused_decoder(model: nn.Module, blocks: list[nn.Module]) -> FusedDecoder | N
         devices |= {mlp.gate_proj.weight.device, mlp.up_proj.weight.device}
         if len(devices) != 1 or next(iter(devices)).type == "meta":
             return None
-    return FusedDecoder(model, blocks)
+    norm = inner.norm
+    if kernels is not None and not (hasattr(norm, "weight") and hasattr(norm, "variance_epsilon")):
+        return None
+    return FusedDecoder(model, blocks, kernels)
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -193,11 +228,11 @@ def _linear_types() -> tuple[type, ...]:
 _LINEARS = _linear_types()
 
 
-def shared_fused_decoder(model: nn.Module, blocks: list[nn.Module]) -> FusedDecoder | None:
+def shared_fused_decoder(model: nn.Module, blocks: list[nn.Module], kernels=None) -> FusedDecoder | None:
     """:func:`fused_decoder`, built once per model (engines over the same model share it; the
     fusing turns the parts' weights into views, which must happen only once)."""
     cached = model.__dict__.get("_persona_fused", False)
     if cached is False:
-        cached = fused_decoder(model, blocks)
+        cached = fused_decoder(model, blocks, kernels)
         model.__dict__["_persona_fused"] = cached
     return cached

@@ -10,8 +10,16 @@ A step's tokens are packed into one sequence ``[1, T]``: first one token per dec
 then the chunks of prompts being prefilled. The HF model runs its own layers on that
 sequence (RoPE from per-token position ids); :func:`slot_attention`, registered as an
 attention implementation, writes each token's key and value into its slot and computes
-attention per row: one batched call for all decoding rows (queries folded per KV head, a
-length mask per slot) and one call per prefill chunk (causal, offset by what is cached).
+attention per token. On CPU with :mod:`steering.cpu_kernels` (the default there) every token,
+decoding or prefilled, attends to its own slot's positions up to its own, in one fixed order:
+its numbers never depend on the batch, the padding, or how its prompt was chunked. Otherwise
+SDPA runs one batched call for all decoding rows (queries folded per KV head, a length mask per
+slot) and one call per prefill chunk (causal, offset by what is cached).
+
+Sliding-window attention (Mistral, Qwen2's windowed layers, Gemma 2 and 3) masks keys more than
+``window - 1`` positions behind the query, as HF does; logit soft-capping (Gemma 2) caps the
+scores as ``softcap * tanh(s / softcap)``, which only the CPU kernel does (the engine refuses
+such a model elsewhere).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ class StepLayout:
     decode_span: int = 0  # slots 0..span-1 take part in the batched decode attention
     decode_dense: bool = False  # decode_slots == arange(num_decode)
     chunks: list[Chunk] = field(default_factory=list)
+    kernels: object = None  # steering.cpu_kernels' module: attention per token, batch-invariant
     # Per device, what every layer's attention would otherwise rebuild (see :meth:`on`).
     _prepared: dict = field(default_factory=dict, repr=False)
 
@@ -146,19 +155,21 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     out = attend(module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                 scaling, layout)
+                 scaling, layout, window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"))
     return out.unsqueeze(0), None
 
 
 def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
-           layout: StepLayout) -> torch.Tensor:
+           layout: StepLayout, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Write the step's keys and values into layer ``layer``'s slots and attend; returns
     ``[T, heads, head_dim]``.
 
     ``query`` is ``[T, heads, head_dim]`` and ``key``/``value`` ``[T, kv_heads, head_dim]`` in
     packed-step order (decoding rows first, then the prompt chunks), after RoPE. Decoding rows
     take one batched call (the query heads of each KV head folded into one axis, so grouped-query
-    attention copies no cache), each chunk one call (causal, after what its slot has cached).
+    attention copies no cache), each chunk one call (causal, after what its slot has cached);
+    with ``layout.kernels`` every token takes the CPU kernel instead. ``window``: keys at most
+    ``window - 1`` positions behind the query; ``softcap``: Gemma 2's score capping.
     """
     keys, values = layout.cache.keys[layer], layout.cache.values[layer]
     total, heads, head_dim = query.shape
@@ -167,6 +178,12 @@ def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     ready = layout.on(keys.device, keys.dtype)
     keys.view(-1, head_dim).index_copy_(0, ready.flat, key.reshape(-1, head_dim))
     values.view(-1, head_dim).index_copy_(0, ready.flat, value.reshape(-1, head_dim))
+    if layout.kernels is not None and keys.device.type == "cpu":
+        return layout.kernels.attention(query.contiguous(), keys, values, layout.slots, layout.positions,
+                                        scaling if scaling is not None else head_dim ** -0.5, window or 0,
+                                        softcap or 0.0)
+    if softcap:
+        raise NotImplementedError("attention logit soft-capping needs the CPU kernels (steering.cpu_kernels)")
     nd = layout.num_decode
     decoded = None
     if nd:
@@ -176,8 +193,14 @@ def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
             full = q.new_zeros((span, kv_heads, group, head_dim))
             full.index_copy_(0, ready.decode_slots, q)
             q = full
+        bias = ready.decode_bias
+        if window and width > window:
+            # Each slot reads its last `window` positions only: those before length - window go.
+            lengths = layout.decode_mask[:, 0, 0, :].sum(-1).to(keys.device)
+            old = torch.arange(width, device=keys.device)[None, :] < (lengths - window)[:, None]
+            bias = bias.masked_fill(old[:, None, None, :], float("-inf"))
         o = F.scaled_dot_product_attention(q, keys[:span, :, :width], values[:span, :, :width],
-                                           attn_mask=ready.decode_bias, scale=scaling)
+                                           attn_mask=bias, scale=scaling)
         if not layout.decode_dense:
             o = o.index_select(0, ready.decode_slots)
         decoded = o.reshape(nd, heads, head_dim)
@@ -188,6 +211,12 @@ def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         out[:nd] = decoded
     for chunk, bias in zip(layout.chunks, ready.chunk_bias):
         q = query[chunk.start:chunk.end].transpose(0, 1)[None]
+        n = chunk.end - chunk.start
+        if window and chunk.past + n > window:
+            allowed = _causal_mask(n, chunk.past, keys.device)
+            allowed &= (torch.arange(chunk.past + n, device=keys.device)[None, :]
+                        > torch.arange(chunk.past, chunk.past + n, device=keys.device)[:, None] - window)
+            bias = _additive(allowed, keys.dtype)
         if bias is None:
             k = key[chunk.start:chunk.end].transpose(0, 1)[None]
             v = value[chunk.start:chunk.end].transpose(0, 1)[None]

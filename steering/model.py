@@ -57,6 +57,8 @@ class LoadedModel:
     dtype: torch.dtype
     blocks: list[nn.Module] = field(repr=False)
     eos_token_ids: frozenset[int] = frozenset()
+    # steering.cpu_kernels' module where the engine computes with it (batch-invariant), else None.
+    kernels: object = field(default=None, repr=False)
 
     @property
     def input_device(self) -> torch.device:
@@ -213,10 +215,11 @@ def load_model(
         lm.num_layers, lm.hidden_size   # (30, 576) for SmolLM2-135M
 
     With ``device="auto"`` and GPUs present, accelerate's device map spreads the blocks
-    over the GPUs (and CPU when they are full). With ``prepack`` (the default), bfloat16
-    linear layers on CPU multiply small batches, and float32 ones every batch, by a oneDNN-packed
-    copy of their weights (:mod:`steering.cpu_linear`); with ``cpu_kernels`` too, one-row float32
-    products take the AVX2 kernel of :mod:`steering.cpu_kernels` where it builds.
+    over the GPUs (and CPU when they are full). On CPU with ``cpu_kernels`` (the default), the
+    engine's products, norms and attention run :mod:`steering.cpu_kernels` where it builds, so a
+    row's results never depend on its batch; without it, with ``prepack``, bfloat16 linear layers
+    multiply small batches, and float32 ones every batch, by a oneDNN-packed copy of their weights
+    (:mod:`steering.cpu_linear`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -261,10 +264,14 @@ def load_model(
         model.to(target)
     model.eval()
     model.requires_grad_(False)
-    if weights and prepack and target == "cpu":
-        packed = prepack_linears(model, row_kernel=cpu_kernels)
-        if packed:
-            log.info("%d linear layers pack their weights for oneDNN on first use", packed)
+    kernels = None
+    if weights and target == "cpu" and (prepack or cpu_kernels):
+        changed = prepack_linears(model, kernels=cpu_kernels, pack=prepack)
+        kernels = next((m.kernel for m in model.modules() if getattr(m, "kernel", None) is not None), None)
+        if kernels is not None:
+            log.info("%d linear layers, the norms and the attention run our batch-invariant CPU kernels", changed)
+        elif changed:
+            log.info("%d linear layers pack their weights for oneDNN on first use", changed)
 
     blocks = decoder_blocks(model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -283,6 +290,7 @@ def load_model(
         dtype=torch_dtype,
         blocks=blocks,
         eos_token_ids=_eos_ids(model, tokenizer),
+        kernels=kernels,
     )
 
 

@@ -99,15 +99,15 @@ def _joins_and_leaves_match_solo(lm, engine):
 
 @pytest.mark.skipif(not packing_available(torch.float32), reason="this torch build has no oneDNN linear layers")
 def test_prepacked_float32_layers_match_plain_ones(lm):
-    """The shared float32 model packs every linear layer for oneDNN (at every step size) and gives
-    the plain layers' logits up to the order of accumulation; packing happens on first use."""
-    plain = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR, prepack=False)
-    fresh = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR)
+    """Without our kernels (``PERSONA_CPU_KERNELS=0``) float32 layers pack their weights for oneDNN
+    (at every step size) and give the plain layers' logits up to the order of accumulation;
+    packing happens on first use."""
+    plain = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR, prepack=False, cpu_kernels=False)
+    fresh = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR, cpu_kernels=False)
     linears = [m for m in plain.model.modules() if isinstance(m, torch.nn.Linear)]
     packed_linears = [m for m in fresh.model.modules() if isinstance(m, PackedLinear)]
     assert not any(isinstance(m, PackedLinear) for m in linears)
-    assert len(packed_linears) == len(linears) > 0 and all(m.packed is None for m in packed_linears)
-    assert any(isinstance(m, PackedLinear) for m in lm.model.modules())  # what every other test runs on
+    assert len(packed_linears) == len(linears) > 0 and all(m.packed is None and m.kernel is None for m in packed_linears)
     prompt = _prompt(plain, "Describe a quiet morning by the sea.")
     with torch.inference_mode():
         for ids in (torch.tensor([(prompt * 20)[:300]]), torch.tensor([prompt[-1:]])):
@@ -118,66 +118,82 @@ def test_prepacked_float32_layers_match_plain_ones(lm):
     assert all(m.packed is not None and m.packed.layout == torch._mkldnn for m in packed_linears)
 
 
-def test_the_row_kernel_computes_one_row_products_on_every_shape_edge():
-    """The AVX2 matrix-vector kernel (steering.cpu_kernels) against a float64 product: output rows
-    not a multiple of its 4-row blocks, inputs not a multiple of its 16- and 8-wide steps, bias."""
-    if not cpu_kernels.supported():
-        pytest.skip("no AVX2 or no C++ compiler here")
+@pytest.mark.skipif(not cpu_kernels.supported(), reason="no AVX2 or no C++ compiler here")
+def test_the_kernels_give_each_row_the_same_bits_whatever_shares_its_call():
+    """steering.cpu_kernels against float64 references, on every shape edge (output rows not a
+    multiple of the 3-row tiles, inputs not of the 8-wide steps, input rows not of the 4-row
+    tiles, bias), in float32 and bfloat16; and each row's result bit for bit the same computed
+    alone, in any slice of the batch, or among 70 rows (so at any batch size)."""
     kernel = cpu_kernels.load()
     assert kernel is not None  # supported here, so it must have been built
     generator = torch.Generator().manual_seed(0)
-    for rows, inputs in [(1, 8), (3, 20), (5, 576), (7, 17), (6, 3), (960, 576), (49, 1536)]:
-        weight = torch.randn(rows, inputs, generator=generator)
-        x = torch.randn(1, inputs, generator=generator)
-        for bias in (torch.empty(0), torch.randn(rows, generator=generator)):
-            got = kernel.row_linear(x, weight, bias)
-            want = torch.nn.functional.linear(x.double(), weight.double(), bias.double() if bias.numel() else None)
-            assert got.shape == (1, rows) and got.dtype == torch.float32
-            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * inputs ** 0.5), (rows, inputs)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for rows, inputs in [(1, 8), (3, 20), (5, 576), (7, 17), (6, 3), (960, 576), (49, 1536)]:
+            weight = torch.randn(rows, inputs, generator=generator).to(dtype)
+            x = torch.randn(70, inputs, generator=generator).to(dtype)
+            for bias in (torch.empty(0, dtype=dtype), torch.randn(rows, generator=generator).to(dtype)):
+                got = kernel.linear(x, weight, bias)
+                want = torch.nn.functional.linear(x.double(), weight.double(), bias.double() if bias.numel() else None)
+                assert got.shape == (70, rows) and got.dtype == dtype
+                assert torch.allclose(got.double(), want, rtol=tolerance, atol=tolerance * inputs ** 0.5), (rows, inputs)
+                for start, count in ((0, 1), (5, 1), (3, 2), (9, 5), (17, 33)):
+                    assert torch.equal(kernel.linear(x[start:start + count], weight, bias), got[start:start + count])
+        x = torch.randn(37, 576, generator=generator).to(dtype)
+        weight = torch.randn(576, generator=generator).to(dtype)
+        normed = kernel.rms_norm(x, weight, 1e-5)
+        h = x.double()
+        want = weight.double() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+        assert torch.allclose(normed.double(), want, rtol=tolerance, atol=tolerance)
+        assert torch.equal(kernel.rms_norm(x[4:5], weight, 1e-5), normed[4:5])
+        gate_up = torch.randn(37, 64, generator=generator).to(dtype)
+        act = kernel.silu_mul(gate_up)
+        want = torch.nn.functional.silu(gate_up[:, :32].double()) * gate_up[:, 32:].double()
+        assert torch.allclose(act.double(), want, rtol=tolerance, atol=tolerance)
+        assert torch.equal(kernel.silu_mul(gate_up[6:7]), act[6:7])
 
 
-def test_one_row_products_take_the_row_kernel_and_wider_steps_take_onednn(lm):
-    """Every packed float32 layer of the shared model (and the fused decoder's concatenated ones)
-    multiplies a single row with the row kernel and more rows with oneDNN, with the same numbers
-    up to the order of accumulation; greedy tokens alone and in a batch are compared elsewhere."""
-    if not cpu_kernels.supported():
-        pytest.skip("no AVX2 or no C++ compiler here")
+@pytest.mark.skipif(not cpu_kernels.supported(), reason="no AVX2 or no C++ compiler here")
+def test_every_step_size_takes_the_kernel_on_every_linear_layer(lm):
+    """Every linear layer of the shared model (and the fused decoder's concatenated ones) multiplies
+    with steering.cpu_kernels whatever the number of rows, and the engine's norms and attention
+    use it too; no oneDNN copy of a weight is made."""
     packed = [m for m in lm.model.modules() if isinstance(m, PackedLinear)]
-    assert packed and all(m.row_kernel is not None for m in packed)
+    assert packed and all(m.kernel is not None for m in packed) and lm.kernels is not None
     engine = Engine(lm, max_batch_size=2, max_num_batched_tokens=16, max_model_len=64)
     try:
-        assert all(layer.qkv.row_kernel is not None and layer.gate_up.row_kernel is not None
-                   for layer in engine.fused.layers)
+        assert engine.fused.kernels is lm.kernels
+        assert all(layer.qkv.kernel is not None and layer.gate_up.kernel is not None for layer in engine.fused.layers)
     finally:
         engine.hooks.remove()
     layer = packed[0]
     calls = []
 
     class Spy:
-        def row_linear(self, *args):
+        def linear(self, *args):
             calls.append(args[0].shape)
-            return layer_kernel.row_linear(*args)
+            return layer_kernel.linear(*args)
 
-    layer_kernel = layer.row_kernel
-    x = torch.randn(3, 1, layer.in_features)
+    layer_kernel = layer.kernel
+    x = torch.randn(100, 1, layer.in_features)
     try:
-        layer.row_kernel = Spy()
+        layer.kernel = Spy()
         with torch.inference_mode():
             one = layer(x[:1])
-            three = layer(x)
+            many = layer(x)
     finally:
-        layer.row_kernel = layer_kernel
-    assert calls == [(1, layer.in_features)]  # the 3-row product went to oneDNN
+        layer.kernel = layer_kernel
+    assert calls == [(1, layer.in_features), (100, layer.in_features)]
     assert one.shape == (1, 1, layer.out_features)
-    assert torch.allclose(one[0], three[0], rtol=1e-4, atol=1e-5)
+    assert torch.equal(one[0], many[0])
+    assert all(m.packed is None for m in packed)
 
 
-def test_the_row_kernel_can_be_turned_off():
-    """``PERSONA_CPU_KERNELS=0`` reaches the model's layers: packed, but no row kernel."""
+def test_the_kernels_can_be_turned_off():
+    """``PERSONA_CPU_KERNELS=0`` reaches the model's layers: packed for oneDNN, no kernel."""
     code = ("from app.settings import Settings; from steering.cpu_linear import prepack_linears; import torch; "
             "m = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)); "
-            "s = Settings(); print(s.cpu_kernels, prepack_linears(m, row_kernel=s.cpu_kernels), "
-            "[l.row_kernel is None for l in m])")
+            "s = Settings(); print(s.cpu_kernels, prepack_linears(m, kernels=s.cpu_kernels), "
+            "[l.kernel is None for l in m])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PERSONA_CPU_KERNELS": "0"})
     assert out.stdout.split("\n")[-2] == "False 2 [True, True]", out.stdout
@@ -239,9 +255,12 @@ def test_blocks_offloaded_by_a_device_map_keep_their_cache_and_deltas_where_they
 
 
 @pytest.mark.skipif(not packing_available(), reason="this CPU or torch build has no oneDNN bfloat16")
-def test_prepacked_bfloat16_layers_match_plain_ones_and_keep_batch_invariance():
-    plain = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR, prepack=False)
-    packed = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR)
+def test_prepacked_bfloat16_layers_match_plain_ones_and_our_kernels_keep_batch_invariance():
+    """Without our kernels bfloat16 layers pack for oneDNN up to 64 rows and stay close to the plain
+    ones; with them (the default), a row's greedy tokens are the same alone and beside others,
+    across steps of more and fewer than 64 tokens, joins, leaves and chunked prefills."""
+    plain = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR, prepack=False, cpu_kernels=False)
+    packed = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR, cpu_kernels=False)
     linears = [m for m in plain.model.modules() if isinstance(m, torch.nn.Linear)]
     packed_linears = [m for m in packed.model.modules() if isinstance(m, PackedLinear)]
     assert len(packed_linears) == len(linears) > 0
@@ -256,19 +275,18 @@ def test_prepacked_bfloat16_layers_match_plain_ones_and_keep_batch_invariance():
             if ids.shape[1] > rows:
                 assert all(m.packed is None for m in packed_linears)  # packed on first use only
     assert all(m.packed.layout == torch._mkldnn for m in packed_linears)
-    del plain
-    engine = Engine(packed, max_batch_size=32, max_waiting=64, max_num_batched_tokens=48, max_model_len=512)
+    del plain, packed
+    exact = load_model("default", dtype="bfloat16", device="cpu", cache_dir=CACHE_DIR)
+    engine = Engine(exact, max_batch_size=32, max_waiting=64, max_num_batched_tokens=48, max_model_len=512)
     try:
-        # Rows joining and leaving (steps of at most 48 tokens: packed weights).
-        _joins_and_leaves_match_solo(packed, engine)
+        _joins_and_leaves_match_solo(exact, engine)
     finally:
         engine.hooks.remove()
-    engine = Engine(packed, max_batch_size=32, max_waiting=64, max_num_batched_tokens=2 * rows, max_model_len=512)
+    engine = Engine(exact, max_batch_size=32, max_waiting=64, max_num_batched_tokens=2 * rows, max_model_len=512)
     try:
-        # One row alone (packed weights) and amid 31 others: its first tokens come out of steps that
-        # also read the others' prompts (more than `rows` tokens: plain weights), the rest out of
-        # 32-row decode steps (packed). The same greedy tokens either way.
-        others = [_prompt(packed, f"Write a line about the number {i}.") for i in range(31)]
+        # One row alone and amid 31 others: its first tokens come out of steps that also read the
+        # others' prompts (more than `rows` tokens), the rest out of 32-row decode steps.
+        others = [_prompt(exact, f"Write a line about the number {i}.") for i in range(31)]
         alone = _solo(engine, _greedy(prompt, 24))
         target = engine.add_request(_greedy(prompt, 24))
         rest = [engine.add_request(_greedy(p, 24)) for p in others]
@@ -653,3 +671,7 @@ def test_attention_writes_each_token_to_its_slot_and_matches_a_plain_reference()
             k, v = expected_k[s, h // group, : p + 1], expected_v[s, h // group, : p + 1]
             ref = torch.softmax(k @ query[t, h] * 0.5, dim=-1) @ v
             assert torch.allclose(out[t, h], ref, atol=1e-5), (t, h)
+    if cpu_kernels.supported():  # the CPU kernel's per-token attention: the same numbers, and the same cache
+        layout.kernels = cpu_kernels.load()
+        assert torch.allclose(kvcache.attend(0, query, key, value, 0.5, layout), out, atol=1e-5)
+        assert torch.equal(cache.keys[0], expected_k) and torch.equal(cache.values[0], expected_v)
