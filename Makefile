@@ -9,7 +9,11 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test bench soak methods vectors evidence clean
+.PHONY: install serve test test-replicas bench soak methods vectors evidence clean
+
+INSTALL_HAPROXY = command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || { apt-get update -qq \
+	&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy; } \
+	|| echo "warning: could not install haproxy"
 
 install: $(STAMP)
 
@@ -30,6 +34,8 @@ $(STAMP): pyproject.toml
 	# promtool and prometheus run the alert-rule tests and a real scrape test.
 	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus; } || echo "warning: could not install prometheus"
+	# HAProxy fronts three real replicas in `make test-replicas` (tests/test_replicas.py).
+	$(INSTALL_HAPROXY)
 	# chromium and its driver run the playground test in a real headless browser.
 	command -v chromedriver >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends chromium chromium-driver; } || echo "warning: could not install chromium"
@@ -40,6 +46,12 @@ serve: install
 
 test: install install-vllm
 	$(PY) -m pytest -q
+
+# Three `persona-server serve` replicas on one data directory behind HAProxy, scraped by
+# Prometheus (not part of `make test`: three model loads and a rolling restart take minutes).
+test-replicas: install
+	@$(INSTALL_HAPROXY)
+	PERSONA_TEST_REPLICAS=1 $(PY) -m pytest -q -s tests/test_replicas.py
 
 bench: install
 	$(PY) -m pytest -q -s -o addopts="" tests/bench

@@ -26,7 +26,11 @@ def test_compose_wires_server_prometheus_and_grafana():
     for path in ("prometheus/alerts.yml", "prometheus/prometheus.yml", "grafana/dashboards", "grafana/provisioning"):
         assert path in mounts and (DOCKER / path).exists()
     scrape = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
-    assert scrape["static_configs"][0]["targets"] == ["persona-server:8000"]
+    replicas = {name for name in compose["services"] if name.startswith("persona-server")}
+    assert len(replicas) == 2 and "haproxy" in compose["services"]
+    assert scrape["static_configs"][0]["targets"] == [f"{name}:8000" for name in sorted(replicas)]
+    # One volume for every replica's data directory: the shared store.
+    assert {tuple(compose["services"][name]["volumes"]) for name in replicas} == {("persona-data:/data",)}
 
 
 def _bind_mounts(service: dict) -> dict[PurePosixPath, Path]:
@@ -85,8 +89,8 @@ def test_prometheus_in_the_stack_loads_its_rules_and_scrapes_the_server(tmp_path
         assert job.get("metrics_path", "/metrics") == "/metrics"
         for target in (t for sc in job["static_configs"] for t in sc["targets"]):
             host, port = target.rsplit(":", 1)
-            assert host == "persona-server" and int(port) == listens, target
-    assert any(p.split(":")[-1] == str(listens) for p in server["ports"])
+            assert host in services and host.startswith("persona-server") and int(port) == listens, target
+    assert any(p.split(":")[-1] == str(listens) for p in server.get("ports", []) + server.get("expose", []))
 
 
 def test_grafana_in_the_stack_reaches_prometheus_and_its_dashboards():
