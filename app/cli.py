@@ -472,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int,
                        help="vLLM engine: GPUs per model (tensor parallelism)")
     serve.add_argument("--data-dir", dest="data_dir")
+    serve.add_argument("--lora-modules", dest="lora_modules", nargs="+", metavar="NAME=PATH",
+                       help="LoRA adapters (PEFT directories) to serve at startup, as vLLM takes them")
+    serve.add_argument("--max-loras", dest="max_loras", type=int, help="most adapters loaded at once (default 8)")
+    serve.add_argument("--max-lora-rank", dest="max_lora_rank", type=int, help="highest LoRA rank served (default 64)")
     serve.add_argument("--generation-config", dest="generation_config", choices=["auto", "none"],
                        help="auto: sampling defaults from the model's generation_config.json; none: ignore it")
     serve.add_argument("--default-temperature", dest="default_temperature", type=float)

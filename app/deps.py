@@ -11,6 +11,7 @@ from app.jobs import JobStore
 from app.metrics import Metrics
 from app.sampling_defaults import SamplingDefaults
 from app.settings import Settings
+from steering.adapters import AdapterStore
 from steering.engine import GenerationEngine, UnsupportedOnEngineError
 from steering.limits import PromptLimit
 from steering.model import LoadedModel
@@ -28,6 +29,7 @@ class ServerState:
     monitors: MonitorSet
     sampling_defaults: SamplingDefaults
     jobs: JobStore
+    adapters: AdapterStore
     ready: bool = False
     created: int = 0
 

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.jobs import JobDeadlineError, JobLimitError
 from app.steering_policy import SteeringPolicyError
+from steering.adapters import AdapterError
 from steering.engine import (
     DeadlineExceededError,
     DrainingError,
@@ -70,6 +71,10 @@ def as_api_error(exc: Exception) -> APIError:
     """Map a domain exception to its HTTP meaning."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, AdapterError):
+        codes = {400: "invalid_adapter", 404: "model_not_found", 409: "adapter_conflict"}
+        return APIError(exc.status, str(exc), type="not_found_error" if exc.status == 404 else "invalid_request_error",
+                        param=exc.param, code=codes[exc.status])
     if isinstance(exc, VectorNotFoundError):
         return APIError(404, str(exc), param=getattr(exc, "param", None), code="vector_not_found")
     if isinstance(exc, VectorModelMismatchError):
@@ -174,7 +179,7 @@ def install(app: FastAPI) -> None:
     async def _domain(_req: Request, exc: Exception):
         return error_response(as_api_error(exc))
 
-    for kind in (APIError, VectorNotFoundError, VectorModelMismatchError, VectorInUseError, SteeringError, VectorFormatError, EngineError,
+    for kind in (APIError, AdapterError, VectorNotFoundError, VectorModelMismatchError, VectorInUseError, SteeringError, VectorFormatError, EngineError,
                  SteeringPolicyError, MonitorConfigError, PromptTooLongError, DefinitionError, JobLimitError,
                  JobDeadlineError, PreconditionFailedError):
         app.add_exception_handler(kind, _domain)

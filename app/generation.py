@@ -21,7 +21,8 @@ from app.deps import ServerState
 from app.errors import APIError, as_api_error, envelope
 from app.schemas import SteeringField, _GenerationFields
 from app.steering_policy import admit_steering
-from steering.engine import GenerationRequest, PrefillDone, TokenOut
+from steering.adapters import Adapter
+from steering.engine import GenerationRequest, PrefillDone, TokenOut, UnsupportedOnEngineError
 from steering.monitor import MonitorSnapshot, Reading, ResponseWatch
 from steering.output import Finished, TokenDelta, generate_text
 from steering.sampling import MAX_SEED, SamplingParams
@@ -40,12 +41,18 @@ class Renderer:
     logprobs: Callable[[list[TokenOut], object, int], dict]  # (tokens, tokenizer, text offset) -> logprobs field
 
 
-def check_model(state: ServerState, name: str) -> None:
-    if name not in (state.lm.name, "default"):
-        raise APIError(
-            404, f"model '{name}' is not served here; use '{state.lm.name}'", type="not_found_error",
-            param="model", code="model_not_found",
-        )
+def check_model(state: ServerState, name: str) -> Adapter | None:
+    """The adapter ``name`` names (None for the base model under either of its names); 404 naming
+    ``model`` for anything else."""
+    if name in (state.lm.name, "default"):
+        return None
+    if name in state.adapters:
+        return state.adapters.get(name)
+    loaded = f" or a loaded adapter ({', '.join(state.adapters.names())})" if state.adapters.names() else ""
+    raise APIError(
+        404, f"model '{name}' is not served here; use '{state.lm.name}'{loaded}", type="not_found_error",
+        param="model", code="model_not_found",
+    )
 
 
 @dataclass
@@ -132,7 +139,10 @@ def _sampling(state: ServerState, body: _GenerationFields, max_new: int) -> Samp
 def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[int], prompt_param: str) -> tuple[GenerationRequest, MonitorContext]:
     """Apply the checks that need the model and registry; return what the engine runs."""
     settings, lm = state.settings, state.lm
-    check_model(state, body.model)
+    adapter = check_model(state, body.model)
+    if adapter is not None and "adapters" in state.engine.unsupported:
+        raise UnsupportedOnEngineError(f"LoRA adapters are not available on the {state.engine.name} engine",
+                                       param="model")
     steering = resolve_request_steering(state, body.steering)
 
     n_prompt = len(prompt_ids)
@@ -169,6 +179,8 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
         raise APIError(400, f"min_tokens ({body.min_tokens}) exceeds max tokens ({max_new})", param="min_tokens")
     sampling = _sampling(state, body, max_new)
     count_steering(state, steering)
+    if adapter is not None:
+        state.metrics.adapter_requests.labels(adapter=adapter.name).inc()
     snapshot = state.monitors.snapshot()
     monitor = MonitorContext(return_scores=bool(body.monitor and body.monitor.return_scores),
                              snapshot=snapshot if snapshot else None,
@@ -182,6 +194,7 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
         probes=snapshot.probes if snapshot else {},
         block_above=snapshot.block_above if snapshot else {},
         response_probes=snapshot.response_probes if snapshot else {},
+        adapter=adapter,
     )
     return gen, monitor
 
@@ -313,7 +326,8 @@ async def respond(
             extra={"persona_monitor": {"scores": {r.vector: r.public() for r in monitor.readings}}},
         )
     headers = {"X-Persona-Flagged": ",".join(monitor.flagged())} if monitor.flagged() else {}
-    meta = {"id": f"{renderer.id_prefix}-{request_id}", "created": int(time.time()), "model": state.lm.name}
+    meta = {"id": f"{renderer.id_prefix}-{request_id}", "created": int(time.time()),
+            "model": gen.adapter.name if gen.adapter is not None else state.lm.name}
     want_logprobs = gen.sampling.logprobs is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -17,6 +17,7 @@ from app.jobs import JobStore
 from app.metrics import Metrics
 from app.middleware import BodyLimit, JsonByDefault, RequestObserver
 from app.routes import (
+    adapters,
     assess,
     chat,
     completions,
@@ -34,6 +35,7 @@ from app.routes import (
 from app.sampling_defaults import resolve_sampling_defaults
 from app.settings import Settings
 from app.training import FineTuning
+from steering.adapters import AdapterStore
 from steering.engine import Engine, GenerationEngine
 from steering.model import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 from steering.monitor import MonitorSet
@@ -61,6 +63,7 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
     if seeded:
         log.info("seeded vectors from %s: %s", settings.shipped_vectors_dir, ", ".join(seeded))
     monitor_set = MonitorSet(settings.data_dir / "monitors.json", registry, num_layers=lm.num_layers)
+    adapter_store = open_adapters(settings, lm)
     engine = make_engine(settings, lm)
     metrics = Metrics()
     metrics.bind_engine(engine)
@@ -73,7 +76,22 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
     log.info("sampling defaults: %s", defaults.describe())
     return ServerState(settings=settings, lm=lm, registry=registry, engine=engine, metrics=metrics,
                        monitors=monitor_set, sampling_defaults=defaults, jobs=JobStore.from_settings(settings),
-                       created=int(time.time()))
+                       adapters=adapter_store, created=int(time.time()))
+
+
+def open_adapters(settings: Settings, lm: LoadedModel) -> AdapterStore:
+    """The adapters stored under the data directory, then ``lora_modules`` (each replaces a stored
+    adapter of its name, so the flag always serves what its path holds now)."""
+    store = AdapterStore(settings.data_dir / "adapters", lm, max_loras=settings.max_loras,
+                         max_rank=settings.max_lora_rank)
+    stored = store.load_all()
+    if stored:
+        log.info("adapters from %s: %s", store.root, ", ".join(stored))
+    for item in settings.lora_modules:
+        name, _sep, path = item.partition("=")
+        store.add(name, Path(path), replace=True)
+        log.info("adapter %s from %s", name, path)
+    return store
 
 
 def make_engine(settings: Settings, lm: LoadedModel) -> GenerationEngine:
@@ -110,6 +128,7 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
     async def lifespan(app: FastAPI):
         state = build_state(settings, lm)
         app.state.server = state
+        app.state.adapters = state.adapters  # the fine-tuning runner's way in (steering.adapters.register_adapter)
         await state.engine.astart()
         app.state.fine_tuning = FineTuning(state, app.state)
         state.registry.store.watch()
@@ -127,13 +146,14 @@ def create_app(settings: Settings | None = None, *, lm: LoadedModel | None = Non
 
     app = FastAPI(title="persona-server", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for module in (chat, completions, models, tokenize, jobs, vectors, monitors, screen, assess, files, fine_tuning,
-                   health, playground):
+    for module in (chat, completions, models, adapters, tokenize, jobs, vectors, monitors, screen, assess, files,
+                   fine_tuning, health, playground):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=playground.STATIC_DIR), name="static")
-    app.add_middleware(JsonByDefault, exempt=(("PUT", "/v1/vectors/"), ("POST", "/v1/files")))
+    app.add_middleware(JsonByDefault, exempt=(("PUT", "/v1/vectors/"), ("POST", "/v1/files"), ("PUT", "/v1/adapters/")))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
-                       exempt=(("PUT", "/v1/vectors/"), ("POST", "/v1/screen"), ("POST", "/v1/files")))
+                       exempt=(("PUT", "/v1/vectors/"), ("POST", "/v1/screen"), ("POST", "/v1/files"),
+                               ("PUT", "/v1/adapters/")))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])

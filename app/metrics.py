@@ -46,6 +46,11 @@ class Metrics:
         self.steering = Counter(
             "persona_steering_requests", "Generation requests steered by each vector.", ["vector"], registry=r
         )
+        # Labelled by adapter name: names come from admins' loads, at most PERSONA_MAX_LORAS at a time.
+        self.adapter_requests = Counter(
+            "persona_adapter_requests", "Generation requests served with a LoRA adapter, by adapter.", ["adapter"],
+            registry=r,
+        )
         self.running = Gauge("persona_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("persona_requests_waiting", "Requests queued for prefill.", registry=r)
         self.queue_capacity = Gauge("persona_queue_capacity", "Configured queue length (PERSONA_MAX_WAITING).", registry=r)

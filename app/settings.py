@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
 
+    # LoRA adapters (PEFT format), chosen per request by `model`: at most max_loras loaded (loading
+    # one more is refused with 409: no eviction), ranks up to max_lora_rank. lora_modules are
+    # loaded at startup, vLLM's `name=path` format (comma-separated in PERSONA_LORA_MODULES).
+    max_loras: int = Field(8, ge=1)
+    max_lora_rank: int = Field(64, ge=1)
+    lora_modules: Annotated[list[str], NoDecode] = []
+
     max_batch_size: int = Field(32, ge=1)
     max_waiting: int = Field(256, ge=0)
     # Tokens one engine step processes: every decoding row's next token plus prompt chunks.
@@ -146,11 +153,20 @@ class Settings(BaseSettings):
     # to the network without keys must be a deliberate choice, not the result of a forgotten env var.
     allow_unauthenticated_admin: bool = False
 
-    @field_validator("api_keys", "admin_keys", "metrics_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "metrics_keys", "cors_origins", "lora_modules", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _lora_pairs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules entries are name=path, not {item!r}")
         return value
 
     @model_validator(mode="after")

@@ -32,6 +32,7 @@ from typing import Protocol
 import torch
 
 from steering import fastpath, kvcache
+from steering.adapters import Adapter, LoraHooks, LoraStep
 from steering.hooks import SteeringHooks, StepHooks
 from steering.model import LoadedModel
 from steering.sampling import RowState, SamplingParams, make_generator, option_logprobs, sample
@@ -105,6 +106,9 @@ class GenerationRequest:
     # Prompt position from which PrefillDone.prompt_logprobs holds each prompt token's
     # log-probability given the tokens before it (teacher-forced scoring, vLLM's prompt_logprobs).
     score_from: int | None = None
+    # The LoRA adapter this request's tokens run with (None: the base model). The request holds
+    # the adapter itself, so unloading it from the store never disturbs a request in flight.
+    adapter: Adapter | None = None
     # Requests of one group carry the same prompt and steering (the n choices of one API
     # request): one of them reads the prompt and the others get a copy of its cache, then read
     # only their last token (for their own logits, captures and probes). Not for mean_from/score_from.
@@ -117,6 +121,8 @@ class GenerationRequest:
                  f"max_new_tokens={self.sampling.max_new_tokens}"]
         if self.steering is not None:
             parts.append(f"steering={sorted(self.steering.prompt.keys() | self.steering.response.keys())}")
+        if self.adapter is not None:
+            parts.append(f"adapter={self.adapter.name!r}")
         for name in ("probes", "response_probes", "capture_layers"):
             if getattr(self, name):
                 parts.append(f"{name}={sorted(getattr(self, name))}")
@@ -304,6 +310,8 @@ class Engine:
         self.hooks = SteeringHooks(lm.blocks, lm.model.get_input_embeddings())
         # Llama-style models run the engine's fused forward (steering.fastpath); others the HF one.
         self.fused = fastpath.shared_fused_decoder(lm.model, lm.blocks, self.kernels) if fused else None
+        # The fused forward adds LoRA deltas itself; the HF forward gets them from hooks on the projections.
+        self.lora_hooks = LoraHooks(lm.blocks) if self.fused is None else None
         self.deltas = DeltaTable(hidden_size=lm.hidden_size, dtype=lm.dtype, device_of_layer=lm.block_device)
         self.forward_passes = 0
         self._device = lm.input_device
@@ -369,6 +377,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         self.hooks.remove()
+        if self.lora_hooks is not None:
+            self.lora_hooks.remove()
 
     def check(self, request: GenerationRequest) -> None:
         """Raise :class:`RequestTooLongError` if ``request`` cannot fit a cache slot."""
@@ -663,6 +673,7 @@ class Engine:
         step.captured_at = {layer: {token: k for k, token in enumerate(where)} for layer, where in capture.items()}
         hooks.capture = {layer: torch.tensor(where, device=dev) for layer, where in capture.items()}
         self._steer(step, hooks, len(ids))
+        lora = self._lora(step, chunks)
         keep = [step.last[row] for row in step.logit_rows]
         for chunk, (row, a, b) in zip(chunks, step.chunks):
             score_from = row.request.score_from
@@ -679,17 +690,25 @@ class Engine:
         with self.hooks.state(hooks):
             if self.fused is not None:
                 return self.fused(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), layout,
-                                  torch.tensor(keep, device=dev), self.hooks), hooks
-            out = self.lm.model(
-                input_ids=torch.tensor([ids], device=dev),
-                position_ids=torch.tensor([positions], device=dev),
-                attention_mask=self._placeholder_mask,
-                use_cache=False,
-                # On the CPU: it indexes the last block's states, which a device map may put elsewhere.
-                logits_to_keep=torch.tensor(keep),
-                persona_layout=layout,
-            )
+                                  torch.tensor(keep, device=dev), self.hooks, lora=lora), hooks
+            with self.lora_hooks.state(lora):
+                out = self.lm.model(
+                    input_ids=torch.tensor([ids], device=dev),
+                    position_ids=torch.tensor([positions], device=dev),
+                    attention_mask=self._placeholder_mask,
+                    use_cache=False,
+                    # On the CPU: it indexes the last block's states, which a device map may put elsewhere.
+                    logits_to_keep=torch.tensor(keep),
+                    persona_layout=layout,
+                )
         return out.logits[0], hooks
+
+    def _lora(self, step: _Step, chunks: list[kvcache.Chunk]) -> LoraStep | None:
+        """The packed positions of each adapter's tokens in this step (None when no row has one)."""
+        rows = [(row.request.adapter, [i]) for i, row in enumerate(step.decode) if row.request.adapter is not None]
+        rows += [(row.request.adapter, list(range(chunk.start, chunk.end)))
+                 for chunk, (row, _a, _b) in zip(chunks, step.chunks) if row.request.adapter is not None]
+        return LoraStep.build(rows, self._device)
 
     def _steer(self, step: _Step, hooks: StepHooks, total: int) -> None:
         """Per steered layer, an index from every packed token into that layer's delta table."""

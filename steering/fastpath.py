@@ -146,9 +146,11 @@ class FusedDecoder:
         return cos.index_select(0, positions), sin.index_select(0, positions)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, layout: kvcache.StepLayout,
-                 keep: torch.Tensor, hooks) -> torch.Tensor:
+                 keep: torch.Tensor, hooks, lora=None) -> torch.Tensor:
         """Logits ``[len(keep), vocab]`` of the packed step ``ids`` ``[T]``; ``hooks`` (a
-        :class:`~steering.hooks.SteeringHooks` inside its ``state``) steers and captures."""
+        :class:`~steering.hooks.SteeringHooks` inside its ``state``) steers and captures; ``lora``
+        (a :class:`~steering.adapters.LoraStep`) adds its adapters' deltas to their tokens' products,
+        after the base products, which stay those of a step without adapters."""
         total = ids.shape[0]
         kernels = self.kernels
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
@@ -166,17 +168,31 @@ class FusedDecoder:
                 device = layer.device
                 h, cos, sin = h.to(device), cos.to(device), sin.to(device)
             # The linear parts' forward is called directly: the fused path runs no module hooks.
-            qkv = layer.qkv.forward(_rms_norm(h, layer.norm1, layer.eps1, kernels))
+            x = _rms_norm(h, layer.norm1, layer.eps1, kernels)
+            qkv = layer.qkv.forward(x)
+            if lora is not None:
+                lora.add_fused(number, "qkv", x, qkv)
             q_rows, kv_rows = layer.split
             qk = qkv[:, :q_rows + kv_rows // 2].view(total, heads + kv_heads, head_dim)
             qk = qk * cos + qk.roll(half, dims=-1) * sin
             value = qkv[:, q_rows + kv_rows // 2:].view(total, kv_heads, head_dim)
             out = kvcache.attend(layer.index, qk[:, :heads], qk[:, heads:], value, layer.scaling, layout,
                                  window=layer.window)
-            h = h + layer.o.forward(out.reshape(total, heads * head_dim))
-            gate_up = layer.gate_up.forward(_rms_norm(h, layer.norm2, layer.eps2, kernels))
+            out = out.reshape(total, heads * head_dim)
+            attended = layer.o.forward(out)
+            if lora is not None:
+                lora.add_fused(number, "o", out, attended)
+            h = h + attended
+            x = _rms_norm(h, layer.norm2, layer.eps2, kernels)
+            gate_up = layer.gate_up.forward(x)
+            if lora is not None:
+                lora.add_fused(number, "gate_up", x, gate_up)
             gate, up = gate_up.split(layer.intermediate, dim=-1)
-            h = h + layer.down.forward(F.silu(gate) * up if kernels is None else kernels.silu_mul(gate_up))
+            x = F.silu(gate) * up if kernels is None else kernels.silu_mul(gate_up)
+            mlp = layer.down.forward(x)
+            if lora is not None:
+                lora.add_fused(number, "down", x, mlp)
+            h = h + mlp
             hooks.apply(number, h)
         h = h.index_select(0, keep.to(h.device))
         if kernels is not None:

@@ -1,0 +1,273 @@
+"""LoRA adapters: load, list, upload and unload as vLLM's clients do; bad adapters refused naming
+the field; per request in mixed batches with steering, token-exact against PEFT's own model."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from steering.adapters import AdapterError, LoraStep, read_adapter
+from steering.engine import Engine, GenerationRequest, TokenOut
+from steering.sampling import SamplingParams
+from tests.conftest import make_server
+
+PROMPT = "Describe your morning."
+ALL_PARTS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_base(lm):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(lm.model.name_or_path, dtype=torch.float32)
+
+
+def _make_adapter(lm, out: Path, seed: int, targets: list[str], r: int, **config) -> Path:
+    """A LoRA adapter made by PEFT on the default model, both matrices random (PEFT's default B
+    of zeros would change nothing), saved as PEFT saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(_peft_base(lm), LoraConfig(r=r, target_modules=targets, init_lora_weights=False, **config))
+    with torch.no_grad():  # keep the change visible but the text still language
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(lm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "persona-all": _make_adapter(lm, root / "persona-all", 1, ALL_PARTS, 8, lora_alpha=16),
+        "persona-qv": _make_adapter(lm, root / "persona-qv", 2, ["q_proj", "v_proj"], 4, lora_alpha=8, use_rslora=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(lm):
+    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.fixture(scope="module")
+def live(lm, adapter_dirs, tmp_path_factory):
+    data = tmp_path_factory.mktemp("adapter-server")
+    with make_server(lm, data, max_loras=3, max_lora_rank=16,
+                     lora_modules=[f"persona-all={adapter_dirs['persona-all']}"]) as server:
+        yield server
+
+
+@pytest.fixture()
+def c(live):
+    with httpx.Client(base_url=live.url, timeout=300) as client:
+        yield client
+
+
+def _chat(c: httpx.Client, model: str, **fields) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 24}
+    return c.post("/v1/chat/completions", json={**body, **fields})
+
+
+def _text(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def _greedy(engine: Engine, requests: list[GenerationRequest]) -> list[list[int]]:
+    """Run ``requests`` as one batch, stepped here (the joins are exact)."""
+    events = [engine.add_request(r) for r in requests]
+    while engine.step():
+        pass
+    return [[e.token_id for e in ev if isinstance(e, TokenOut)] for ev in events]
+
+
+@pytest.mark.timeout(1200)  # minutes on a 2-core machine shared with other work
+def test_adapter_greedy_tokens_equal_peft_and_do_not_depend_on_the_batch(lm, adapter_dirs, prompt_ids):
+    from peft import PeftModel
+
+    adapter = read_adapter(adapter_dirs["persona-all"], lm)
+    other = read_adapter(adapter_dirs["persona-qv"], lm)
+    eos = sorted(lm.eos_token_ids)
+    # PEFT's model, float32 like the engine here, greedy with EOS excluded (as ignore_eos does).
+    model = PeftModel.from_pretrained(_peft_base(lm), str(adapter_dirs["persona-all"])).eval()
+    ids, past, reference = torch.tensor([prompt_ids]), None, []
+    with torch.no_grad():
+        for _ in range(32):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            logits = out.logits[0, -1]
+            logits[eos] = float("-inf")
+            ids, past = logits.argmax().view(1, 1), out.past_key_values
+            reference.append(int(ids))
+
+    params = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
+    engine = Engine(lm, max_batch_size=8, max_model_len=256)
+    try:
+        alone = _greedy(engine, [GenerationRequest(prompt_ids=prompt_ids, sampling=params, adapter=adapter)])[0]
+        mixed = _greedy(engine, [
+            GenerationRequest(prompt_ids=prompt_ids[:7], sampling=params),
+            GenerationRequest(prompt_ids=prompt_ids, sampling=params, adapter=other),
+            GenerationRequest(prompt_ids=prompt_ids, sampling=params, adapter=adapter),
+        ])
+    finally:
+        engine.shutdown()
+    assert alone == reference
+    assert mixed[2] == alone
+    # The HF forward (models the fused one does not cover) applies adapters through hooks.
+    hf = Engine(lm, max_batch_size=2, max_model_len=128, fused=False)
+    try:
+        short = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+        assert _greedy(hf, [GenerationRequest(prompt_ids=prompt_ids, sampling=short, adapter=adapter)])[0] == reference[:6]
+    finally:
+        hf.shutdown()
+
+
+def test_a_tokens_delta_is_the_same_whatever_shares_its_step(lm, adapter_dirs):
+    adapter = read_adapter(adapter_dirs["persona-all"], lm)
+    torch.manual_seed(0)
+    x = torch.randn(37, lm.hidden_size)
+    out = torch.zeros(37, 960)
+    LoraStep.build([(adapter, list(range(37)))], torch.device("cpu")).add_fused(3, "qkv", x, out)
+    for n in (1, 2, 8):
+        alone = torch.zeros(n, 960)
+        LoraStep.build([(adapter, list(range(n)))], torch.device("cpu")).add_fused(3, "qkv", x[37 - n:], alone)
+        assert torch.equal(alone, out[37 - n:])
+
+
+def test_load_list_unload_as_vllm_clients_do(c, adapter_dirs, lm):
+    cards = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+    assert cards["persona-all"]["parent"] == lm.name  # loaded by --lora-modules at startup
+    assert "persona-qv" not in cards
+    assert c.post("/v1/chat/completions", json={"model": "persona-qv", "messages": [{"role": "user", "content": "hi"}]}
+                  ).json()["error"]["param"] == "model"
+    r = c.post("/v1/load_lora_adapter", json={"lora_name": "persona-qv", "lora_path": str(adapter_dirs["persona-qv"])})
+    assert r.status_code == 200, r.text
+    assert r.json()["target_modules"] == ["q_proj", "v_proj"]
+    assert "persona-qv" in {m["id"] for m in c.get("/v1/models").json()["data"]}
+    response = _chat(c, "persona-qv")
+    assert response.json()["model"] == "persona-qv"
+    assert _text(response) != _text(_chat(c, "default"))
+    assert c.post("/v1/unload_lora_adapter", json={"lora_name": "persona-qv"}).status_code == 200
+    gone = _chat(c, "persona-qv")
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "model"
+    assert "persona-qv" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
+    assert 'persona_adapter_requests_total{adapter="persona-qv"} 1.0' in c.get("/metrics").text
+
+
+def _tar(directory: Path, names=("adapter_config.json", "adapter_model.safetensors")) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name in names:
+            archive.add(directory / name, arcname=name)
+    return buffer.getvalue()
+
+
+def test_upload_serves_what_a_path_load_serves(c, adapter_dirs):
+    by_path = _text(_chat(c, "persona-all"))
+    body = _tar(adapter_dirs["persona-all"])
+    r = c.put("/v1/adapters/uploaded", content=body, headers={"Content-Type": "application/x-tar"})
+    assert r.status_code == 201, r.text
+    assert c.put("/v1/adapters/uploaded", content=body, headers={"Content-Type": "application/x-tar"}).status_code == 200
+    assert _text(_chat(c, "uploaded")) == by_path
+    assert c.delete("/v1/adapters/uploaded").status_code == 200
+    assert _chat(c, "uploaded").status_code == 404
+
+
+def _variant(src: Path, dst: Path, config: dict | None = None, tensors=None, config_text: str | None = None) -> Path:
+    dst.mkdir()
+    base = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(config_text if config_text is not None else json.dumps({**base, **(config or {})}))
+    weights = load_file(src / "adapter_model.safetensors")
+    save_file(tensors(weights) if tensors else weights, dst / "adapter_model.safetensors")
+    return dst
+
+
+def test_bad_adapters_are_refused_naming_the_field_and_change_nothing(c, adapter_dirs, tmp_path, lm):
+    src = adapter_dirs["persona-qv"]
+    q_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+    def wrong_shape(w):
+        return {**w, q_a: torch.zeros(4, 7)}
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04not loaded")
+    other_model = _variant(src, tmp_path / "other-model")
+    (other_model / "persona.json").write_text(json.dumps({"base_fingerprint": "0123456789abcdef"}))
+    cases = [
+        (_variant(src, tmp_path / "malformed", config_text="{not json"), 400, "adapter_config.json"),
+        (_variant(src, tmp_path / "not-lora", {"peft_type": "IA3"}), 400, "peft_type"),
+        (_variant(src, tmp_path / "dora", {"use_dora": True}), 400, "use_dora"),
+        (_variant(src, tmp_path / "shape", tensors=wrong_shape), 400, q_a),
+        (_variant(src, tmp_path / "rank", {"r": 32, "rank_pattern": {}},
+                  tensors=lambda w: {k: (v.repeat(8, 1) if "lora_A" in k else v.repeat(1, 8)) for k, v in w.items()}),
+         400, "r"),
+        (pickled, 400, "adapter_model.bin"),
+        (other_model, 409, "base_fingerprint"),
+        (tmp_path / "missing", 400, "lora_path"),
+    ]
+    before = c.get("/v1/models").json()["data"]
+    for path, status, param in cases:
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(path)})
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param), (path.name, r.text)
+    bad_tar = c.put("/v1/adapters/bad", content=_tar(src, names=("adapter_config.json",)),
+                    headers={"Content-Type": "application/x-tar"})
+    assert (bad_tar.status_code, bad_tar.json()["error"]["param"]) == (400, "adapter_model.safetensors")
+    assert c.get("/v1/models").json()["data"] == before
+    with pytest.raises(AdapterError):
+        read_adapter(tmp_path / "shape", lm)
+
+    # Past PERSONA_MAX_LORAS (3 here; persona-all is loaded): 409, and nothing evicted.
+    for name in ("extra-1", "extra-2"):
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(src)}).status_code == 200
+    full = c.post("/v1/load_lora_adapter", json={"lora_name": "extra-3", "lora_path": str(src)})
+    assert full.status_code == 409 and full.json()["error"]["param"] == "lora_name"
+    taken = c.post("/v1/load_lora_adapter", json={"lora_name": "extra-1", "lora_path": str(src)})
+    assert taken.status_code == 409
+    for name in ("extra-1", "extra-2"):
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+    assert c.post("/v1/unload_lora_adapter", json={"lora_name": "extra-1"}).status_code == 404
+
+
+def test_mixed_batch_with_steering_and_monitors(c, client, live):
+    """Adapter rows with and without steering beside base rows, all at once: every row answers
+    what it answers alone; base rows answer what a server without adapters answers."""
+    base_elsewhere = _text(_chat(client, "default"))  # the shared server: no adapters loaded
+    steer = {"steering": {"optimistic": 4.0}}
+    asks = [("persona-all", {}), ("persona-all", steer), ("default", {}), ("default", steer)]
+    alone = [_text(_chat(c, model, **fields)) for model, fields in asks]
+    assert alone[2] == base_elsewhere
+    assert alone[0] != alone[1] != alone[3]  # steering changes the adapter's answer
+    with ThreadPoolExecutor(len(asks) * 2) as pool:
+        together = list(pool.map(lambda a: _text(_chat(c, a[0], **a[1])), asks * 2))
+    assert together == alone * 2
+
+    # Monitors read the adapter row's last prompt token: the adapter moves the reading.
+    assert c.put("/v1/monitors/optimistic", json={"mode": "annotate"}).status_code == 200
+    try:
+        scores = [_chat(c, model, monitor={"return_scores": True}).json()["persona_monitor"]["scores"]["optimistic"]
+                  for model in ("default", "persona-all")]
+    finally:
+        c.delete("/v1/monitors/optimistic")
+    assert scores[0]["score"] != scores[1]["score"]
+
+
+def test_adapters_survive_a_restart(lm, adapter_dirs, tmp_path):
+    with make_server(lm, tmp_path) as first:
+        r = httpx.post(f"{first.url}/v1/load_lora_adapter", timeout=60,
+                       json={"lora_name": "kept", "lora_path": str(adapter_dirs["persona-qv"])})
+        assert r.status_code == 200, r.text
+        answer = _text(_chat(httpx.Client(base_url=first.url, timeout=300), "kept"))
+    with make_server(lm, tmp_path) as second, httpx.Client(base_url=second.url, timeout=300) as c2:
+        assert "kept" in {m["id"] for m in c2.get("/v1/models").json()["data"]}
+        assert _text(_chat(c2, "kept")) == answer
