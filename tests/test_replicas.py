@@ -300,7 +300,7 @@ def fleet(tmp_path_factory):
         pytest.skip("haproxy or prometheus is not installed (`make install` installs Debian's packages)")
     data_dir = tmp_path_factory.mktemp("shared-volume")
     env = {"PERSONA_ADMIN_KEYS": "admin-secret", "PERSONA_LOG_LEVEL": "warning", "PERSONA_STORE_POLL_S": "1",
-           "PERSONA_DRAIN_NOTICE_S": "2", "PERSONA_DRAIN_TIMEOUT_S": "60", "PERSONA_KV_CACHE_GIB": "0.25",
+           "PERSONA_DRAIN_NOTICE_S": "3", "PERSONA_DRAIN_TIMEOUT_S": "60", "PERSONA_KV_CACHE_GIB": "0.25",
            "PERSONA_MAX_BATCH_SIZE": "4"}
     replicas = [Replica(data_dir, free_port(), env) for _ in range(3)]
     port, stats_port = free_port(), free_port()
@@ -398,7 +398,9 @@ def test_a_rolling_restart_fails_no_request(fleet):
                     "temperature": 0}
             while not stop.is_set():
                 try:
-                    statuses.append(client.post(f"{lb}/v1/chat/completions", json=body).status_code)
+                    response = client.post(f"{lb}/v1/chat/completions", json=body)
+                    statuses.append(response.status_code if response.status_code == 200 else
+                                    f"{response.status_code} {response.text[:120]}")
                 except httpx.HTTPError as exc:
                     statuses.append(repr(exc))
 
