@@ -65,9 +65,11 @@ class MonitorContext:
     readings: list[Reading] | None = None
     watch: ResponseWatch | None = None
     engine_blocked: bool = False
+    remediated: tuple[str, ...] = ()  # the monitors whose remediation steers this request's answer
 
     def read(self, event: PrefillDone) -> None:
         self.engine_blocked = event.blocked
+        self.remediated = event.remediated
         if self.snapshot:
             self.readings = self.snapshot.readings(event.projections, self.steered_layers)
 
@@ -86,6 +88,8 @@ class MonitorContext:
             "read_at": "last prompt token, residual stream before this request's steering at the monitored layer",
             "scores": {r.vector: r.public() for r in self.readings},
         }
+        if self.remediated:
+            out["remediated"] = list(self.remediated)
         if self.watch is not None and self.watch.count:
             out["response_means"] = self.watch.means()
             if self.watch.tripped:
@@ -193,6 +197,7 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
         request_id=uuid.uuid4().hex,
         probes=snapshot.probes if snapshot else {},
         block_above=snapshot.block_above if snapshot else {},
+        remediations=snapshot.remediations if snapshot else (),
         response_probes=snapshot.response_probes if snapshot else {},
         adapter=adapter,
     )

@@ -71,8 +71,8 @@ class Metrics:
             ["vector"], registry=r,
         )
         self.monitor_decisions = Counter(
-            "persona_monitor_decisions", "Monitor verdicts by vector, action (allow, flag, block) and mode "
-            "(enforce, annotate); action=block with mode=annotate counts would-be blocks.",
+            "persona_monitor_decisions", "Monitor verdicts by vector, action (allow, flag, remediate, block) "
+            "and mode (enforce, annotate); mode=annotate counts would-be remediations and blocks.",
             ["vector", "action", "mode"], registry=r,
         )
         self.monitor_threshold = Gauge(

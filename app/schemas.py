@@ -41,6 +41,13 @@ class SteeringEntry(_Strict):
     unit: Literal["raw", "unit", "residual"] = "raw"
 
 
+class RemediationEntry(SteeringEntry):
+    """A monitor's remediation entry: steering on generated tokens only (the prompt is read
+    before the monitor decides)."""
+
+    positions: Literal["response"] = "response"
+
+
 # Either the full list, or the shorthand {"optimistic": 1.5}.
 SteeringField = list[SteeringEntry] | dict[VectorName, Coefficient] | None
 
@@ -265,6 +272,8 @@ class MonitorPut(_Strict):
     response_min_tokens: StrictInt = Field(4, ge=1, le=4096)
     steering_min: float | None = Field(None, allow_inf_nan=False)
     steering_max: float | None = Field(None, allow_inf_nan=False)
+    remediation: list[RemediationEntry] | None = Field(None, min_length=1, max_length=16)
+    remediate_threshold: float | None = Field(None, allow_inf_nan=False)
 
 
 class CalibrateRequest(_Strict):

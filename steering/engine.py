@@ -36,7 +36,7 @@ from steering.adapters import Adapter, LoraHooks, LoraStep
 from steering.hooks import SteeringHooks, StepHooks
 from steering.model import LoadedModel
 from steering.sampling import RowState, SamplingParams, make_generator, option_logprobs, sample
-from steering.steer import DeltaTable, RowSteering
+from steering.steer import ConditionalSteering, DeltaTable, RowSteering, add_deltas
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ class GenerationRequest:
     # layer -> [M] limits on those projections: one above its limit ends the request right
     # after its prefill, before any token is sampled (an enforced block).
     block_above: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Monitors' remediations: each switches its response-phase deltas on for the generated tokens
+    # when its probe reads above its limit at the prefill (and no block ended the request).
+    remediations: tuple[ConditionalSteering, ...] = ()
     # The same for every generated token (TokenOut.projections), for response-phase monitors.
     response_probes: dict[int, torch.Tensor] = field(default_factory=dict)
     timeout_s: float | None = None
@@ -140,6 +143,7 @@ class PrefillDone:
     option_logprobs: list[float] | None = None
     prompt_logprobs: list[float] | None = None
     blocked: bool = False
+    remediated: tuple[str, ...] = ()  # the names of the remediations switched on for this row
 
 
 @dataclass
@@ -775,15 +779,28 @@ class Engine:
         if request.option_ids:
             options = option_logprobs(logits[step.logit_rows.index(row)], request.option_ids)
         scored = row.scored if request.score_from is not None else None
+        remediated = () if blocked else self._remediate(row, projections)
         self._emit(row, PrefillDone(states=states, projections=projections, queue_wait_s=row.queue_wait_s,
                                     span_mean=span_mean, option_logprobs=options, prompt_logprobs=scored,
-                                    blocked=blocked))
+                                    blocked=blocked, remediated=remediated))
         if blocked:
             row.done = True
             self._emit(row, Done("blocked", row.prompt_len, 0))
         elif request.sampling.max_new_tokens == 0:  # prefill only (calibration, extraction, assessment)
             row.done = True
             self._emit(row, Done("length", row.prompt_len, 0))
+
+    def _remediate(self, row: _Row, projections: dict[int, list[float]]) -> tuple[str, ...]:
+        """Switch on the remediations whose probes read above their limits: from the next step on,
+        the row's generated tokens carry them on top of its own response steering."""
+        tripped = [c for c in row.request.remediations if projections[c.layer][c.index] > c.limit]
+        if not tripped:
+            return ()
+        response = row.request.steering.response if row.request.steering is not None else {}
+        for c in tripped:
+            response = add_deltas(response, c.response)
+        row.steer_ids = self.deltas.switch_response(row.steer_ids, response)
+        return tuple(c.name for c in tripped)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, positions: list[int]) -> list:
         index = torch.tensor(positions, device=logits.device)

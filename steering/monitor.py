@@ -1,5 +1,5 @@
 """Persona monitoring: score the last prompt token's state against persona vectors, decide
-allow / flag / block, and keep the monitor configuration safe on disk.
+allow / flag / remediate / block, and keep the monitor configuration safe on disk.
 
 The math is pure (:func:`scalar_projection`, :func:`z_score`, :func:`decide`,
 :func:`calibrate_thresholds`); the state is one object, :class:`MonitorSet`, which persists
@@ -21,7 +21,8 @@ from typing import Literal
 import torch
 
 from steering.atomic import atomic_write_bytes
-from steering.registry import VectorInUseError
+from steering.registry import VectorInUseError, VectorNotFoundError
+from steering.steer import ConditionalSteering, SteeringError, SteeringSpec, SteeringTerm, build_row, resolve_terms
 from steering.store import check_precondition, content_etag
 from steering.vector import PersonaVector
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["enforce", "annotate", "off"]
 Score = Literal["projection", "z"]
-Action = Literal["allow", "flag", "block"]
+Action = Literal["allow", "flag", "remediate", "block"]
 
 
 class MonitorConfigError(ValueError):
@@ -47,6 +48,12 @@ class MonitorConfig:
     the running mean score over generated tokens; in ``enforce`` mode crossing it stops the
     generation with ``finish_reason: content_filter``. ``steering_min`` / ``steering_max`` cap the
     raw coefficient requests may use on this vector (``steering_max: 0`` forbids positive use).
+
+    ``remediation`` (steering entries as a request writes them, on generated tokens only) and
+    ``remediate_threshold`` go together: a score above the threshold, and not above
+    ``block_threshold``, serves the request with that steering added to its generated tokens
+    (conditional steering, as in CAST). The ops caps do not apply to it (it is the server's
+    steering, not the client's); :func:`remediation_terms` bounds it instead.
     """
 
     vector: str
@@ -59,6 +66,8 @@ class MonitorConfig:
     response_min_tokens: int = 4
     steering_min: float | None = None
     steering_max: float | None = None
+    remediation: list[dict] | None = None
+    remediate_threshold: float | None = None
 
     def validate(self, vector: PersonaVector, num_layers: int) -> "MonitorConfig":
         layer = self.layer if self.layer is not None else vector.recommended_layer
@@ -70,7 +79,8 @@ class MonitorConfig:
             raise MonitorConfigError(f"vector '{vector.name}' has no neutral statistics for z-scores; use score 'projection'", "score")
         if not vector.direction(layer).any():
             raise MonitorConfigError(f"vector '{vector.name}' is zero at layer {layer}: nothing to read there", "layer")
-        for name in ("flag_threshold", "block_threshold", "response_threshold", "steering_min", "steering_max"):
+        for name in ("flag_threshold", "block_threshold", "response_threshold", "steering_min", "steering_max",
+                     "remediate_threshold"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise MonitorConfigError(f"{name} must be finite", name)
@@ -78,6 +88,13 @@ class MonitorConfig:
             raise MonitorConfigError("block_threshold must be at least flag_threshold", "block_threshold")
         if self.steering_min is not None and self.steering_max is not None and self.steering_min > self.steering_max:
             raise MonitorConfigError("steering_min must not exceed steering_max", "steering_min")
+        if bool(self.remediation) != (self.remediate_threshold is not None):
+            missing = "remediate_threshold" if self.remediation else "remediation"
+            raise MonitorConfigError("remediation and remediate_threshold go together: give both or neither", missing)
+        if (self.remediate_threshold is not None and self.block_threshold is not None
+                and self.remediate_threshold >= self.block_threshold):
+            raise MonitorConfigError("remediate_threshold must be below block_threshold (above it the request "
+                                     "is blocked, so the remediation would never run)", "remediate_threshold")
         return replace(self, layer=layer)
 
 
@@ -109,12 +126,60 @@ def z_score(projection: float, mean: float, std: float) -> float:
 
 
 def decide(score: float, config: MonitorConfig) -> Action:
-    """The policy's verdict for ``score`` (whether it is enforced depends on the mode)."""
+    """The policy's verdict for ``score`` (whether it is enforced depends on the mode): block
+    wins over remediate, which wins over flag."""
     if config.block_threshold is not None and score > config.block_threshold:
         return "block"
+    if config.remediate_threshold is not None and score > config.remediate_threshold:
+        return "remediate"
     if config.flag_threshold is not None and score > config.flag_threshold:
         return "flag"
     return "allow"
+
+
+def remediation_terms(config: MonitorConfig, registry, max_abs_coefficient: float = math.inf) -> list[SteeringTerm]:
+    """Resolve a monitor's ``remediation`` entries (:func:`steering.steer.resolve_terms`) on
+    generated tokens. Raises :class:`MonitorConfigError` naming the entry's field
+    (``remediation[1].layers``), and when a coefficient, or the sum per vector and layer, passes
+    ``max_abs_coefficient`` in raw units (the server's bound on any steering).
+
+    Example::
+
+        cfg = MonitorConfig("evil", remediation=[{"vector": "evil", "coefficient": -1.0}], remediate_threshold=1.5)
+        build_row(remediation_terms(cfg, registry, 8.0)).response   # {19: -1.0 * evil's direction}
+    """
+    specs = []
+    for i, entry in enumerate(config.remediation or ()):
+        if entry.get("positions", "response") != "response":
+            raise MonitorConfigError("a remediation steers generated tokens only (the prompt is read before the monitor "
+                                     "decides): use positions 'response'", f"remediation[{i}].positions")
+        layers = entry.get("layers")
+        specs.append(SteeringSpec(entry["vector"], float(entry["coefficient"]), tuple(layers) if layers else None,
+                                  "response", entry.get("unit", "raw")))
+    try:
+        terms = resolve_terms(specs, registry)
+    except (SteeringError, VectorNotFoundError) as exc:
+        param = getattr(exc, "param", "remediation").replace("steering[", "remediation[", 1)
+        raise MonitorConfigError(str(exc), param) from None
+    sums: dict[tuple[str, int], float] = {}
+    for term in terms:
+        key = (term.vector.name, term.layer)
+        sums[key] = sums.get(key, 0.0) + term.raw
+        if not (abs(term.raw) <= max_abs_coefficient and abs(sums[key]) <= max_abs_coefficient):
+            raise MonitorConfigError(
+                f"the remediation adds {sums[key]:.4g} raw units of '{key[0]}' at layer {key[1]}; this server allows "
+                f"at most {max_abs_coefficient:g} (PERSONA_MAX_ABS_COEFFICIENT)", f"remediation[{term.entry}].coefficient")
+    return terms
+
+
+class _Substituted:
+    """The registry as it would be with ``vector`` written (to check a write before it lands)."""
+
+    def __init__(self, registry, vector: PersonaVector):
+        self.registry, self.vector, self.num_layers = registry, vector, registry.num_layers
+
+    def get(self, name: str) -> PersonaVector:
+        return self.vector if name == self.vector.name else self.registry.get(name)
 
 
 def calibrate_thresholds(scores: list[float], flag_rate: float, block_rate: float) -> tuple[float, float]:
@@ -160,6 +225,7 @@ class _Compiled:
     unit: torch.Tensor
     mean: float | None
     std: float | None
+    remediation: dict[int, torch.Tensor] | None = None  # its response-phase deltas
 
 
 class MonitorSet:
@@ -225,6 +291,7 @@ class MonitorSet:
             check_precondition(config_etag(old) if old else None, if_match=if_match, if_none_match=if_none_match,
                                what=f"the monitor on '{config.vector}'")
             config = config.validate(self.registry.get(config.vector), self.num_layers)
+            remediation_terms(config, self.registry)
             self._commit({**self._configs, config.vector: config}, who, "put", config.vector, old, config)
         return config
 
@@ -272,7 +339,19 @@ class MonitorSet:
 
     def check_vector(self, name: str, vector: PersonaVector | None) -> None:
         """Refuse a vector write (``vector`` None: a delete) that the monitor on ``name`` could
-        not read; raises :class:`VectorInUseError` naming the monitor."""
+        not read, or a remediation could not steer with; raises :class:`VectorInUseError` naming
+        the monitor."""
+        for other in self._configs.values():
+            if not any(entry.get("vector") == name for entry in other.remediation or ()):
+                continue
+            if vector is None:
+                raise VectorInUseError(f"the remediation of the monitor on '{other.vector}' steers with this vector; "
+                                       f"change or delete that monitor first (/v1/monitors/{other.vector})")
+            try:
+                remediation_terms(other, _Substituted(self.registry, vector))
+            except MonitorConfigError as exc:
+                raise VectorInUseError(f"the remediation of the monitor on '{other.vector}' could not steer with this "
+                                       f"vector: {exc}; change or delete that monitor first") from None
         config = self._configs.get(name)
         if config is None:
             return
@@ -299,12 +378,18 @@ class MonitorSet:
                 # Only state written past these checks (by hand, or by an older server) gets here.
                 log.warning("monitor on '%s' is inactive: %s", name, exc)
                 continue
+            try:
+                remedy = build_row(remediation_terms(cfg, self.registry)).response if cfg.remediation else None
+            except MonitorConfigError as exc:
+                log.warning("monitor on '%s' is inactive: its remediation cannot steer: %s", name, exc)
+                continue
             d = vec.direction(cfg.layer)
             stats = vec.stats
             compiled[name] = _Compiled(
                 cfg, d / d.norm().clamp_min(1e-12),
                 float(stats["neutral_mean"][cfg.layer]) if "neutral_mean" in stats else None,
                 float(stats["neutral_std"][cfg.layer]) if "neutral_std" in stats else None,
+                remedy,
             )
         self._compiled = compiled
         for listener in self._listeners:
@@ -337,6 +422,7 @@ class MonitorSnapshot:
         self._compiled = list(compiled)
         self.probes = self._stack(self._compiled)
         self.block_above = self._limits(self._compiled)
+        self.remediations = self._remediations(self._compiled)
         self.watched = [c for c in self._compiled if c.config.response_threshold is not None]
         self.response_probes = self._stack(self.watched)
 
@@ -363,6 +449,20 @@ class MonitorSnapshot:
                     limit = c.mean + cfg.block_threshold * max(c.std, 1e-6)
             limits.setdefault(cfg.layer, []).append(limit)
         return {layer: torch.tensor(values) for layer, values in limits.items() if any(math.isfinite(v) for v in values)}
+
+    @classmethod
+    def _remediations(cls, compiled: list[_Compiled]) -> tuple[ConditionalSteering, ...]:
+        """The enforced remediations, each with its threshold in projection units, for the engine."""
+        out = []
+        for c, k in cls._positions(compiled):
+            cfg = c.config
+            if cfg.mode != "enforce" or c.remediation is None:
+                continue
+            limit = cfg.remediate_threshold
+            if cfg.score == "z":
+                limit = c.mean + cfg.remediate_threshold * max(c.std, 1e-6)
+            out.append(ConditionalSteering(cfg.vector, cfg.layer, k, limit, c.remediation))
+        return tuple(out)
 
     @staticmethod
     def _positions(compiled: list[_Compiled]):

@@ -7,6 +7,9 @@ terms into a :class:`RowSteering`, two maps ``layer -> delta [hidden]`` (one add
 positions during prefill, one added at generated positions during decode). The engine
 stacks the rows of a batch with :func:`stack_deltas` once per batch change; the hooks then
 add ``delta[row]`` to every position of that row, so each row carries its own steering.
+
+A :class:`ConditionalSteering` (a monitor's remediation) is response-phase steering that the
+engine switches on for a row at the end of its prefill, when the row's own reading passes a limit.
 """
 
 from __future__ import annotations
@@ -65,6 +68,33 @@ class RowSteering:
 
     def is_empty(self) -> bool:
         return not self.prompt and not self.response
+
+
+def add_deltas(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per-layer sum of two delta maps (a new map; neither argument changes)."""
+    out = dict(a)
+    for layer, delta in b.items():
+        out[layer] = out[layer] + delta if layer in out else delta
+    return out
+
+
+@dataclass(frozen=True)
+class ConditionalSteering:
+    """Response-phase deltas ``response`` (``layer -> [hidden]``) that the engine adds to a row's
+    generated tokens when the last prompt token's projection on probe ``index`` at ``layer`` (of
+    the request's probes) is above ``limit``, decided at the end of the row's prefill.
+
+    The first generated token is sampled from the prefill's last logits, which it cannot change,
+    so it is never steered by it; every later token is, exactly as if the request had carried
+    ``response`` as its own ``positions: "response"`` steering (that also starts at the first
+    generated token's position, which produces the second token).
+    """
+
+    name: str
+    layer: int
+    index: int
+    limit: float
+    response: dict[int, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -194,6 +224,14 @@ class DeltaTable:
             self.release(ids)
             raise
         return ids
+
+    def switch_response(self, ids: dict[tuple[int, str], int],
+                        response: dict[int, torch.Tensor]) -> dict[tuple[int, str], int]:
+        """A row's entries ``ids`` with its response-phase ones replaced by ``response``'s (all or
+        nothing: on failure the row keeps ``ids``); returns the row's new ids."""
+        added = self.add(RowSteering(response=response))
+        self.release({key: entry for key, entry in ids.items() if key[1] == "response"})
+        return {**{key: entry for key, entry in ids.items() if key[1] == "prompt"}, **added}
 
     def release(self, ids: dict[tuple[int, str], int]) -> None:
         for (layer, _phase), entry in ids.items():

@@ -12,7 +12,9 @@ with a hash of its steering, and of where its prompt ends when the prompt and th
 steered differently: vLLM never reuses blocks computed under other steering.
 
 Not supported here (they raise :class:`UnsupportedOnEngineError`): ``mean_from`` (all-layer
-span means for extraction) and ``option_ids`` (assessment); the CLI runs those on our engine.
+span means for extraction), ``option_ids`` (assessment), and ``remediations`` (a monitor's
+conditional steering: the reading arrives with the first token, and switching a request's
+steering mid-flight is not built into the plugin yet); the CLI runs the first two on our engine.
 
 Example::
 
@@ -59,7 +61,7 @@ class VLLMEngine:
 
     name = "vllm"
     # Work that needs what only our engine reports (all-layer span means, option log-probabilities).
-    unsupported = frozenset({"extraction", "assessment", "adapters"})
+    unsupported = frozenset({"extraction", "assessment", "adapters", "remediation"})
 
     def __init__(self, lm: LoadedModel, *, model_dir: Path, max_batch_size: int = 32, max_waiting: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512, dtype: str = "auto",
@@ -155,6 +157,9 @@ class VLLMEngine:
             raise UnsupportedOnEngineError("span means (vector extraction) run on the hf engine only")
         if request.option_ids:
             raise UnsupportedOnEngineError("option log-probabilities (assessment) run on the hf engine only")
+        if request.remediations:
+            raise UnsupportedOnEngineError("monitor remediation (conditional steering) runs on the hf engine only",
+                                           param="remediation")
 
     def _sampling(self, request: GenerationRequest, extra: dict | None):
         from vllm import SamplingParams

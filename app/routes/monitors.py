@@ -1,4 +1,5 @@
-"""``/v1/monitors``: per-vector monitors (admin), and threshold calibration on benign prompts."""
+"""``/v1/monitors``: per-vector monitors (admin), their remediations, and threshold calibration on
+benign prompts."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from app.deps import ServerState, State
 from app.errors import APIError
 from app.schemas import CalibrateRequest, MonitorPut
 from steering.chat import chat_prompt_ids
+from steering.engine import UnsupportedOnEngineError
 from steering.monitor import (
     MonitorConfig,
     calibrate_thresholds,
     config_etag,
     percentiles,
+    remediation_terms,
     scalar_projection,
     z_score,
 )
@@ -69,8 +72,14 @@ async def put_monitor(vector: str, body: MonitorPut, state: State, who: Admin, i
                       if_none_match: IfNoneMatch = None):
     """Create or replace the monitor on ``vector``. With ``If-Match`` it applies only if the
     monitor is still the one read (412 otherwise): of two admins racing, one wins."""
-    config = state.monitors.put(MonitorConfig(vector=vector, **body.model_dump()), who=who, if_match=if_match,
-                                if_none_match=if_none_match)
+    config = MonitorConfig(vector=vector, **body.model_dump())
+    if config.remediation:
+        if "remediation" in state.engine.unsupported:
+            raise UnsupportedOnEngineError(f"monitor remediation is not available on the {state.engine.name} engine",
+                                           param="remediation")
+        # The server's own steering: the ops caps do not refuse it, the bound on any steering does.
+        remediation_terms(config, state.registry, state.settings.max_abs_coefficient)
+    config = state.monitors.put(config, who=who, if_match=if_match, if_none_match=if_none_match)
     return _tagged(config)
 
 
