@@ -99,6 +99,14 @@ EVIDENCE_ARGS ?=
 evidence: install
 	$(VENV)/bin/persona-server evidence --readme README.md $(EVIDENCE_ARGS)
 
+# Remediation on the evidence set's neutral and eliciting prompts for evil and humorous, plain vs
+# remediated (not part of `make test`, about 10 minutes on two busy CPU cores):
+# docs/evidence/remediation-<model>.json and .md; the README carries the table.
+.PHONY: remediation-evidence
+REMEDIATION_EVIDENCE_ARGS ?=
+remediation-evidence: install
+	$(PY) -m tests.bench.remediation_evidence $(REMEDIATION_EVIDENCE_ARGS)
+
 clean:
 	rm -rf $(VENV) data .pytest_cache
 
