@@ -44,8 +44,20 @@ $(STAMP): pyproject.toml
 serve: install
 	$(VENV)/bin/persona-server serve --host $(HOST) --port $(PORT)
 
-test: install install-vllm
+test: install install-vllm docs
 	$(PY) -m pytest -q
+
+# The docs site (mkdocs.yml, docs/): built with warnings as errors, so a broken link or anchor, or
+# a page missing from the nav, fails `make test`. docs-serve rebuilds on every edit.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+
+.PHONY: docs docs-serve
+
+docs: install
+	$(MKDOCS) build --strict
+
+docs-serve: install
+	$(MKDOCS) serve --strict --dev-addr $(HOST):8001
 
 # Three `persona-server serve` replicas on one data directory behind HAProxy, scraped by
 # Prometheus (not part of `make test`: three model loads and a rolling restart take minutes).
@@ -71,14 +83,14 @@ $(VLLM_STAMP): $(STAMP)
 	touch $@
 
 # Our server beside vLLM's own OpenAI server, same load, same sitting (not part of `make test`):
-# results in tests/bench/peers.json and the README's bench-peers block.
+# results in tests/bench/peers.json and the bench-peers block of docs/benchmarks.md.
 PEERS_ARGS ?=
 
 bench-peers: install-vllm
 	$(PY) -m tests.bench.peers --vllm-python $(PY) $(PEERS_ARGS)
 
 # The server's RSS under 30 minutes of varied load (not part of `make test`): tests/bench/soak.json
-# and the README's soak block.
+# and the soak block of docs/benchmarks.md.
 SOAK_ARGS ?=
 soak: install
 	$(PY) -m tests.bench.soak $(SOAK_ARGS)
@@ -87,28 +99,28 @@ soak: install
 # METHODS_ARGS=--write-definitions records each choice in vectors/traits/NAME.json for `make vectors`.
 METHODS_ARGS ?=
 methods: install
-	$(VENV)/bin/persona-server methods --readme README.md $(METHODS_ARGS)
+	$(VENV)/bin/persona-server methods --page docs/evidence.md $(METHODS_ARGS)
 
 # Rebuild the shipped vectors for the default model from their trait definitions.
 vectors: install
 	$(VENV)/bin/persona-server extract --trait vectors/traits/*.json
 
 # Monitor validity and held-out AUROC of every shipped vector (not part of `make test`, about
-# 15-18 minutes on two CPU cores): docs/evidence/<model>.json and .md, and the README's evidence block.
+# 15-18 minutes on two CPU cores): docs/evidence/<model>.json and .md, and the evidence block of docs/evidence.md.
 EVIDENCE_ARGS ?=
 evidence: install
-	$(VENV)/bin/persona-server evidence --readme README.md $(EVIDENCE_ARGS)
+	$(VENV)/bin/persona-server evidence --page docs/evidence.md $(EVIDENCE_ARGS)
 
 # Remediation on the evidence set's neutral and eliciting prompts for evil and humorous, plain vs
 # remediated (not part of `make test`, about 10 minutes on two busy CPU cores):
-# docs/evidence/remediation-<model>.json and .md; the README carries the table.
+# docs/evidence/remediation-<model>.json and .md; docs/evidence.md carries the table.
 .PHONY: remediation-evidence
 REMEDIATION_EVIDENCE_ARGS ?=
 remediation-evidence: install
 	$(PY) -m tests.bench.remediation_evidence $(REMEDIATION_EVIDENCE_ARGS)
 
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) data site .pytest_cache
 
 # Container images: docker when an engine answers, else buildah (installed here with apt-get when
 # missing, with podman and debootstrap for a local stand-in base when no registry answers).

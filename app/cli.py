@@ -255,13 +255,13 @@ def _evidence(args: argparse.Namespace) -> int:
                               separators=(",", ":"), ensure_ascii=False) + "\n")
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
-    if args.readme:
-        readme = Path(args.readme)
-        text = readme.read_text()
+    if args.page:
+        page = Path(args.page)
+        text = page.read_text()
         start, end = "<!-- evidence:start -->", "<!-- evidence:end -->"
         if start in text and end in text:
             head, rest = text.split(start, 1)
-            readme.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+            page.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
@@ -344,13 +344,13 @@ def _methods(args: argparse.Namespace) -> int:
     table = markdown(results, header=header)
     atomic_write_bytes(out.with_suffix(".md"), (table + "\n").encode())
     print(table)
-    if args.readme:
-        readme = Path(args.readme)
-        text = readme.read_text()
+    if args.page:
+        page = Path(args.page)
+        text = page.read_text()
         start, end = "<!-- methods:start -->", "<!-- methods:end -->"
         if start in text and end in text:
             head, rest = text.split(start, 1)
-            atomic_write_bytes(readme, (head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1]).encode())
+            atomic_write_bytes(page, (head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1]).encode())
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     evidence.add_argument("--questions", type=int, help="use only the first N questions of each vector")
     evidence.add_argument("--max-tokens", dest="max_tokens", type=int, default=48)
     evidence.add_argument("--out", help="JSON output (default docs/evidence/<model>.json; the table goes beside it as .md)")
-    evidence.add_argument("--readme", help="rewrite the table between the evidence markers of this file")
+    evidence.add_argument("--page", help="rewrite the table between the evidence markers of this docs page")
     evidence.add_argument("--model", default="default")
     evidence.add_argument("--device", default="cpu")
     evidence.set_defaults(func=_evidence)
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="with --write-definitions: rebuild each shipped vector from its new definition, as "
                               "`make vectors` does, reusing the states read for the comparison")
     methods.add_argument("--out", help="JSON output (default docs/evidence/methods-<model>.json; the table beside it as .md)")
-    methods.add_argument("--readme", help="rewrite the table between the methods markers of this file")
+    methods.add_argument("--page", help="rewrite the table between the methods markers of this docs page")
     methods.add_argument("--model", default="default")
     methods.add_argument("--device", default="cpu")
     methods.set_defaults(func=_methods)

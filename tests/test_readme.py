@@ -1,6 +1,9 @@
-"""The README cannot drift: every command in its shell blocks that calls the local server, and
-every Python block that talks to it, runs as written against a live server (only the address is
-rewritten) and must exit 0 with a non-error HTTP status.
+"""The README and the docs site cannot drift: every command in their shell blocks that calls the
+local server, and every Python block that talks to it, runs as written against a live server (only
+the address is rewritten) and must exit 0 with a non-error HTTP status. The pages are README.md,
+then docs/ in the order of the site's nav (mkdocs.yml), then any page outside the nav; a command or
+block that appears word for word on an earlier page runs once. The README's links must resolve,
+and its benchmark rows must be those of the benchmarks page.
 
 What is not run, and why:
 
@@ -8,7 +11,7 @@ What is not run, and why:
   ``persona-server screen|assess|extract``): they do not call the local server;
 - nothing else. ``$ADMIN`` is set to the test server's admin key, ``@data.jsonl`` holds the
   first two samples of ``tests/data/screen_mixed.jsonl``, and ``JOB_ID`` is the id the job-creating command
-  before it returned (its job is waited for before its output is read).
+  before it on the same page returned (its job is waited for before its output is read).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import make_server
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 SERVER_ADDRESS = re.compile(r"(?:localhost|127\.0\.0\.1):8000")
 ADMIN_KEY = "readme-admin-key"
 # curl exits 22 on an HTTP status >= 400 with --fail-with-body, so exit 0 means a non-error status.
@@ -74,12 +79,75 @@ def python_blocks(text: str) -> list[str]:
     return [body for lang, body in fenced_blocks(text) if lang == "python" and SERVER_ADDRESS.search(body)]
 
 
-def test_the_readme_has_examples_to_run():
-    commands = server_commands(README.read_text())
+def nav_pages(nav: list) -> list[str]:
+    """The docs pages of a mkdocs nav, in order (entries are {title: page} or {title: [entries]})."""
+    pages = []
+    for entry in nav:
+        for value in entry.values() if isinstance(entry, dict) else [entry]:
+            pages += nav_pages(value) if isinstance(value, list) else [value]
+    return pages
+
+
+def pages() -> list[Path]:
+    """README.md, the docs pages in the nav's order, then the docs pages outside the nav."""
+    docs = ROOT / "docs"
+    in_nav = [docs / page for page in nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])]
+    return [README] + in_nav + sorted(set(docs.rglob("*.md")) - set(in_nav))
+
+
+def distinct(per_page: list[list[str]]) -> list[list[str]]:
+    """Each page's items, less those an earlier page (or the same page) already has; a command that
+    reads its page's job (``JOB_ID``) always stays."""
+    seen, out = set(), []
+    for items in per_page:
+        out.append([item for item in items if "JOB_ID" in item or not (item in seen or seen.add(item))])
+    return out
+
+
+def test_the_readme_and_the_docs_have_examples_to_run():
+    texts = [page.read_text() for page in pages()]
+    commands = [c for text in texts for c in server_commands(text)]
     assert len(commands) >= 8, commands
     assert any("/v1/chat/completions" in c for c in commands)
     assert any("-X PUT" in c and "/v1/monitors/" in c for c in commands)
-    assert python_blocks(README.read_text())
+    assert any("/v1/chat/completions" in c for c in server_commands(texts[0])), "the README shows no request"
+    assert python_blocks(texts[0]), "the README shows no SDK call"
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors mkdocs gives a page's headings (its default slugify; code spans lose their backticks)."""
+    anchors, in_fence = set(), False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and re.match(r"#{1,6} ", line):
+            title = re.sub(r"[^\w\s-]", "", line.lstrip("#").replace("`", "").strip()).strip().lower()
+            anchors.add(re.sub(r"[-\s]+", "-", title))
+    return anchors
+
+
+def test_the_readme_links_resolve():
+    links = re.findall(r"\]\(([^)\s]+)\)", README.read_text())
+    local = [link for link in links if not re.match(r"[a-z]+:", link)]
+    assert any(link.startswith("docs/") for link in local), "the README sends no reader to the docs"
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path if path else README
+        assert target.exists(), link
+        if anchor:
+            assert anchor in heading_anchors(target.read_text()), link
+
+
+def test_the_readme_benchmark_rows_are_the_latest_bench_peers_rows():
+    readme = README.read_text()
+    start, end = "<!-- bench-headline:start -->", "<!-- bench-headline:end -->"
+    assert start in readme and end in readme
+    rows = [line for line in readme.split(start, 1)[1].split(end, 1)[0].splitlines() if line.startswith("|")]
+    assert len(rows) >= 3, rows
+    block = (ROOT / "docs" / "benchmarks.md").read_text().split("<!-- bench-peers:start -->", 1)[1]
+    block = block.split("<!-- bench-peers:end -->", 1)[0].splitlines()
+    for row in rows:
+        assert row in block, f"not in the bench-peers block of docs/benchmarks.md: {row}"
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +169,9 @@ def _wait_for_job(url: str, job_id: str, timeout: float = 600) -> None:
 
 # Before the shell examples, whose background assessment would share the engine with these.
 @pytest.mark.timeout(1200)
-def test_every_readme_python_example_that_calls_the_server_runs(readme_server, tmp_path):
+def test_every_python_example_that_calls_the_server_runs(readme_server, tmp_path):
     address = readme_server.url.removeprefix("http://")
-    for block in python_blocks(README.read_text()):
+    for block in (b for blocks in distinct([python_blocks(p.read_text()) for p in pages()]) for b in blocks):
         script = tmp_path / "example.py"
         script.write_text(SERVER_ADDRESS.sub(address, block))
         done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900,
@@ -113,22 +181,29 @@ def test_every_readme_python_example_that_calls_the_server_runs(readme_server, t
 
 
 @pytest.mark.timeout(1800)  # the assessment examples run about a thousand prefills
-def test_every_readme_command_that_calls_the_server_succeeds(readme_server, tmp_path):
+def test_every_command_that_calls_the_server_succeeds(readme_server, tmp_path):
     samples = (Path(__file__).parent / "data" / "screen_mixed.jsonl").read_text().splitlines()[:2]
     (tmp_path / "data.jsonl").write_text("\n".join(samples) + "\n")
     env = {**os.environ, "ADMIN": ADMIN_KEY}
     address = readme_server.url.removeprefix("http://")
+    ran = []
+    for commands in distinct([server_commands(page.read_text()) for page in pages()]):
+        ran += _run_page(commands, readme_server.url, address, tmp_path, env)
+    assert len(ran) >= 8
+
+
+def _run_page(commands: list[str], url: str, address: str, cwd: Path, env: dict) -> list[str]:
     job_id = None
     ran = []
-    for command in server_commands(README.read_text()):
+    for command in commands:
         command = SERVER_ADDRESS.sub(address, command)
         if "JOB_ID" in command:
             assert job_id, f"no job was created before: {command}"
             if "/output" in command:
-                _wait_for_job(readme_server.url, job_id)
+                _wait_for_job(url, job_id)
             command = command.replace("JOB_ID", job_id)
         started = time.monotonic()
-        done = subprocess.run(["bash", "-c", f"set -eo pipefail; {CURL}; {command}"], cwd=tmp_path, env=env,
+        done = subprocess.run(["bash", "-c", f"set -eo pipefail; {CURL}; {command}"], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=1200)
         print(f"{time.monotonic() - started:6.1f} s  {command.splitlines()[0][:100]}")
         assert done.returncode == 0, f"{command}\nexit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
@@ -139,4 +214,4 @@ def test_every_readme_command_that_calls_the_server_succeeds(readme_server, tmp_
         if isinstance(reply, dict) and reply.get("object") == "job" and reply.get("status") != "succeeded":
             job_id = reply["id"]
         ran.append(command)
-    assert len(ran) >= 8
+    return ran

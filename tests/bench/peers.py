@@ -15,8 +15,8 @@ compares is measured close together (this machine's speed drifts by +-15% within
 - monitored: the same burst with three annotate monitors on (the three in a rotating order);
 - probe: 16 streamed rows decoding when a ~2,000-token prompt arrives (``run_prefill_probe``).
 
-Medians go to ``tests/bench/peers.json`` and, between the ``bench-peers`` markers, to the
-README; each goal is the median over repetitions of the ratio within each repetition, marked met
+Medians go to ``tests/bench/peers.json`` and, between the ``bench-peers`` markers, to
+docs/benchmarks.md; each goal is the median over repetitions of the ratio within each repetition, marked met
 or not, with the repetitions' spread. Servers are always stopped at the end.
 
     python -m tests.bench.peers --reps 3
@@ -316,7 +316,7 @@ def goals(runs: dict, workload: dict) -> list[dict]:
 
 
 def render_block(results: dict) -> str:
-    """The README block (markers included) for ``results`` as ``run`` writes them."""
+    """The docs block (markers included) for ``results`` as ``run`` writes them."""
     meta, med = results["meta"], results["median"]
     w = meta["workload"]
     lines = [
@@ -369,7 +369,7 @@ def replace_block(text: str, block: str) -> str:
     """``text`` with everything from the start marker to the end marker replaced by ``block``."""
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
-        raise BenchError(f"README.md has no '{START}' ... '{END}' block to replace")
+        raise BenchError(f"the page has no '{START}' ... '{END}' block to replace")
     return text[:start] + block + text[end + len(END):]
 
 
@@ -533,20 +533,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="the dtype of every server and of the static batch; auto: what persona-server picks here")
     parser.add_argument("--ready-timeout", type=float, default=420, help="seconds each server gets to become ready")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "bench" / "peers.json")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose block is regenerated")
-    parser.add_argument("--note", default="", help="a sentence added to the README block (e.g. a short run)")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md",
+                        help="docs page whose bench-peers block is regenerated")
+    parser.add_argument("--note", default="", help="a sentence added to the block (e.g. a short run)")
     args = parser.parse_args(argv)
     # A plain SIGTERM would end this process without unwinding, leaving the servers running.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        replace_block(args.readme.read_text(), "")  # fail before the run, not after it
+        replace_block(args.page.read_text(), "")  # fail before the run, not after it
         results = run(args)
     except BenchError as exc:
         print(f"bench-peers: {exc}", file=sys.stderr)
         return 2
     atomic_write_bytes(args.out, (json.dumps(results, indent=2) + "\n").encode())
     block = render_block(results)
-    atomic_write_bytes(args.readme, replace_block(args.readme.read_text(), block).encode())
+    atomic_write_bytes(args.page, replace_block(args.page.read_text(), block).encode())
     print(block)
     return 0
 

@@ -9,7 +9,7 @@ its process) is sampled every ``--sample-s`` seconds.
 The verdict compares the median RSS of the first ``--window-min`` minutes after warm-up with
 that of the last ones, and fits a line through every sample: a leak shows as growth between
 the windows and a positive slope. Results go to ``tests/bench/soak.json`` and, between the
-``soak`` markers, to the README.
+``soak`` markers, to docs/benchmarks.md.
 
     python -m tests.bench.soak --minutes 30
 """
@@ -198,15 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-min", type=float, default=5, help="minutes in each of the compared windows")
     parser.add_argument("--ready-timeout", type=float, default=420)
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "bench" / "soak.json")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--note", default="")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for the server (repeatable), to trial a setting")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    text = args.readme.read_text()
+    text = args.page.read_text()
     if START not in text or END not in text:
-        print(f"soak: {args.readme} has no '{START}' ... '{END}' block", file=sys.stderr)
+        print(f"soak: {args.page} has no '{START}' ... '{END}' block", file=sys.stderr)
         return 2
     try:
         results = run(args)
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     atomic_write_bytes(args.out, (json.dumps(results, indent=1) + "\n").encode())
     block = render_block(results)
-    text = args.readme.read_text()
-    atomic_write_bytes(args.readme, (text[:text.find(START)] + block + text[text.find(END) + len(END):]).encode())
+    text = args.page.read_text()
+    atomic_write_bytes(args.page, (text[:text.find(START)] + block + text[text.find(END) + len(END):]).encode())
     print(block)
     return 0
 

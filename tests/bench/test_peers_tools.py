@@ -104,15 +104,15 @@ def test_a_server_that_never_gets_ready_is_given_up_and_killed_with_its_children
         os.killpg(server.proc.pid, 0)  # nothing of the group is left
 
 
-def test_readme_block_is_the_rendering_of_peers_json():
+def test_benchmarks_page_block_is_the_rendering_of_peers_json():
     results = json.loads((ROOT / "tests" / "bench" / "peers.json").read_text())
     block = render_block(results)
-    readme = (ROOT / "README.md").read_text()
-    assert block in readme
-    assert replace_block(readme, block) == readme
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert block in page
+    assert replace_block(page, block) == page
 
 
-def test_replace_block_keeps_the_rest_and_refuses_a_readme_without_markers():
+def test_replace_block_keeps_the_rest_and_refuses_a_page_without_markers():
     text = "intro\n<!-- bench-peers:start -->\nold\n<!-- bench-peers:end -->\noutro\n"
     new = "<!-- bench-peers:start -->\nnew\n<!-- bench-peers:end -->"
     assert replace_block(text, new) == f"intro\n{new}\noutro\n"
