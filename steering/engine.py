@@ -109,13 +109,13 @@ class GenerationRequest:
     # Prompt position from which PrefillDone.prompt_logprobs holds each prompt token's
     # log-probability given the tokens before it (teacher-forced scoring, vLLM's prompt_logprobs).
     score_from: int | None = None
-    # The LoRA adapter this request's tokens run with (None: the base model). The request holds
-    # the adapter itself, so unloading it from the store never disturbs a request in flight.
-    adapter: Adapter | None = None
-    # Requests of one group carry the same prompt and steering (the n choices of one API
+    # Requests of one group carry the same prompt, steering and adapter (the n choices of one API
     # request): one of them reads the prompt and the others get a copy of its cache, then read
     # only their last token (for their own logits, captures and probes). Not for mean_from/score_from.
     prefill_group: str | None = None
+    # The LoRA adapter this request's tokens run with (None: the base model). The request holds
+    # the adapter itself, so unloading it from the store never disturbs a request in flight.
+    adapter: Adapter | None = None
 
     def __repr__(self) -> str:
         # Short on purpose: the generated repr prints every steering and probe tensor in full,
@@ -749,7 +749,7 @@ class Engine:
             other = row.request
             if (row is reader or row.done or row.computed or other.prefill_group != ask.prefill_group
                     or other.prompt_ids != ask.prompt_ids or other.steering is not ask.steering
-                    or other.mean_from is not None or other.score_from is not None):
+                    or other.adapter is not ask.adapter or other.mean_from is not None or other.score_from is not None):
                 continue
             for tensor in self.cache.keys + self.cache.values:
                 tensor[row.slot, :, :shared].copy_(tensor[reader.slot, :, :shared])
