@@ -100,7 +100,8 @@ def test_a_large_malformed_upload_neither_stalls_the_server_nor_grows_the_job_re
         assert client.get("/health").status_code == 200
         slowest = max(slowest, time.monotonic() - started)
     print(f"job seen running {seen_running} times; slowest /health answer {slowest * 1000:.0f} ms")
-    assert seen_running >= 2  # before, the job read every line in one turn of the event loop
+    # Before, the job read every line in one turn of the event loop, so no poll ever saw it running.
+    assert seen_running >= 1
     assert job["status"] == "succeeded", job
     result = job["result"]
     assert result["samples"] == 0 and result["error_count"] == lines
