@@ -134,7 +134,7 @@ _MESSAGES = {
 def _loc_to_param(loc: tuple) -> str | None:
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
     # pydantic adds the union member's type name to the location; it means nothing to a client.
-    parts = [p for p in parts if not (isinstance(p, str) and (p.startswith(("list[", "dict[", "function-")) or p in ("str", "int", "float", "bool")))]
+    parts = [p for p in parts if not (isinstance(p, str) and (p.startswith(("list[", "dict[", "function-", "constrained-", "literal[")) or p in ("str", "int", "float", "bool")))]
     if "[key]" in parts:  # a bad mapping key: name the mapping, the key is in the message
         parts = parts[: parts.index("[key]") - 1]
     out = ""

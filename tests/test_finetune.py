@@ -169,6 +169,10 @@ def test_bad_job_requests(ft_client):
         ({"persona": {"preventative_steering": [{"vector": "evil", "coefficient": 1, "layers": [99]}]}}, 400,
          "persona.preventative_steering[0].layers"),
         ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"n_epochs": "x"}}, 400, "hyperparameters.n_epochs"),
+        # OpenAI's own default spelled out is valid (it was a 500: the bounds were applied to "auto").
+        ({"hyperparameters": {"n_epochs": "auto", "learning_rate_multiplier": "auto", "batch_size": 0}}, 400,
+         "hyperparameters.batch_size"),
     ]
     for fields, status, param in cases:
         r = ft_client.post("/v1/fine_tuning/jobs", json={"model": "default", "training_file": file_id, **fields})

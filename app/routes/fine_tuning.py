@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,9 +29,10 @@ Auto = Literal["auto"]
 
 class HyperparametersIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n_epochs: int | Auto = Field("auto", ge=1, le=50)
-    batch_size: int | Auto = Field("auto", ge=1, le=256)
-    learning_rate_multiplier: float | Auto = Field("auto", gt=0, le=100)
+    # The bounds sit on the number alone: on the union they would be applied to "auto" too.
+    n_epochs: Annotated[int, Field(ge=1, le=50)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
 
 
 class PreventiveIn(BaseModel):
