@@ -86,10 +86,11 @@ def test_samples_that_do_not_fit_the_context_are_reported_by_line_and_skipped(cl
 
 
 def test_a_large_malformed_upload_neither_stalls_the_server_nor_grows_the_job_result(client):
-    """300,000 malformed lines: while the job reads them, the server keeps answering (the job is
+    """2,000,000 malformed lines (enough that a quick machine is still reading them when the test
+    polls): while the job reads them, the server keeps answering (the job is
     seen running between /health answers), and its stored result keeps the first 100 errors and
     counts them all."""
-    lines = 300_000
+    lines = 2_000_000
     r = client.post("/v1/screen", params={"vectors": "sycophantic", "generate": "false"}, content=b"x\n" * lines,
                     headers={"content-type": "application/x-ndjson"})
     assert r.status_code == 202, r.text
