@@ -29,7 +29,6 @@ import re
 import shutil
 import threading
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from steering.atomic import atomic_write_bytes, fsync_dir
+from steering.hooks import ThreadScopedHooks
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +513,7 @@ class LoraStep:
                 lora.add_to(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), rows.to(out.device))
 
 
-class LoraHooks:
+class LoraHooks(ThreadScopedHooks):
     """Forward hooks on every projection of the blocks, for engines that run the HF forward: they
     apply the current :class:`LoraStep` of the thread that set it, and do nothing otherwise.
 
@@ -527,9 +527,7 @@ class LoraHooks:
     """
 
     def __init__(self, blocks: list[nn.Module]):
-        self.step: LoraStep | None = None
-        self._owner: int | None = None
-        self._handles = []
+        super().__init__()
         for layer, block in enumerate(blocks, start=1):
             for sub, module in block.named_modules():
                 part = sub.rsplit(".", 1)[-1]
@@ -538,22 +536,8 @@ class LoraHooks:
 
     def _make_hook(self, layer: int, part: str):
         def hook(_module, args, output):
-            if self.step is not None and self._owner == threading.get_ident():
+            if self.active():
                 self.step.add_part(layer, part, args[0], output)
             return None
 
         return hook
-
-    @contextmanager
-    def state(self, step: LoraStep | None):
-        """Apply ``step`` to the forwards this thread runs inside the block."""
-        self.step, self._owner = step, threading.get_ident()
-        try:
-            yield step
-        finally:
-            self.step, self._owner = None, None
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []

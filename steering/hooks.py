@@ -32,7 +32,35 @@ class StepHooks:
     sums: dict[object, dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
-class SteeringHooks:
+class ThreadScopedHooks:
+    """Forward hooks that act only for the thread inside :meth:`state`, and only while it is
+    there: the shared part of :class:`SteeringHooks` and the adapters' hooks. A subclass registers
+    its hooks into ``self._handles`` and checks :meth:`active` in each."""
+
+    def __init__(self):
+        self.step = None
+        self._owner: int | None = None
+        self._handles: list = []
+
+    def active(self) -> bool:
+        return self.step is not None and self._owner == threading.get_ident()
+
+    @contextmanager
+    def state(self, step):
+        """Apply ``step`` to the forwards this thread runs inside the block."""
+        self.step, self._owner = step, threading.get_ident()
+        try:
+            yield step
+        finally:
+            self.step, self._owner = None, None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class SteeringHooks(ThreadScopedHooks):
     """Hooks on every block (and the embeddings, layer 0) that apply a :class:`StepHooks`.
 
     Example::
@@ -47,15 +75,14 @@ class SteeringHooks:
     """
 
     def __init__(self, blocks: list[nn.Module], embeddings: nn.Module | None = None):
-        self.step: StepHooks | None = None
-        self._owner: int | None = None
+        super().__init__()
         self._handles = [block.register_forward_hook(self._make_hook(i + 1)) for i, block in enumerate(blocks)]
         if embeddings is not None:
             self._handles.append(embeddings.register_forward_hook(self._make_hook(0)))
 
     def _make_hook(self, layer: int):
         def hook(_module, _args, output):
-            if self.step is not None and self._owner == threading.get_ident():
+            if self.active():
                 self.apply(layer, output[0] if isinstance(output, tuple) else output)
             return None
 
@@ -80,17 +107,3 @@ class SteeringHooks:
         if steer is not None and layer > 0:
             table, index = steer
             flat.add_(table.index_select(0, index))
-
-    @contextmanager
-    def state(self, step: StepHooks):
-        """Apply ``step`` to the forwards this thread runs inside the block."""
-        self.step, self._owner = step, threading.get_ident()
-        try:
-            yield step
-        finally:
-            self.step, self._owner = None, None
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
