@@ -97,10 +97,14 @@ class MonitorContext:
         return out
 
 
-def resolve_request_steering(state: ServerState, field: SteeringField) -> RowSteering | None:
+def resolve_request_steering(state: ServerState, field: SteeringField,
+                             snapshot: MonitorSnapshot | None = None) -> RowSteering | None:
     """A request's ``steering`` field admitted by the server's steering policy and resolved to
-    per-layer deltas. Every route that takes ``steering`` goes through here."""
-    return admit_steering(field, state.registry, state.monitors, state.settings)
+    per-layer deltas. Every route that takes ``steering`` goes through here; a request that is
+    monitored passes the snapshot its monitors read, so a monitor change in between cannot let
+    through steering that the monitors reading this request forbid."""
+    return admit_steering(field, state.registry, snapshot if snapshot is not None else state.monitors.snapshot(),
+                          state.settings)
 
 
 def count_steering(state: ServerState, steering: RowSteering | None) -> None:
@@ -147,7 +151,8 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
     if adapter is not None and "adapters" in state.engine.unsupported:
         raise UnsupportedOnEngineError(f"LoRA adapters are not available on the {state.engine.name} engine",
                                        param="model")
-    steering = resolve_request_steering(state, body.steering)
+    snapshot = state.monitors.snapshot()
+    steering = resolve_request_steering(state, body.steering, snapshot)
 
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
@@ -185,7 +190,6 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
     count_steering(state, steering)
     if adapter is not None:
         state.metrics.adapter_requests.labels(adapter=adapter.name).inc()
-    snapshot = state.monitors.snapshot()
     monitor = MonitorContext(return_scores=bool(body.monitor and body.monitor.return_scores),
                              snapshot=snapshot if snapshot else None,
                              steered_layers=frozenset(steering.prompt) if steering else frozenset())

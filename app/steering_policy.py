@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from app.schemas import SteeringField, steering_entries
 from app.settings import Settings
-from steering.monitor import MonitorSet
+from steering.monitor import MonitorSnapshot
 from steering.registry import VectorRegistry
 from steering.steer import RowSteering, SteeringError, SteeringSpec, SteeringTerm, build_row, resolve_terms
 
@@ -40,7 +40,7 @@ class _Sum:
 
 
 def admit_steering(
-    value: SteeringField, registry: VectorRegistry, monitors: MonitorSet, settings: Settings
+    value: SteeringField, registry: VectorRegistry, monitors: MonitorSnapshot, settings: Settings
 ) -> RowSteering | None:
     """Check a request's ``steering`` field against every rule and resolve it to per-layer deltas.
 
@@ -50,8 +50,8 @@ def admit_steering(
 
     Example::
 
-        admit_steering({"optimistic": 1.5}, registry, monitors, Settings())   # RowSteering
-        admit_steering([{"vector": "optimistic", "coefficient": 1.0}] * 4, registry, monitors,
+        admit_steering({"optimistic": 1.5}, registry, monitors.snapshot(), Settings())   # RowSteering
+        admit_steering([{"vector": "optimistic", "coefficient": 1.0}] * 4, registry, monitors.snapshot(),
                        Settings(max_abs_coefficient=2.0))   # SteeringError: the sum is 4
     """
     entries = steering_entries(value)
@@ -104,10 +104,10 @@ def _check_sums(sums: dict[tuple, _Sum], limit: float) -> None:
                                 f"steering[{total.entries[-1]}].coefficient")
 
 
-def _check_caps(sums: dict[tuple, _Sum], monitors: MonitorSet) -> None:
+def _check_caps(sums: dict[tuple, _Sum], monitors: MonitorSnapshot) -> None:
     """Ops caps (``steering_min`` / ``steering_max`` on a vector's monitor, raw units) bound the sums."""
     for key, total in sums.items():
-        cfg = monitors.get(key[0])
+        cfg = monitors.configs.get(key[0])
         if cfg is None:
             continue
         # A small tolerance: a unit or residual coefficient converted to raw units lands a
@@ -122,11 +122,11 @@ def _check_caps(sums: dict[tuple, _Sum], monitors: MonitorSet) -> None:
                 f"steering[{total.entries[-1]}].coefficient")
 
 
-def _check_enforced_monitors(terms: list[SteeringTerm], monitors: MonitorSet) -> None:
+def _check_enforced_monitors(terms: list[SteeringTerm], monitors: MonitorSnapshot) -> None:
     """Refuse prompt-phase steering below any enforced monitor's layer: it would change the state
     that monitor reads, so a request could steer itself past its block. Steering at or above every
     enforced layer, or on generated tokens only, leaves the readings alone."""
-    enforced = sorted((c for c in monitors.active() if c.mode == "enforce"), key=lambda c: c.layer)
+    enforced = monitors.enforced
     if not enforced:
         return
     for term in terms:

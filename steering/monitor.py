@@ -257,6 +257,9 @@ class MonitorSet:
         self._listeners: list[Callable[[dict[str, MonitorConfig]], None]] = []
         self._configs: dict[str, MonitorConfig] = self._read() if self.path.exists() else {}
         self._compiled: dict[str, _Compiled] = {}
+        # The configuration and what it compiled to, swapped as one: a request's snapshot (and the
+        # steering policy checked against it) never mixes a new configuration with old probes.
+        self._view: tuple[dict[str, MonitorConfig], dict[str, _Compiled]] = ({}, {})
         self._recompile()
         registry.guard_writes(self.check_vector, self._recompile)
         self.store.subscribe(self.reload)
@@ -366,8 +369,9 @@ class MonitorSet:
                 f"not read this vector: {exc}; change or delete the monitor first (/v1/monitors/{name})") from None
 
     def _recompile(self) -> None:
+        configs = dict(self._configs)
         compiled = {}
-        for name, cfg in self._configs.items():
+        for name, cfg in configs.items():
             if name not in self.registry:
                 log.warning("monitor on '%s' is inactive: no such vector", name)
                 continue
@@ -392,6 +396,7 @@ class MonitorSet:
                 remedy,
             )
         self._compiled = compiled
+        self._view = (configs, compiled)
         for listener in self._listeners:
             listener(dict(self._configs))
 
@@ -402,8 +407,11 @@ class MonitorSet:
 
     def snapshot(self) -> "MonitorSnapshot":
         """The active monitors as they are now; a request keeps its snapshot, so a change made
-        while it runs (even a delete) never reaches into it halfway."""
-        return MonitorSnapshot([c for c in self._compiled.values() if c.config.mode != "off"])
+        while it runs (even a delete) never reaches into it halfway. The snapshot also carries the
+        configuration it was compiled from, so the steering policy admits a request against the
+        same monitors that will read it."""
+        configs, compiled = self._view
+        return MonitorSnapshot([c for c in compiled.values() if c.config.mode != "off"], configs)
 
 
 class MonitorSnapshot:
@@ -418,8 +426,12 @@ class MonitorSnapshot:
         readings = snap.readings(event.projections)
     """
 
-    def __init__(self, compiled: list[_Compiled]):
+    def __init__(self, compiled: list[_Compiled], configs: dict[str, MonitorConfig] | None = None):
         self._compiled = list(compiled)
+        # Every configured monitor, active or not: ops caps on steering apply whatever the mode.
+        self.configs = dict(configs) if configs is not None else {c.config.vector: c.config for c in self._compiled}
+        self.enforced = sorted((c.config for c in self._compiled if c.config.mode == "enforce"),
+                               key=lambda cfg: cfg.layer)
         self.probes = self._stack(self._compiled)
         self.block_above = self._limits(self._compiled)
         self.remediations = self._remediations(self._compiled)

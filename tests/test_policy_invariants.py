@@ -76,6 +76,24 @@ def test_every_enforced_monitor_holds_against_prompt_steering_below_it(live, adm
     assert ask(live, steering=[{"vector": "humorous", "coefficient": 2.0, "layers": [16]}]).status_code == 200
 
 
+def test_a_monitor_write_landing_mid_admission_cannot_let_steering_past_it(live, admin, monkeypatch):
+    """A request is admitted against the monitors that will read it: an admin write (another
+    thread, or another replica through the store) that lands while the request is being built
+    must not leave it steered below a monitor its snapshot enforces."""
+    monitors = live.state.monitors
+    read = monitors.snapshot
+
+    def write_lands_then_read():
+        monkeypatch.setattr(monitors, "snapshot", read)  # only the first read races with the write
+        monitors.put(MonitorConfig(vector="optimistic", mode="enforce", layer=22, block_threshold=1e6), who="test")
+        return read()
+
+    monkeypatch.setattr(monitors, "snapshot", write_lands_then_read)
+    raced = ask(live, steering=[{"vector": "humorous", "coefficient": 2.0, "layers": [16]}])
+    assert raced.status_code == 403, raced.text
+    assert "'optimistic' reads at layer 22" in raced.json()["error"]["message"]
+
+
 def test_a_vector_write_a_monitor_cannot_read_is_refused_and_chat_keeps_working(live, admin):
     """PUT (JSON, GGUF, .pt, safetensors without statistics) and DELETE under a z-score monitor: 409 naming it."""
     name = "watched"
