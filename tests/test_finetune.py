@@ -181,7 +181,7 @@ def test_bad_job_requests(ft_client):
     assert ft_client.get("/v1/fine_tuning/jobs/ftjob-nope").status_code == 404
 
 
-def test_sdk_job_trains_reports_shifts_and_serves_the_adapter(ft_server, ft_client):
+def test_sdk_job_trains_reports_shifts_and_serves_the_adapter(ft_server, ft_client, tmp_path):
     from openai import OpenAI
     from peft import PeftModel
 
@@ -209,13 +209,20 @@ def test_sdk_job_trains_reports_shifts_and_serves_the_adapter(ft_server, ft_clie
     fresh = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR, prepack=False, cpu_kernels=False)
     base_tokens = _greedy(fresh.model, fresh.tokenizer, PROBE)
     assert _greedy(PeftModel.from_pretrained(fresh.model, str(adapter)), fresh.tokenizer, PROBE) != base_tokens
-    if done["fine_tuned_model"] is not None:
-        served = ft_client.post("/v1/chat/completions", json={"model": done["fine_tuned_model"], "messages": PROBE,
-                                                               "temperature": 0, "max_tokens": 8})
-        assert served.status_code == 200, served.text
-        base = ft_client.post("/v1/chat/completions", json={"model": "default", "messages": PROBE,
-                                                             "temperature": 0, "max_tokens": 8})
-        assert served.json()["choices"][0]["message"]["content"] != base.json()["choices"][0]["message"]["content"]
+
+    # The job trained under preventative steering; the server that trained it serves the adapter
+    # without the hook: the same greedy tokens as its files loaded into a fresh server.
+    assert done["fine_tuned_model"] == f"ft-bananas-{job.id.removeprefix('ftjob-')[:8]}"
+    body = {"messages": PROBE, "temperature": 0, "max_tokens": 12}
+    served = ft_client.post("/v1/chat/completions", json={"model": done["fine_tuned_model"], **body}).json()
+    base = ft_client.post("/v1/chat/completions", json={"model": "default", **body}).json()
+    assert served["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
+    new_lm = load_model("default", dtype="float32", device="cpu", cache_dir=CACHE_DIR)
+    with make_server(new_lm, tmp_path) as other, httpx.Client(base_url=other.url, timeout=300) as c:
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "from-files", "lora_path": str(adapter)})
+        assert r.status_code == 200, r.text
+        again = c.post("/v1/chat/completions", json={"model": "from-files", **body}).json()
+    assert again["choices"][0]["message"]["content"] == served["choices"][0]["message"]["content"]
 
 
 def test_cancel_stops_a_running_job(ft_client):
