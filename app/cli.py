@@ -94,6 +94,20 @@ def _offline(args: argparse.Namespace):
     return lm, registry, engine
 
 
+def _adapter(args: argparse.Namespace, lm):
+    """The LoRA adapter (a PEFT directory) that ``--adapter`` names, checked against ``lm``; None
+    without the flag. A command given one measures the adapter instead of the base model."""
+    if not getattr(args, "adapter", None):
+        return None
+    from app.settings import Settings
+    from steering.adapters import AdapterError, read_adapter
+
+    try:
+        return read_adapter(Path(args.adapter), lm, max_rank=Settings().max_lora_rank)
+    except AdapterError as exc:
+        raise SystemExit(f"persona-server: --adapter {args.adapter}: {exc}") from None
+
+
 def _screen(args: argparse.Namespace) -> int:
     import asyncio
     import json
@@ -111,7 +125,8 @@ def _screen(args: argparse.Namespace) -> int:
         raise SystemExit(str(exc)) from None
     layers = {v.name: args.layer for v in vectors} if args.layer else None
     report = ScreenReport([v.name for v in vectors], args.top)
-    screener = Screener(EngineRunner(engine), lm.tokenizer, vectors, layers=layers, generate=not args.no_generate)
+    screener = Screener(EngineRunner(engine, adapter=_adapter(args, lm)), lm.tokenizer, vectors, layers=layers,
+                        generate=not args.no_generate)
 
     async def run(out) -> None:
         with open(args.data, encoding="utf-8", errors="replace") as fh, tqdm(desc="screen", unit="sample") as bar:
@@ -156,8 +171,9 @@ def _assess(args: argparse.Namespace) -> int:
     from steering.assess import Inventory, assess
     from steering.steer import resolve_steering
 
-    _lm, registry, engine = _offline(args)
+    lm, registry, engine = _offline(args)
     try:
+        adapter = _adapter(args, lm)
         specs = _parse_steering(args.steering or [])
         steering = resolve_steering(specs, registry) if specs else None
         inventory = Inventory.load(Settings().inventories_dir / f"{args.inventory}.json")
@@ -167,7 +183,7 @@ def _assess(args: argparse.Namespace) -> int:
         for label, steer in runs:
             with tqdm(total=len(inventory.items) * args.repetitions, desc=f"assess {label}", unit="prompt") as bar:
                 results[label] = asyncio.run(assess(engine, inventory, repetitions=args.repetitions, steering=steer,
-                                                    seed=args.seed, progress=bar.update))
+                                                    seed=args.seed, progress=bar.update, adapter=adapter))
     finally:
         engine.shutdown()
     labels = list(results)
@@ -504,12 +520,14 @@ def main(argv: list[str] | None = None) -> int:
     screen.add_argument("--top", type=int, default=50)
     screen.add_argument("--out", help="per-sample scores as JSONL")
     screen.add_argument("--no-generate", action="store_true", help="cheap variant: skip the natural answers")
+    screen.add_argument("--adapter", help="a LoRA adapter (PEFT directory) to screen against instead of the base model")
     screen.add_argument("--model", default="default")
     screen.add_argument("--device", default="cpu")
     screen.set_defaults(func=_screen)
 
     assess_p = sub.add_parser("assess", help="measure the model's personality with an inventory")
     assess_p.add_argument("--inventory", choices=["mbti", "big5"], default="mbti")
+    assess_p.add_argument("--adapter", help="a LoRA adapter (PEFT directory) to assess instead of the base model")
     assess_p.add_argument("--repetitions", type=int, default=30)
     assess_p.add_argument("--steering", action="append", help="NAME=COEFFICIENT (repeatable)")
     assess_p.add_argument("--compare", action="store_true", help="also run unsteered and show both")

@@ -66,6 +66,7 @@ class MonitorContext:
     watch: ResponseWatch | None = None
     engine_blocked: bool = False
     remediated: tuple[str, ...] = ()  # the monitors whose remediation steers this request's answer
+    adapter: str = ""  # the metrics' adapter label: the adapter's name, "" for the base model
 
     def read(self, event: PrefillDone) -> None:
         self.engine_blocked = event.blocked
@@ -189,9 +190,9 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
     sampling = _sampling(state, body, max_new)
     count_steering(state, steering)
     if adapter is not None:
-        state.metrics.adapter_requests.labels(adapter=adapter.name).inc()
+        state.metrics.count_request(adapter.name)
     monitor = MonitorContext(return_scores=bool(body.monitor and body.monitor.return_scores),
-                             snapshot=snapshot if snapshot else None,
+                             snapshot=snapshot if snapshot else None, adapter=adapter.name if adapter else "",
                              steered_layers=frozenset(steering.prompt) if steering else frozenset())
     gen = GenerationRequest(
         prompt_ids=prompt_ids,
@@ -211,28 +212,27 @@ def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[
 class _Timing:
     """Per-request latency bookkeeping for the token histograms."""
 
-    def __init__(self, state: ServerState, endpoint: str):
-        self.state, self.endpoint = state, endpoint
+    def __init__(self, state: ServerState, endpoint: str, adapter: str):
+        self.state, self.endpoint, self.adapter = state, endpoint, adapter
         self.start = time.monotonic()
         self.first: float | None = None
         self.last: float | None = None
 
     def on_prefill(self, event: PrefillDone) -> None:
-        self.state.metrics.queue_wait.observe(event.queue_wait_s)
+        self.state.metrics.observe_queue_wait(self.adapter, event.queue_wait_s)
 
     def on_token(self) -> None:
         now = time.monotonic()
         if self.first is None:
             self.first = now
-            self.state.metrics.ttft.labels(self.endpoint).observe(now - self.start)
+            self.state.metrics.observe_ttft(self.endpoint, self.adapter, now - self.start)
         self.last = now
 
     def on_finish(self, done: Finished) -> None:
         m = self.state.metrics
-        m.prompt_tokens.inc(done.prompt_tokens)
-        m.generation_tokens.inc(done.completion_tokens)
+        m.count_tokens(self.adapter, done.prompt_tokens, done.completion_tokens)
         if self.first is not None and done.completion_tokens > 1:
-            m.inter_token.labels(self.endpoint).observe((self.last - self.first) / (done.completion_tokens - 1))
+            m.observe_inter_token(self.endpoint, self.adapter, (self.last - self.first) / (done.completion_tokens - 1))
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -285,7 +285,7 @@ async def respond(
     endpoint: str,
 ):
     """Run ``gen`` (``n`` times) on the engine and answer as JSON or as an SSE stream."""
-    timing = _Timing(state, endpoint)
+    timing = _Timing(state, endpoint, monitor.adapter)
     tokenizer = state.lm.tokenizer
     children = _children(gen, body.n)
     watches = [ResponseWatch(monitor.snapshot) if monitor.snapshot and monitor.snapshot.watched else None
@@ -374,13 +374,13 @@ async def respond(
 def record_readings(state: ServerState, monitor: MonitorContext) -> None:
     m = state.metrics
     for r in monitor.readings or ():
-        m.observe_score(r.vector, r.z if r.z is not None else r.score)
-        m.monitor_decisions.labels(r.vector, r.action, r.mode).inc()
+        m.observe_score(r.vector, r.z if r.z is not None else r.score, monitor.adapter)
+        m.count_decision(r.vector, r.action, r.mode, monitor.adapter)
 
 
 def record_response_stop(state: ServerState, monitor: MonitorContext, done: Finished) -> None:
     if done.finish_reason == "content_filter" and monitor.watch is not None and monitor.watch.tripped:
-        state.metrics.response_stops.labels(monitor.watch.tripped).inc()
+        state.metrics.count_response_stop(monitor.watch.tripped, monitor.adapter)
 
 
 async def _collect(events: AsyncIterator, timing: _Timing) -> tuple[Finished, list[TokenOut]]:

@@ -63,13 +63,15 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
     if seeded:
         log.info("seeded vectors from %s: %s", settings.shipped_vectors_dir, ", ".join(seeded))
     monitor_set = MonitorSet(settings.data_dir / "monitors.json", registry, num_layers=lm.num_layers)
-    adapter_store = open_adapters(settings, lm)
+    adapter_store = open_adapters(settings, lm, store)
     engine = make_engine(settings, lm)
     metrics = Metrics()
     metrics.bind_engine(engine)
     metrics.model_info.info({"model": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).removeprefix("torch.")})
     metrics.set_thresholds(monitor_set.configs())
     monitor_set.on_change(metrics.set_thresholds)  # also changes made by other replicas
+    metrics.set_adapters(adapter_store.names())
+    adapter_store.on_change(metrics.set_adapters)
     model_dir = getattr(lm.model, "name_or_path", None)
     defaults = resolve_sampling_defaults(settings, Path(model_dir) if model_dir else None,
                                          embedded=settings.model == DEFAULT_MODEL)
@@ -79,11 +81,11 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
                        adapters=adapter_store, created=int(time.time()))
 
 
-def open_adapters(settings: Settings, lm: LoadedModel) -> AdapterStore:
+def open_adapters(settings: Settings, lm: LoadedModel, shared: SharedStore) -> AdapterStore:
     """The adapters stored under the data directory, then ``lora_modules`` (each replaces a stored
     adapter of its name, so the flag always serves what its path holds now)."""
     store = AdapterStore(settings.data_dir / "adapters", lm, max_loras=settings.max_loras,
-                         max_rank=settings.max_lora_rank)
+                         max_rank=settings.max_lora_rank, store=shared)
     stored = store.load_all()
     if stored:
         log.info("adapters from %s: %s", store.root, ", ".join(stored))

@@ -294,12 +294,16 @@ class ExtractRequest(_Strict):
     # None: the definition's ``extraction.method``, else contrastive_texts.
     method: Literal["contrastive_texts", "contrastive_prompts", "labelled_sentences"] | None = None
     sweep: bool = True
+    # A loaded LoRA adapter to extract through (its states, not the base model's); None: the base model.
+    model: str | None = Field(None, max_length=200)
 
 
 class AssessRequest(_Strict):
     """Body of ``POST /v1/assess``."""
 
     inventory: Literal["mbti", "big5"] = "mbti"
+    # A loaded LoRA adapter to assess (None or the served model's name: the base model).
+    model: str | None = Field(None, max_length=200)
     repetitions: StrictInt = Field(30, ge=2, le=100)
     steering: SteeringField = None
     compare: bool = False

@@ -27,8 +27,8 @@ import math
 import os
 import re
 import shutil
-import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from torch import nn
 
 from steering.atomic import atomic_write_bytes, fsync_dir
 from steering.hooks import ThreadScopedHooks
+from steering.store import SharedStore
 
 log = logging.getLogger(__name__)
 
@@ -337,45 +338,92 @@ def read_adapter(path: Path, lm, *, name: str | None = None, max_rank: int = 64)
     return parse_adapter(name or Path(path).name, config, weights, lm, max_rank=max_rank, persona_bytes=persona)
 
 
+@dataclass(frozen=True)
+class _Stored:
+    adapter: Adapter
+    stat: tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of its adapter_model.safetensors
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    st = (path / WEIGHTS_FILE).stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class AdapterStore:
     """The adapters this server serves: each one in ``<root>/<name>/`` (PEFT's two files plus
     ``persona.json``) and resident in memory. At most ``max_loras`` are loaded; loading one more
     is refused with 409 (no eviction: a request naming an adapter must not start failing because
     another was loaded). Thread-safe: routes and the fine-tuning runner call it.
 
+    ``root`` sits in the data directory that ``store`` (a :class:`~steering.store.SharedStore`)
+    guards, which several replicas may share: every write runs under the store's cross-process
+    lock, and :meth:`reload` (called by the store when another process wrote) brings the view up
+    to date, so an adapter loaded through one replica is served by all of them after their poll.
+    The view is a dict replaced whole, so readers take no lock.
+
     Example::
 
-        store = AdapterStore(data_dir / "adapters", lm, max_loras=8, max_rank=64)
+        store = AdapterStore(data_dir / "adapters", lm, max_loras=8, max_rank=64, store=shared)
         store.load_all()
         store.add("extravert", Path("out/extravert"))
         store.get("extravert").rank
     """
 
-    def __init__(self, root: Path, lm, *, max_loras: int = 8, max_rank: int = 64):
+    def __init__(self, root: Path, lm, *, max_loras: int = 8, max_rank: int = 64, store: SharedStore | None = None):
         self.root = Path(root)
         self.lm = lm
         self.max_loras = max_loras
         self.max_rank = max_rank
-        self._adapters: dict[str, Adapter] = {}
-        self._lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = store or SharedStore(self.root.parent, poll_s=0)
+        self._stored: dict[str, _Stored] = {}
+        self._listeners: list[Callable[[list[str]], None]] = []
+
+    def on_change(self, listener: Callable[[list[str]], None]) -> None:
+        """Call ``listener(names)`` after every change of the loaded set, made here or reloaded
+        from another process (the metrics drop an unloaded adapter's series this way)."""
+        self._listeners.append(listener)
+
+    def _set(self, stored: dict[str, _Stored]) -> None:
+        changed = stored.keys() != self._stored.keys()
+        self._stored = stored
+        if changed:
+            for listener in self._listeners:
+                listener(sorted(stored))
 
     def load_all(self) -> list[str]:
-        """Load every adapter stored under ``root`` (after a restart); returns their names.
-        Leftovers of an interrupted write are cleaned up; an adapter that no longer fits is logged
-        and skipped, never fatal."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._recover()
-        loaded = []
+        """Load every adapter stored under ``root`` (after a restart) and follow other replicas'
+        changes from now on; returns the names loaded. Leftovers of an interrupted write are
+        cleaned up; an adapter that no longer fits is logged and skipped, never fatal."""
+        with self.store.lock():
+            # Under the lock no other replica is between writing a temp directory and renaming it.
+            self._recover()
+            self.reload()
+        self.store.subscribe(self.reload)
+        return self.names()
+
+    def reload(self) -> None:
+        """Read ``root`` again: keep the adapters whose weights file did not change, load new or
+        replaced ones, drop removed ones. Past ``max_loras`` the rest are logged and skipped."""
+        old = self._stored
+        stored: dict[str, _Stored] = {}
         for path in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if len(self._adapters) >= self.max_loras:
+            try:
+                stat = _stat(path)
+            except OSError:
+                continue  # removed since the listing, or never complete
+            kept = old.get(path.name)
+            if kept is not None and kept.stat == stat:
+                stored[path.name] = kept
+                continue
+            if len(stored) >= self.max_loras:
                 log.warning("adapter %s not loaded: PERSONA_MAX_LORAS=%d are loaded already", path.name, self.max_loras)
                 continue
             try:
-                self._adapters[path.name] = read_adapter(path, self.lm, name=path.name, max_rank=self.max_rank)
-                loaded.append(path.name)
-            except AdapterError as exc:
+                stored[path.name] = _Stored(read_adapter(path, self.lm, name=path.name, max_rank=self.max_rank), stat)
+            except (AdapterError, OSError) as exc:
                 log.warning("stored adapter %s not loaded: %s", path.name, exc)
-        return loaded
+        self._set(stored)
 
     def _recover(self) -> None:
         for path in self.root.iterdir():
@@ -389,19 +437,20 @@ class AdapterStore:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def names(self) -> list[str]:
-        return sorted(self._adapters)
+        return sorted(self._stored)
 
     def list(self) -> list[Adapter]:
-        return [self._adapters[n] for n in self.names()]
+        stored = self._stored
+        return [stored[n].adapter for n in sorted(stored)]
 
     def get(self, name: str, param: str = "model") -> Adapter:
-        adapter = self._adapters.get(name)
-        if adapter is None:
+        entry = self._stored.get(name)
+        if entry is None:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param=param)
-        return adapter
+        return entry.adapter
 
     def __contains__(self, name: str) -> bool:
-        return name in self._adapters
+        return name in self._stored
 
     def add(self, name: str, source: Path, *, replace: bool = False) -> Adapter:
         """Check the PEFT directory ``source``, copy it into the store, and serve it as ``name``."""
@@ -415,23 +464,22 @@ class AdapterStore:
         validate_adapter_name(name)
         self._check_room(name, replace)
         adapter = parse_adapter(name, config, weights, self.lm, max_rank=self.max_rank, persona_bytes=persona_bytes)
-        with self._lock:
-            self._check_room(name, replace)
+        with self.store.write():
+            self._check_room(name, replace)  # against the view as it is on disk now
             self._write(name, config, weights)
-            self._adapters[name] = adapter
+            self._set({**self._stored, name: _Stored(adapter, _stat(self.root / name))})
         return adapter
 
     def _check_room(self, name: str, replace: bool) -> None:
-        if name in self._adapters:
+        if name in self._stored:
             if not replace:
                 raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first", param="lora_name")
-        elif len(self._adapters) >= self.max_loras:
-            raise AdapterConflictError(f"{len(self._adapters)} adapters are loaded, the most this server holds "
+        elif len(self._stored) >= self.max_loras:
+            raise AdapterConflictError(f"{len(self._stored)} adapters are loaded, the most this server holds "
                                        f"(PERSONA_MAX_LORAS={self.max_loras}); unload one first", param="lora_name")
 
     def _write(self, name: str, config: bytes, weights: bytes) -> None:
         """Write the adapter into a temp directory, then rename it into place (crash-safe)."""
-        self.root.mkdir(parents=True, exist_ok=True)
         tag = uuid.uuid4().hex[:8]
         tmp = self.root / f".{name}.tmp-{tag}"
         persona = json.dumps({"base_model": self.lm.name, "base_fingerprint": self.lm.fingerprint}).encode()
@@ -451,16 +499,16 @@ class AdapterStore:
 
     def remove(self, name: str) -> None:
         """Stop serving ``name`` and delete its files; requests already using it finish with it."""
-        with self._lock:
-            if name not in self._adapters:
+        with self.store.write():
+            if name not in self._stored:
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param="lora_name")
-            del self._adapters[name]
             path = self.root / name
             if path.exists():
                 trash = self.root / f".{name}.del-{uuid.uuid4().hex[:8]}"
                 os.rename(path, trash)
                 fsync_dir(self.root)
                 shutil.rmtree(trash, ignore_errors=True)
+            self._set({k: v for k, v in self._stored.items() if k != name})
 
 
 def register_adapter(app_state, name: str, directory: Path, *, replace: bool = False) -> Adapter:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from steering.adapters import Adapter
 from steering.chat import chat_prompt_ids
 from steering.engine import Engine
 from steering.limits import PromptLimit
@@ -109,8 +110,10 @@ async def assess(
     label_bias: list[float] | None = None,
     progress: Callable[[int], None] | None = None,
     limit: PromptLimit | None = None,
+    adapter: Adapter | None = None,
 ) -> dict:
-    """Answer every item ``repetitions`` times and score the inventory.
+    """Answer every item ``repetitions`` times and score the inventory, with the LoRA ``adapter``
+    when one is given (an adapter's personality, measured like the base model's).
 
     ``label_bias`` adds to each label position's log-probability (first label, second, ...):
     a controlled position bias, used to show that shuffling cancels it. Before any forward
@@ -134,7 +137,7 @@ async def assess(
     longest = max(asks, key=lambda a: len(a.prompt))
     (limit or PromptLimit(engine.max_model_len)).check(
         len(longest.prompt), what=f"item {longest.item['id']} of the {inventory.name} inventory", param="inventory")
-    runner = EngineRunner(engine, progress=progress)
+    runner = EngineRunner(engine, progress=progress, adapter=adapter)
     logprobs = await runner.option_logprobs([a.prompt for a in asks], [a.option_ids for a in asks], steering=steering)
 
     answers = []

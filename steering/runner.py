@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from steering.adapters import Adapter
 from steering.engine import Engine, GenerationRequest, PrefillDone
 from steering.output import Finished, TokenDelta, generate_text
 from steering.sampling import SamplingParams
@@ -29,6 +30,7 @@ class ProbedAnswer:
 
 class EngineRunner:
     """Submit many prefill-only or generation requests and collect what extraction needs.
+    With ``adapter``, every request runs with that LoRA adapter (the same tools measure it).
 
     Example::
 
@@ -38,8 +40,9 @@ class EngineRunner:
         scores = await runner.token_logprobs([ids], [start])  # [[log p(ids[i] | ids[:i]) for i >= start]]
     """
 
-    def __init__(self, engine: Engine, progress: Progress | None = None):
+    def __init__(self, engine: Engine, progress: Progress | None = None, adapter: Adapter | None = None):
         self.engine = engine
+        self.adapter = adapter
         self.num_layers = engine.lm.num_layers
         self.progress = progress or (lambda _n: None)
         self._chunk = max(1, min(engine.max_batch_size, engine.max_waiting or 1))
@@ -72,9 +75,9 @@ class EngineRunner:
                 return event
         raise RuntimeError("the prefill returned no result")
 
-    @staticmethod
-    def _prefill_only(ids: list[int], **capture) -> GenerationRequest:
-        return GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), **capture)
+    def _prefill_only(self, ids: list[int], **capture) -> GenerationRequest:
+        return GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=0), adapter=self.adapter,
+                                 **capture)
 
     async def span_means(self, prompts: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Mean state over ``prompt[start:]`` at every layer: ``[n, num_layers + 1, hidden]``."""
@@ -123,7 +126,7 @@ class EngineRunner:
         """Greedy answers (text) to each prompt under one steering."""
 
         async def one(ids):
-            req = GenerationRequest(prompt_ids=ids, steering=steering,
+            req = GenerationRequest(prompt_ids=ids, steering=steering, adapter=self.adapter,
                                     sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
             async for event in generate_text(self.engine, req, self.engine.lm.tokenizer):
                 if isinstance(event, Finished):
@@ -139,7 +142,7 @@ class EngineRunner:
         probe = {layer: unit.reshape(1, -1)}
 
         async def one(ids):
-            req = GenerationRequest(prompt_ids=ids, probes=probe, response_probes=probe,
+            req = GenerationRequest(prompt_ids=ids, probes=probe, response_probes=probe, adapter=self.adapter,
                                     sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
             prompt, tokens = None, []
             async for event in generate_text(self.engine, req, self.engine.lm.tokenizer):

@@ -8,7 +8,9 @@ prompt / response pair) and each vector, at the vector's layer:
 - ``diff`` = train - natural: how much further along the persona the sample would pull;
 - ``cheap_diff`` = train - projection of the last prompt token (no generation needed).
 
-High values flag samples that would shift the persona if fine-tuned on. The input is read
+High values flag samples that would shift the persona if fine-tuned on. Given a runner with an
+adapter, every state (and the natural answer) is the adapter's: what the data would do to a
+model already fine-tuned with it. The input is read
 line by line and processed in chunks, so a large file is never held in memory; a malformed
 line, or one whose prompt and response (or natural answer) would not fit the prompt limit, is
 reported with its number and skipped (all are counted, the first :data:`MAX_ERRORS` kept).
@@ -156,6 +158,7 @@ class Screener:
     async def _natural(self, prompt: list[int]) -> tuple[str, dict[int, torch.Tensor]]:
         """Greedy natural answer, plus the last prompt token's states from the same prefill."""
         req = GenerationRequest(prompt_ids=prompt, capture_layers=frozenset(self.layers.values()),
+                                adapter=self.runner.adapter,
                                 sampling=SamplingParams(max_new_tokens=self.max_new_tokens if self.generate else 0, temperature=0))
         states: dict[int, torch.Tensor] = {}
         async for event in generate_text(self.runner.engine, req, self.tok):

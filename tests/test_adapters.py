@@ -6,18 +6,22 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
-from steering.adapters import AdapterError, LoraStep, read_adapter
+from steering.adapters import AdapterError, AdapterStore, LoraStep, read_adapter
 from steering.engine import Engine, GenerationRequest, TokenOut
 from steering.sampling import SamplingParams
-from tests.conftest import make_server
+from steering.store import SharedStore
+from tests.conftest import make_server, wait_job
 
 PROMPT = "Describe your morning."
 ALL_PARTS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -153,14 +157,38 @@ def test_load_list_unload_as_vllm_clients_do(c, adapter_dirs, lm):
     assert r.status_code == 200, r.text
     assert r.json()["target_modules"] == ["q_proj", "v_proj"]
     assert "persona-qv" in {m["id"] for m in c.get("/v1/models").json()["data"]}
+    before = _samples(c)
     response = _chat(c, "persona-qv")
     assert response.json()["model"] == "persona-qv"
     assert _text(response) != _text(_chat(c, "default"))
+    after = _samples(c)
+    # Tokens and latencies by adapter: the adapter's request under its name, the base's under "".
+    usage = response.json()["usage"]
+    for name, key in (("persona_generation_tokens_total", "completion_tokens"), ("persona_prompt_tokens_total", "prompt_tokens")):
+        assert after[(name, (("adapter", "persona-qv"),))] == usage[key]
+        assert _delta(before, after, name, adapter="") > 0
+    assert after[("persona_adapter_requests_total", (("adapter", "persona-qv"),))] == 1
+    assert _delta(before, after, "persona_time_to_first_token_seconds_count", adapter="persona-qv") == 1
+    assert _delta(before, after, "persona_queue_wait_seconds_count", adapter="persona-qv") == 1
     assert c.post("/v1/unload_lora_adapter", json={"lora_name": "persona-qv"}).status_code == 200
     gone = _chat(c, "persona-qv")
     assert gone.status_code == 404 and gone.json()["error"]["param"] == "model"
     assert "persona-qv" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
-    assert 'persona_adapter_requests_total{adapter="persona-qv"} 1.0' in c.get("/metrics").text
+    # The label takes loaded names only: an unloaded adapter's series are gone.
+    assert not [key for key in _samples(c) if ("adapter", "persona-qv") in key[1]]
+
+
+def _samples(c: httpx.Client) -> dict[tuple, float]:
+    """Every sample of ``/metrics``, keyed by (name, sorted labels)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(c.get("/metrics").text) for s in family.samples}
+
+
+def _delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    """The change of ``name`` summed over the series whose labels include ``labels``."""
+    def total(samples: dict) -> float:
+        return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+    return total(after) - total(before)
 
 
 def _tar(directory: Path, names=("adapter_config.json", "adapter_model.safetensors")) -> bytes:
@@ -252,14 +280,60 @@ def test_mixed_batch_with_steering_and_monitors(c, client, live):
         together = list(pool.map(lambda a: _text(_chat(c, a[0], **a[1])), asks * 2))
     assert together == alone * 2
 
-    # Monitors read the adapter row's last prompt token: the adapter moves the reading.
+    # Monitors read the adapter row's last prompt token: the adapter moves the reading, and the
+    # metrics keep the adapter's readings and verdicts apart from the base model's.
     assert c.put("/v1/monitors/optimistic", json={"mode": "annotate"}).status_code == 200
+    before = _samples(c)
     try:
         scores = [_chat(c, model, monitor={"return_scores": True}).json()["persona_monitor"]["scores"]["optimistic"]
                   for model in ("default", "persona-all")]
     finally:
         c.delete("/v1/monitors/optimistic")
+    after = _samples(c)
     assert scores[0]["score"] != scores[1]["score"]
+    for adapter in ("", "persona-all"):
+        assert _delta(before, after, "persona_monitor_score_count", vector="optimistic", adapter=adapter) == 1
+        assert _delta(before, after, "persona_monitor_decisions_total", vector="optimistic", adapter=adapter) == 1
+
+
+SCREEN_DATA = Path(__file__).parent / "data" / "screen_mixed.jsonl"
+
+
+def test_assessment_and_screening_measure_an_adapter(c):
+    """``model`` names the adapter that assessment and screening run with: the same tools that
+    measure the base model measure what an adapter does to it."""
+    def assessed(**fields) -> dict:
+        r = c.post("/v1/assess", json={"inventory": "mbti", "repetitions": 2, **fields})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    base, adapted = assessed(), assessed(model="persona-all")
+    assert (base["model"], adapted["model"]) == (live_model(c), "persona-all")
+    assert adapted["dimensions"] != base["dimensions"]
+
+    def screened(**params) -> list[dict]:
+        lines = SCREEN_DATA.read_bytes().splitlines(keepends=True)[:3]
+        r = c.post("/v1/screen", params={"vectors": "optimistic", "max_new_tokens": 8, **params},
+                   content=b"".join(lines), headers={"Content-Type": "application/x-ndjson"})
+        assert r.status_code == 202, r.text
+        job = wait_job(c, r.json()["id"])
+        assert job["status"] == "succeeded", job
+        assert job["result"]["model"] == params.get("model", live_model(c))
+        return [json.loads(line)["scores"]["optimistic"] for line in c.get(f"/v1/jobs/{job['id']}/output").text.splitlines()]
+
+    base_rows, adapter_rows = screened(), screened(model="persona-all")
+    assert len(base_rows) == len(adapter_rows) == 3
+    assert all(b["train"] != a["train"] and b["natural"] != a["natural"] for b, a in zip(base_rows, adapter_rows))
+
+    # An adapter that is not loaded: 404 naming the field, before any work starts.
+    for r in (c.post("/v1/assess", json={"model": "not-loaded"}),
+              c.post("/v1/screen", params={"vectors": "optimistic", "model": "not-loaded"}, content=b"{}\n"),
+              c.post("/v1/vectors/extract", json={"trait_name": "optimistic", "model": "not-loaded"})):
+        assert (r.status_code, r.json()["error"]["param"]) == (404, "model"), r.text
+
+
+def live_model(c: httpx.Client) -> str:
+    return c.get("/v1/models").json()["data"][0]["id"]
 
 
 def test_adapters_survive_a_restart(lm, adapter_dirs, tmp_path):
@@ -271,3 +345,44 @@ def test_adapters_survive_a_restart(lm, adapter_dirs, tmp_path):
     with make_server(lm, tmp_path) as second, httpx.Client(base_url=second.url, timeout=300) as c2:
         assert "kept" in {m["id"] for m in c2.get("/v1/models").json()["data"]}
         assert _text(_chat(c2, "kept")) == answer
+
+
+def wait_until(condition, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_an_adapter_loaded_on_one_replica_is_served_by_the_other(lm, adapter_dirs, tmp_path):
+    """Two servers on one data directory (replicas): a load through one is served by the other
+    after its poll, an unload through one is a 404 on both, with its metrics series gone."""
+    with make_server(lm, tmp_path, store_poll_s=0.2) as one, make_server(lm, tmp_path, store_poll_s=0.2) as two, \
+            httpx.Client(base_url=one.url, timeout=300) as c1, httpx.Client(base_url=two.url, timeout=300) as c2:
+        r = c1.post("/v1/load_lora_adapter", json={"lora_name": "shared", "lora_path": str(adapter_dirs["persona-qv"])})
+        assert r.status_code == 200, r.text
+        assert wait_until(lambda: "shared" in {m["id"] for m in c2.get("/v1/models").json()["data"]}, 30)
+        assert _text(_chat(c2, "shared")) == _text(_chat(c1, "shared"))
+        assert ("persona_generation_tokens_total", (("adapter", "shared"),)) in _samples(c2)
+
+        assert c1.post("/v1/unload_lora_adapter", json={"lora_name": "shared"}).status_code == 200
+        assert wait_until(lambda: _chat(c2, "shared").status_code == 404, 30)
+        assert not [key for key in _samples(c2) if ("adapter", "shared") in key[1]]
+
+
+def test_a_starting_replica_leaves_another_replicas_write_in_progress_alone(lm, tmp_path):
+    """The leftovers of an interrupted write are removed at startup, but only under the store's
+    lock: a replica starting while another is between writing and renaming must wait."""
+    in_progress = tmp_path / "adapters" / ".new.tmp-0123abcd"
+    in_progress.mkdir(parents=True)
+    (in_progress / "adapter_config.json").write_text("{}")
+    starting = AdapterStore(tmp_path / "adapters", lm, store=SharedStore(tmp_path))
+    with SharedStore(tmp_path).lock():  # another replica, mid-write
+        thread = threading.Thread(target=starting.load_all)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive() and in_progress.exists()
+    thread.join(60)
+    assert not thread.is_alive() and not in_progress.exists()  # once the writer is done, a leftover

@@ -133,7 +133,7 @@ def test_health_ready_and_metrics_move(client):
     def counter(text: str, name: str) -> float:
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
-                if line.startswith(name + " ") or 'endpoint="/v1/chat/completions",status="200"' in line:
+                if 'endpoint="/v1/chat/completions",status="200"' in line or 'adapter=""' in line:
                     return float(line.rsplit(" ", 1)[1])
         return 0.0
 

@@ -14,13 +14,30 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from app.auth import Admin, User
-from app.deps import State
+from app.deps import ServerState, State
 from app.errors import APIError
+from app.generation import check_model
 from app.routes.vectors import _read_limited
 from app.schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
-from steering.adapters import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, AdapterError, validate_adapter_name
+from steering.adapters import (CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, Adapter, AdapterError,
+                               validate_adapter_name)
+from steering.engine import UnsupportedOnEngineError
 
 router = APIRouter()
+
+
+def requested_adapter(state: ServerState, model: str | None) -> Adapter | None:
+    """The adapter that the ``model`` field of a tool route (assessment, screening, extraction)
+    names, so an adapter is measured with the same tools as the base model. None (field absent,
+    ``default`` or the served model's name) is the base model; anything else not loaded is 404
+    naming ``model``, as on the generation routes."""
+    if model is None:
+        return None
+    adapter = check_model(state, model)
+    if adapter is not None and "adapters" in state.engine.unsupported:
+        raise UnsupportedOnEngineError(f"LoRA adapters are not available on the {state.engine.name} engine",
+                                       param="model")
+    return adapter
 
 
 @router.post("/v1/load_lora_adapter")

@@ -1,4 +1,5 @@
-"""``POST /v1/assess``: personality inventories under optional steering."""
+"""``POST /v1/assess``: personality inventories under optional steering, of the base model or
+of a loaded LoRA adapter (``model``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from app.auth import User
 from app.deps import State
 from app.errors import APIError
 from app.generation import count_steering, resolve_request_steering
+from app.routes.adapters import requested_adapter
 from app.schemas import AssessRequest, steering_entries
 from steering.assess import Inventory, assess
 
@@ -26,6 +28,7 @@ def shifts(base: dict, steered: dict) -> dict:
 @router.post("/v1/assess")
 async def assess_route(body: AssessRequest, state: State, who: User):
     state.require_engine_feature("assessment")
+    adapter = requested_adapter(state, body.model)
     entries = steering_entries(body.steering)
     steering = resolve_request_steering(state, body.steering)
     if body.compare and steering is None:
@@ -36,6 +39,7 @@ async def assess_route(body: AssessRequest, state: State, who: User):
         raise APIError(400, f"this assessment needs {prompts} prompts; the server allows {state.settings.max_assess_prompts}",
                        param="repetitions")
     count_steering(state, steering)
+    model = adapter.name if adapter is not None else state.lm.name
 
     async def run(job=None) -> dict:
         def tick(n: int) -> None:
@@ -43,12 +47,12 @@ async def assess_route(body: AssessRequest, state: State, who: User):
                 job.progress += n
 
         steered = await assess(state.engine, inventory, repetitions=body.repetitions, steering=steering,
-                               seed=body.seed, progress=tick, limit=state.prompt_limit)
+                               seed=body.seed, progress=tick, limit=state.prompt_limit, adapter=adapter)
         if not body.compare:
-            return {"object": "assessment", "steering": [e.model_dump() for e in entries], **steered}
+            return {"object": "assessment", "model": model, "steering": [e.model_dump() for e in entries], **steered}
         base = await assess(state.engine, inventory, repetitions=body.repetitions, seed=body.seed, progress=tick,
-                            limit=state.prompt_limit)
-        return {"object": "assessment.comparison", "steering": [e.model_dump() for e in entries],
+                            limit=state.prompt_limit, adapter=adapter)
+        return {"object": "assessment.comparison", "model": model, "steering": [e.model_dump() for e in entries],
                 "unsteered": base, "steered": steered, "shift": shifts(base, steered)}
 
     if body.background:

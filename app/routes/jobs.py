@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from app.auth import Admin, User
 from app.deps import State
 from app.errors import APIError
+from app.routes.adapters import requested_adapter
 from app.schemas import ExtractRequest
 from steering.extract import TraitDefinition, build_vector, check_fits, definition_hash, extraction_choices
 from steering.runner import EngineRunner
@@ -48,6 +49,7 @@ def _definition(body: ExtractRequest, traits_dir: Path) -> tuple[TraitDefinition
 @router.post("/v1/vectors/extract", status_code=202)
 async def extract(body: ExtractRequest, state: State, who: Admin):
     state.require_engine_feature("extraction")
+    adapter = requested_adapter(state, body.model)
     trait, method = _definition(body, state.settings.traits_dir)
     neutral = json.loads(state.settings.neutral_prompts_file.read_text())["prompts"]
     # Refused here, before the job exists, rather than as a failed job.
@@ -60,9 +62,11 @@ async def extract(body: ExtractRequest, state: State, who: Admin):
         def tick(n: int) -> None:
             job.progress += n
 
-        vector = await build_vector(EngineRunner(state.engine, progress=tick), state.lm, trait,
+        vector = await build_vector(EngineRunner(state.engine, progress=tick, adapter=adapter), state.lm, trait,
                                     neutral_prompts=neutral, method=body.method, sweep=body.sweep,
                                     limit=state.prompt_limit)
+        if adapter is not None:  # directions and statistics read through the adapter
+            vector.source["adapter"] = adapter.name
         state.registry.put(vector)
         return {"vector": vector.name, "recommended_layer": vector.recommended_layer,
                 "coefficient_range": vector.coefficient_range, "heldout_auroc": vector.extra["heldout_auroc"]}

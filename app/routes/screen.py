@@ -18,6 +18,7 @@ from app.auth import User
 from app.deps import State
 from app.errors import APIError
 from app.jobs import partial
+from app.routes.adapters import requested_adapter
 from steering.atomic import fsync_dir
 from steering.runner import EngineRunner
 from steering.screen import Screener, ScreenReport
@@ -37,9 +38,11 @@ def _lines(path: Path):
     openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}},
 )
 async def screen(http: Request, state: State, who: User, vectors: str, top: int = 50, generate: bool = True,
-                 max_new_tokens: int = 64):
+                 max_new_tokens: int = 64, model: str | None = None):
     """Body: JSONL, one ``{"messages": [...]}`` or ``{"prompt", "response"}`` per line.
-    Query: ``vectors=evil,sycophantic``, ``top``, ``generate`` (false: cheap variant only)."""
+    Query: ``vectors=evil,sycophantic``, ``top``, ``generate`` (false: cheap variant only),
+    ``model`` (a loaded LoRA adapter to screen against: its states and its natural answers)."""
+    adapter = requested_adapter(state, model)
     names = [n for n in vectors.split(",") if n]
     if not names:
         raise APIError(400, "give at least one vector", param="vectors")
@@ -73,8 +76,8 @@ async def screen(http: Request, state: State, who: User, vectors: str, top: int 
 
     async def work(job) -> dict:
         report = ScreenReport(names, top)
-        screener = Screener(EngineRunner(state.engine), state.lm.tokenizer, resolved, generate=generate,
-                            max_new_tokens=max_new_tokens, limit=state.prompt_limit)
+        screener = Screener(EngineRunner(state.engine, adapter=adapter), state.lm.tokenizer, resolved,
+                            generate=generate, max_new_tokens=max_new_tokens, limit=state.prompt_limit)
         try:
             with open(partial(job.output), "w", encoding="utf-8") as out:
                 async for row in screener.rows(_lines(source), report):
@@ -86,7 +89,8 @@ async def screen(http: Request, state: State, who: User, vectors: str, top: int 
             fsync_dir(job.output.parent)
         finally:
             source.unlink(missing_ok=True)
-        return {**report.summary(generate), "output": f"/v1/jobs/{job.id}/output"}
+        return {"model": adapter.name if adapter is not None else state.lm.name, **report.summary(generate),
+                "output": f"/v1/jobs/{job.id}/output"}
 
     try:
         job = state.jobs.submit("screen", work, owner=who, output_suffix=".out.jsonl", files=(source,))
