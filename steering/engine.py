@@ -9,6 +9,11 @@ moving anyone's cache. Every token carries an index into per-layer tables of ste
 deltas (:class:`steering.steer.DeltaTable`), so rows steer independently and rows that do
 not steer cost nothing. Sampling runs on the model's device with per-row parameters.
 
+A step has four parts, in this order: scheduling (:class:`Scheduler`: which rows run),
+the step's layout (:func:`lay_out` builds a :class:`PackedStep`: positions, slots, indexes,
+what to capture, which logits come back), the forward (``Engine._run_model``) and the per-row
+outcome (``Engine._outcome``: scores, prefill reports, sampling, stop checks, row by row).
+
 The engine moves token ids only: text, stop strings and monitor verdicts belong to the
 consumer (:mod:`steering.output`). It reports the last prompt token's state at the layers a
 request asks for, raw or already projected onto the request's probe directions on the
@@ -240,22 +245,315 @@ class _Row:
 
 @dataclass
 class _Step:
-    """The rows of one step and where their tokens sit in the packed sequence."""
+    """The rows the scheduler picked for one step: every decoding row, then prompt chunks."""
 
     decode: list[_Row]
     chunks: list[tuple[_Row, int, int]]  # (row, first prompt position, end position)
-    # Filled by the forward: the packed position of each row's newest token, the rows whose
-    # logits were kept (in logits order), and per layer where each captured token's state is.
-    last: dict[_Row, int] = field(default_factory=dict)
-    logit_rows: list[_Row] = field(default_factory=list)
-    captured_at: dict[int, dict[int, int]] = field(default_factory=dict)
-    # Prompt tokens scored in this step: per row, (first kept logit, target token ids); the
-    # kept logits of a row's scored positions follow those of the sampling rows, in order.
-    scoring: list[tuple[_Row, int, list[int]]] = field(default_factory=list)
 
     @property
     def rows(self) -> list[_Row]:
         return self.decode + [row for row, _a, _b in self.chunks]
+
+
+class Scheduler:
+    """Scheduling: which rows run in a step.
+
+    Owns the waiting queue (``pending``), the running rows (``rows``), the free cache slots
+    (``free_slots``) and the step's token budget. Every request passes through ``pending`` and is
+    admitted first come, first served while a slot is free; it keeps that slot to its end. There is
+    no preemption: a slot holds ``max_model_len`` tokens, so a running row never runs out of cache.
+    A step takes one token from every decoding row, then prompt chunks in arrival order until the
+    budget is spent in tokens or in work (:meth:`chunk_cost`).
+
+    It touches neither the model nor the cache and emits no events: the rows it finds past their
+    deadline it hands back to the engine to fail. The engine holds its lock around :meth:`queue`,
+    :meth:`leave`, :meth:`expire_queued` and :meth:`admit`, which race with the request side.
+
+    Example::
+
+        scheduler = Scheduler(max_batch_size=4, max_waiting=8, max_num_batched_tokens=64,
+                              attention_horizon=1536.0)
+        scheduler.queue(row)
+        scheduler.admit(lambda row: True)
+        step = scheduler.plan()   # row's first prompt chunk, at most 64 tokens
+    """
+
+    def __init__(self, *, max_batch_size: int, max_waiting: int, max_num_batched_tokens: int,
+                 attention_horizon: float):
+        self.max_waiting = max_waiting
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.attention_horizon = attention_horizon
+        self.pending: collections.deque[_Row] = collections.deque()
+        self.rows: list[_Row] = []
+        self.free_slots = list(range(max_batch_size - 1, -1, -1))
+
+    def queue(self, row: _Row) -> None:
+        """Append ``row`` to the queue; :class:`QueueFullError` when no place is left."""
+        # Only the rows beyond the free slots wait: as in the vLLM engine, refused once running +
+        # waiting reach max_batch_size + max_waiting (so max_waiting=0 means no queue, not no service).
+        if len(self.pending) >= self.max_waiting + len(self.free_slots):
+            raise QueueFullError(max(0, len(self.pending) - len(self.free_slots)))
+        self.pending.append(row)
+
+    def leave(self, row: _Row) -> None:
+        """Take ``row`` out of the queue if it is still there (its client left)."""
+        # Not deque.remove + ValueError: for a row already admitted, the usual case, that formats
+        # the row into the error message on every request's exit.
+        if row in self.pending:
+            self.pending.remove(row)
+
+    def expire_queued(self, now: float) -> list[_Row]:
+        """Drop cancelled rows from the queue; remove and return the rows past their deadline."""
+        expired = []
+        for row in list(self.pending):
+            if row.handle.cancelled:
+                self.pending.remove(row)
+            elif row.deadline is not None and now > row.deadline:
+                self.pending.remove(row)
+                expired.append(row)
+        return expired
+
+    def admit(self, join) -> None:
+        """Move queued rows into free slots, first come first served. ``join(row)`` runs first and
+        returns False for a row that cannot start (it has failed that row), which takes no slot."""
+        while self.pending and self.free_slots:
+            row = self.pending.popleft()
+            row.queue_wait_s = time.monotonic() - row.submitted
+            if not join(row):
+                continue
+            row.slot = self.free_slots.pop()
+            self.rows.append(row)
+
+    def overdue(self, now: float) -> list[_Row]:
+        """Mark cancelled running rows done; return the running rows past their deadline."""
+        late = []
+        for row in self.rows:
+            if row.handle.cancelled:
+                row.done = True
+            elif row.deadline is not None and now > row.deadline and not row.done:
+                late.append(row)
+        return late
+
+    def plan(self) -> _Step:
+        """The rows of the next step: every decoding row, then prompt chunks within the budget."""
+        decode = [r for r in self.rows if not r.done and r.decoding]
+        budget = self.max_num_batched_tokens - len(decode)
+        # The same budget in work: a prompt token costs 1 plus its attention to the tokens before
+        # it, so a chunk deep into a long prompt gets fewer tokens than a fresh one.
+        work = self.chunk_cost(0, self.max_num_batched_tokens) - len(decode)
+        chunks = []
+        reading: set[str] = set()  # prefill groups one of whose rows reads the shared prompt
+        for row in self.rows:
+            if budget <= 0:
+                break
+            if row.done or row.decoding:
+                continue
+            group = row.request.prefill_group
+            if group is not None:
+                if row.computed == 0 and row.prompt_len > 1 and group in reading:
+                    continue  # it gets the reader's cache (Engine._share_prefill)
+                reading.add(group)
+            n = min(row.prompt_len - row.computed, budget, self.affordable(row.computed, work))
+            if n <= 0:
+                if chunks:
+                    break
+                n = 1  # the first chunk of a step always advances
+            chunks.append((row, row.computed, row.computed + n))
+            budget -= n
+            work -= self.chunk_cost(row.computed, n)
+        return _Step(decode, chunks)
+
+    def chunk_cost(self, past: int, n: int) -> float:
+        """Work of ``n`` prompt tokens after ``past`` cached ones, in fresh-token units: each
+        token costs 1 plus (tokens it attends to) / ``attention_horizon``."""
+        return n + n * (past + (n - 1) / 2) / self.attention_horizon
+
+    def affordable(self, past: int, work: float) -> int:
+        """The most tokens after ``past`` cached ones whose :meth:`chunk_cost` fits in ``work``."""
+        if work <= 0:
+            return 0
+        h = self.attention_horizon
+        b = 1 + (past - 0.5) / h
+        n = int((math.sqrt(b * b + 2 * work / h) - b) * h)
+        while n > 0 and self.chunk_cost(past, n) > work:  # floating-point edge
+            n -= 1
+        return n
+
+    def release(self, free) -> None:
+        """Take finished and cancelled rows out of the running set, call ``free(row)`` for each and
+        take back its slot."""
+        keep = []
+        for row in self.rows:
+            if row.done or row.handle.cancelled:
+                row.done = True
+                free(row)
+                self.free_slots.append(row.slot)
+            else:
+                keep.append(row)
+        if len(keep) != len(self.rows):
+            self.rows = keep
+            # Lowest slots first keeps the running rows packed at the front of the cache.
+            self.free_slots.sort(reverse=True)
+
+    def take_all(self) -> list[_Row]:
+        """Empty the queue and the running set; return their rows (queued first)."""
+        rows = list(self.pending) + self.rows
+        self.pending.clear()
+        self.rows = []
+        return rows
+
+
+@dataclass
+class PackedStep:
+    """The step's layout: its tokens packed into one sequence, and where everything sits in it.
+
+    Built by :func:`lay_out` from a scheduled :class:`_Step`. The forward reads ``ids``,
+    ``positions``, ``attention``, ``hooks`` and ``lora``, and returns one logits row per entry of
+    ``keep``, in its order: first one for each row of ``logit_rows`` (the rows that sample or
+    report option log-probabilities), then the scored prompt positions, each row's run starting
+    at the index its ``scoring`` entry names. The per-row outcome reads the rest.
+    """
+
+    ids: list[int]
+    positions: list[int]  # of each token in its row
+    attention: kvcache.StepLayout
+    hooks: StepHooks  # steering indexes, captures and spans in; captured states and span sums out
+    lora: LoraStep | None
+    keep: list[int]  # packed positions whose logits the forward returns
+    last: dict[_Row, int]  # packed position of the newest token of each decoding or fully read row
+    logit_rows: list[_Row]
+    captured_at: dict[int, dict[int, int]]  # layer -> packed position -> index in hooks.captured[layer]
+    scoring: list[tuple[_Row, int, list[int]]]  # (row, index of its first scored logit, target ids)
+
+    def state(self, layer: int, row: _Row) -> torch.Tensor:
+        """``row``'s captured state at ``layer`` for its newest token in this step."""
+        return self.hooks.captured[layer][self.captured_at[layer][self.last[row]]]
+
+
+def lay_out(step: _Step, cache: kvcache.SlotKVCache, deltas: DeltaTable, device: torch.device,
+            kernels=None) -> PackedStep:
+    """Pack ``step``'s tokens into one sequence and record where everything is (the step's layout).
+
+    Decoding rows come first, one token each (their newest), then each prompt chunk. Per token:
+    its id, its position in its row and its cache slot; per steered layer an index into that
+    layer's delta table (a row's response deltas for generated tokens, its prompt deltas for
+    prompt tokens); the adapter of each token. Per step: the attention's layout, the states to
+    capture (the last prompt token of a fully read row, every decoding row with response probes),
+    the spans to average, and the logits to keep (see :class:`PackedStep`). With ``kernels``
+    (steering.cpu_kernels, where every layer runs on the CPU) the attention reads only slots and
+    positions, so the decoding rows' masks are not built. Reads ``cache`` and ``deltas`` only.
+
+    Example::
+
+        packed = lay_out(scheduler.plan(), engine.cache, engine.deltas, torch.device("cpu"))
+        packed.ids[:len(step.decode)]   # the decoding rows' newest tokens
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    hooks = StepHooks()
+    for row in step.decode:
+        ids.append(row.output[-1])
+        positions.append(row.length - 1)
+        slots.append(row.slot)
+    chunks = []
+    for row, a, b in step.chunks:
+        start = len(ids)
+        ids.extend(row.request.prompt_ids[a:b])
+        positions.extend(range(a, b))
+        slots.extend([row.slot] * (b - a))
+        chunks.append(kvcache.Chunk(start=start, end=len(ids), slot=row.slot, past=a))
+        mean_from = row.request.mean_from
+        if mean_from is not None and b > mean_from:
+            hooks.spans.append((row.uid, start + max(0, mean_from - a), len(ids)))
+    nd = len(step.decode)
+    attention = kvcache.StepLayout(
+        cache=cache,
+        slots=torch.tensor(slots, device=device),
+        positions=torch.tensor(positions, device=device),
+        num_decode=nd,
+        chunks=chunks,
+        kernels=kernels,
+    )
+    if nd and kernels is None:
+        decode_slots = [r.slot for r in step.decode]
+        span = max(decode_slots) + 1
+        lengths = [1] * span
+        for row in step.decode:
+            lengths[row.slot] = row.length
+        width = max(lengths)
+        attention.decode_span = span
+        attention.decode_dense = decode_slots == list(range(nd))
+        attention.decode_slots = torch.tensor(decode_slots, device=device)
+        attention.decode_mask = (torch.arange(width, device=device)[None, :]
+                                 < torch.tensor(lengths, device=device)[:, None])[:, None, None, :]
+    # Token positions (in the packed step) of the rows whose next token is sampled here,
+    # and of the tokens whose states are captured.
+    last: dict[_Row, int] = {}
+    logit_rows: list[_Row] = []
+    capture: dict[int, list[int]] = {}
+    for i, row in enumerate(step.decode):
+        last[row] = i
+        logit_rows.append(row)
+        for layer in row.request.response_probes:
+            capture.setdefault(layer, []).append(i)
+    for chunk, (row, _a, b) in zip(chunks, step.chunks):
+        if b != row.prompt_len:
+            continue
+        last[row] = chunk.end - 1
+        if row.request.sampling.max_new_tokens > 0 or row.request.option_ids:
+            logit_rows.append(row)
+        # The last prompt token's state also produces the first token (response probes).
+        for layer in row.request.capture_layers | row.request.probes.keys() | row.request.response_probes.keys():
+            capture.setdefault(layer, []).append(last[row])
+    hooks.capture = {layer: torch.tensor(where, device=device) for layer, where in capture.items()}
+    _steering_index(step, deltas, hooks, len(ids))
+    keep = [last[row] for row in logit_rows]
+    scoring = []
+    for chunk, (row, a, b) in zip(chunks, step.chunks):
+        score_from = row.request.score_from
+        if score_from is None:
+            continue
+        # The logit at position q predicts the token at q + 1: this chunk scores the prompt
+        # tokens after its positions from score_from - 1 on (never past the prompt's end).
+        first, end = max(a, score_from - 1), min(b, row.prompt_len - 1)
+        if first < end:
+            scoring.append((row, len(keep), row.request.prompt_ids[first + 1 : end + 1]))
+            keep.extend(range(chunk.start + first - a, chunk.start + end - a))
+    return PackedStep(
+        ids=ids, positions=positions, attention=attention, hooks=hooks, lora=_lora_layout(step, chunks, device),
+        keep=keep or [len(ids) - 1], last=last, logit_rows=logit_rows,
+        captured_at={layer: {token: k for k, token in enumerate(where)} for layer, where in capture.items()},
+        scoring=scoring)
+
+
+def _lora_layout(step: _Step, chunks: list[kvcache.Chunk], device: torch.device) -> LoraStep | None:
+    """The packed positions of each adapter's tokens in this step (None when no row has one)."""
+    rows = [(row.request.adapter, [i]) for i, row in enumerate(step.decode) if row.request.adapter is not None]
+    rows += [(row.request.adapter, list(range(chunk.start, chunk.end)))
+             for chunk, (row, _a, _b) in zip(chunks, step.chunks) if row.request.adapter is not None]
+    return LoraStep.build(rows, device)
+
+
+def _steering_index(step: _Step, deltas: DeltaTable, hooks: StepHooks, total: int) -> None:
+    """Per steered layer, an index from every packed token into that layer's delta table."""
+    if not any(row.steer_ids for row in step.rows):
+        return
+    for layer in deltas.layers():
+        entries: list[int] = []
+        counts: list[int] = []
+        for row in step.decode:
+            entries.append(row.steer_ids.get((layer, "response"), 0))
+            counts.append(1)
+        for row, a, b in step.chunks:
+            entries.append(row.steer_ids.get((layer, "prompt"), 0))
+            counts.append(b - a)
+        if not any(entries):
+            continue
+        table = deltas.tensor(layer)
+        index = torch.repeat_interleave(torch.tensor(entries, device=table.device),
+                                        torch.tensor(counts, device=table.device), output_size=total)
+        hooks.steer[layer] = (table, index)
 
 
 class Engine:
@@ -332,10 +630,10 @@ class Engine:
             small_step_threads = max(1, self.threads - 1) if lm.dtype == torch.bfloat16 else self.threads
         self.small_step_threads = small_step_threads if self._device.type == "cpu" else self.threads
         self._placeholder_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self._device)
-        self._pending: collections.deque[_Row] = collections.deque()
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_waiting=max_waiting,
+                                   max_num_batched_tokens=self.max_num_batched_tokens,
+                                   attention_horizon=self.attention_horizon)
         self._wake = threading.Condition()
-        self._rows: list[_Row] = []
-        self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._uids = itertools.count()
         self._outbox: list[tuple[_Handle, object]] = []
         self._stopping = False
@@ -347,11 +645,23 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        return len(self.scheduler.rows)
 
     @property
     def waiting(self) -> int:
-        return len(self._pending)
+        return len(self.scheduler.pending)
+
+    # The scheduler's state under the names tests and tools have used.
+    @property
+    def _pending(self) -> collections.deque[_Row]:
+        return self.scheduler.pending
+
+    @property
+    def _free_slots(self) -> list[int]:
+        return self.scheduler.free_slots
+
+    def _chunk_cost(self, past: int, n: int) -> float:
+        return self.scheduler.chunk_cost(past, n)
 
     @property
     def alive(self) -> bool:
@@ -409,12 +719,7 @@ class Engine:
                 raise EngineDeadError("the generation engine has stopped; the server must be restarted")
             if self._stopping or self._draining:
                 raise DrainingError("the server is shutting down; retry on another replica")
-            # Every request passes through _pending, but only those beyond the free slots wait: as
-            # in the vLLM engine, refused once running + waiting reach max_batch_size + max_waiting
-            # (so max_waiting=0 means no queue, not no service).
-            if len(self._pending) >= self.max_waiting + len(self._free_slots):
-                raise QueueFullError(max(0, len(self._pending) - len(self._free_slots)))
-            self._pending.append(row)
+            self.scheduler.queue(row)
             self._wake.notify()
 
     def add_request(self, request: GenerationRequest) -> list:
@@ -469,12 +774,8 @@ class Engine:
                     return
         finally:
             handle.cancelled = True
-            with self._wake:
-                # A request that leaves while queued stops counting toward max_waiting at once.
-                # (Not deque.remove + ValueError: for a row already admitted, the usual case, that
-                # formats the row into the error message on every request's exit.)
-                if row in self._pending:
-                    self._pending.remove(row)
+            with self._wake:  # a request that leaves while queued stops counting toward max_waiting at once
+                self.scheduler.leave(row)
 
     # ---- worker --------------------------------------------------------------------------
 
@@ -483,7 +784,7 @@ class Engine:
             with torch.inference_mode():
                 while True:
                     with self._wake:
-                        while not self._stopping and not self._pending and not self._rows:
+                        while not self._stopping and not self.scheduler.pending and not self.scheduler.rows:
                             self._wake.wait()
                         if self._stopping:
                             break
@@ -496,78 +797,30 @@ class Engine:
         finally:
             self._flush()
 
+    # ---- scheduling (the Scheduler decides; the engine fails and frees) ------------------
+
     def _expire_pending(self) -> None:
-        now = time.monotonic()
-        for row in list(self._pending):
-            if row.handle.cancelled:
-                self._pending.remove(row)
-            elif row.deadline is not None and now > row.deadline:
-                self._pending.remove(row)
-                self._emit(row, DeadlineExceededError(
-                    f"request exceeded its deadline of {row.request.timeout_s:g} s while queued"))
+        for row in self.scheduler.expire_queued(time.monotonic()):
+            self._emit(row, DeadlineExceededError(
+                f"request exceeded its deadline of {row.request.timeout_s:g} s while queued"))
 
     def _admit(self) -> None:
-        while self._pending and self._free_slots:
-            row = self._pending.popleft()
-            row.queue_wait_s = time.monotonic() - row.submitted
-            try:
-                row.steer_ids = self.deltas.add(row.request.steering)
-            except Exception as exc:  # the row fails before it takes a slot
-                log.exception("request %s failed to join", row.request.request_id or row.uid)
-                self._fail_row(row, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
-                continue
-            row.slot = self._free_slots.pop()
-            self._rows.append(row)
+        self.scheduler.admit(self._join)
+
+    def _join(self, row: _Row) -> bool:
+        """Write ``row``'s steering into the delta tables; False (the row failed) if that fails."""
+        try:
+            row.steer_ids = self.deltas.add(row.request.steering)
+        except Exception as exc:  # the row fails before it takes a slot
+            log.exception("request %s failed to join", row.request.request_id or row.uid)
+            self._fail_row(row, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+            return False
+        return True
 
     def _schedule(self) -> _Step:
-        now = time.monotonic()
-        for row in self._rows:
-            if row.handle.cancelled:
-                row.done = True
-            elif row.deadline is not None and now > row.deadline and not row.done:
-                self._fail_row(row, DeadlineExceededError(f"request exceeded its deadline of {row.request.timeout_s:g} s"))
-        decode = [r for r in self._rows if not r.done and r.decoding]
-        budget = self.max_num_batched_tokens - len(decode)
-        # The same budget in work: a prompt token costs 1 plus its attention to the tokens before
-        # it, so a chunk deep into a long prompt gets fewer tokens than a fresh one.
-        work = self._chunk_cost(0, self.max_num_batched_tokens) - len(decode)
-        chunks = []
-        reading: set[str] = set()  # prefill groups one of whose rows reads the shared prompt
-        for row in self._rows:
-            if budget <= 0:
-                break
-            if row.done or row.decoding:
-                continue
-            group = row.request.prefill_group
-            if group is not None:
-                if row.computed == 0 and row.prompt_len > 1 and group in reading:
-                    continue  # it gets the reader's cache (_share_prefill)
-                reading.add(group)
-            n = min(row.prompt_len - row.computed, budget, self._affordable(row.computed, work))
-            if n <= 0:
-                if chunks:
-                    break
-                n = 1  # the first chunk of a step always advances
-            chunks.append((row, row.computed, row.computed + n))
-            budget -= n
-            work -= self._chunk_cost(row.computed, n)
-        return _Step(decode, chunks)
-
-    def _chunk_cost(self, past: int, n: int) -> float:
-        """Work of ``n`` prompt tokens after ``past`` cached ones, in fresh-token units: each
-        token costs 1 plus (tokens it attends to) / ``attention_horizon``."""
-        return n + n * (past + (n - 1) / 2) / self.attention_horizon
-
-    def _affordable(self, past: int, work: float) -> int:
-        """The most tokens after ``past`` cached ones whose :meth:`_chunk_cost` fits in ``work``."""
-        if work <= 0:
-            return 0
-        h = self.attention_horizon
-        b = 1 + (past - 0.5) / h
-        n = int((math.sqrt(b * b + 2 * work / h) - b) * h)
-        while n > 0 and self._chunk_cost(past, n) > work:  # floating-point edge
-            n -= 1
-        return n
+        for row in self.scheduler.overdue(time.monotonic()):
+            self._fail_row(row, DeadlineExceededError(f"request exceeded its deadline of {row.request.timeout_s:g} s"))
+        return self.scheduler.plan()
 
     def _threads_for(self, step: _Step) -> int:
         """Intra-op threads for ``step``: ``small_step_threads`` up to ``small_step_tokens`` tokens."""
@@ -576,7 +829,7 @@ class Engine:
 
     def _run_step(self, step: _Step, retry: bool = True) -> None:
         try:
-            logits, hooks = self._forward(step)
+            logits, packed = self._forward(step)
         except Exception as exc:
             log.exception("forward pass failed")
             if not retry:
@@ -590,22 +843,7 @@ class Engine:
             for chunk in step.chunks:
                 self._run_step(_Step([], [chunk]), retry=False)
             return
-        self._score(step, logits)
-        for row, a, b in step.chunks:
-            row.computed = b
-            if row.request.prefill_group is not None and a < row.prompt_len - 1 <= b:
-                self._share_prefill(row)
-            for layer, total in hooks.sums.get(row.uid, {}).items():
-                row.span_sums[layer] = row.span_sums[layer] + total if layer in row.span_sums else total
-            if b == row.prompt_len and not row.done:
-                self._guarded(row, self._prefill_done, row, step, hooks, logits)
-        sampling = [(j, r) for j, r in enumerate(step.logit_rows)
-                    if not r.done and r.request.sampling.max_new_tokens > 0]
-        if sampling:
-            picks = self._sample([r for _j, r in sampling], logits, [j for j, _r in sampling])
-            for (_j, row), picked in zip(sampling, picks):
-                if picked is not None:
-                    self._guarded(row, self._push_token, row, picked, step, hooks)
+        self._outcome(step, packed, logits)
 
     def _guarded(self, row: _Row, fn, *args) -> None:
         try:
@@ -614,130 +852,73 @@ class Engine:
             log.exception("request %s failed", row.request.request_id or row.uid)
             self._fail_row(row, EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
 
-    def _forward(self, step: _Step):
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        hooks = StepHooks()
-        for row in step.decode:
-            ids.append(row.output[-1])
-            positions.append(row.length - 1)
-            slots.append(row.slot)
-        chunks = []
-        for row, a, b in step.chunks:
-            start = len(ids)
-            ids.extend(row.request.prompt_ids[a:b])
-            positions.extend(range(a, b))
-            slots.extend([row.slot] * (b - a))
-            chunks.append(kvcache.Chunk(start=start, end=len(ids), slot=row.slot, past=a))
-            mean_from = row.request.mean_from
-            if mean_from is not None and b > mean_from:
-                hooks.spans.append((row.uid, start + max(0, mean_from - a), len(ids)))
+    # ---- the forward ---------------------------------------------------------------------
+
+    def _forward(self, step: _Step) -> tuple[torch.Tensor, PackedStep]:
+        """Lay ``step`` out (:func:`lay_out`) and run the model on it: the unit that
+        :meth:`_run_step` retries row by row when it raises."""
+        packed = lay_out(step, self.cache, self.deltas, self._device, self.kernels)
+        return self._run_model(packed), packed
+
+    def _run_model(self, packed: PackedStep) -> torch.Tensor:
+        """The forward itself: one pass over the packed tokens with their steering, captures and
+        adapter deltas; returns the logits at ``packed.keep``, in that order.
+
+        Writes the step's keys and values into the cache (zero-filling it first as far as the
+        step reaches) and fills ``packed.hooks`` (captured states, span sums); the steering and
+        adapter hooks carry this step's state only for the call."""
         dev = self._device
-        nd = len(step.decode)
         # Zero-fill is only ever done ahead of every position written or read in this step.
-        self.cache.ensure(max(positions) + 1)
-        layout = kvcache.StepLayout(
-            cache=self.cache,
-            slots=torch.tensor(slots, device=dev),
-            positions=torch.tensor(positions, device=dev),
-            num_decode=nd,
-            chunks=chunks,
-            kernels=self.kernels,
-        )
-        if nd:
-            decode_slots = [r.slot for r in step.decode]
-            span = max(decode_slots) + 1
-            lengths = [1] * span
-            for row in step.decode:
-                lengths[row.slot] = row.length
-            width = max(lengths)
-            layout.decode_span = span
-            layout.decode_dense = decode_slots == list(range(nd))
-            layout.decode_slots = torch.tensor(decode_slots, device=dev)
-            layout.decode_mask = (torch.arange(width, device=dev)[None, :]
-                                  < torch.tensor(lengths, device=dev)[:, None])[:, None, None, :]
-        # Token positions (in the packed step) of the rows whose next token is sampled here,
-        # and of the tokens whose states are captured.
-        capture: dict[int, list[int]] = {}
-        for i, row in enumerate(step.decode):
-            step.last[row] = i
-            step.logit_rows.append(row)
-            for layer in row.request.response_probes:
-                capture.setdefault(layer, []).append(i)
-        for chunk, (row, _a, b) in zip(chunks, step.chunks):
-            if b != row.prompt_len:
-                continue
-            last = step.last[row] = chunk.end - 1
-            if row.request.sampling.max_new_tokens > 0 or row.request.option_ids:
-                step.logit_rows.append(row)
-            # The last prompt token's state also produces the first token (response probes).
-            for layer in row.request.capture_layers | row.request.probes.keys() | row.request.response_probes.keys():
-                capture.setdefault(layer, []).append(last)
-        step.captured_at = {layer: {token: k for k, token in enumerate(where)} for layer, where in capture.items()}
-        hooks.capture = {layer: torch.tensor(where, device=dev) for layer, where in capture.items()}
-        self._steer(step, hooks, len(ids))
-        lora = self._lora(step, chunks)
-        keep = [step.last[row] for row in step.logit_rows]
-        for chunk, (row, a, b) in zip(chunks, step.chunks):
-            score_from = row.request.score_from
-            if score_from is None:
-                continue
-            # The logit at position q predicts the token at q + 1: this chunk scores the prompt
-            # tokens after its positions from score_from - 1 on (never past the prompt's end).
-            first, end = max(a, score_from - 1), min(b, row.prompt_len - 1)
-            if first < end:
-                step.scoring.append((row, len(keep), row.request.prompt_ids[first + 1 : end + 1]))
-                keep.extend(range(chunk.start + first - a, chunk.start + end - a))
-        keep = keep or [len(ids) - 1]
+        self.cache.ensure(max(packed.positions) + 1)
         self.forward_passes += 1
-        with self.hooks.state(hooks):
+        with self.hooks.state(packed.hooks):
             if self.fused is not None:
-                return self.fused(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), layout,
-                                  torch.tensor(keep, device=dev), self.hooks, lora=lora), hooks
-            with self.lora_hooks.state(lora):
+                return self.fused(torch.tensor(packed.ids, device=dev), torch.tensor(packed.positions, device=dev),
+                                  packed.attention, torch.tensor(packed.keep, device=dev), self.hooks, lora=packed.lora)
+            with self.lora_hooks.state(packed.lora):
                 out = self.lm.model(
-                    input_ids=torch.tensor([ids], device=dev),
-                    position_ids=torch.tensor([positions], device=dev),
+                    input_ids=torch.tensor([packed.ids], device=dev),
+                    position_ids=torch.tensor([packed.positions], device=dev),
                     attention_mask=self._placeholder_mask,
                     use_cache=False,
                     # On the CPU: it indexes the last block's states, which a device map may put elsewhere.
-                    logits_to_keep=torch.tensor(keep),
-                    persona_layout=layout,
+                    logits_to_keep=torch.tensor(packed.keep),
+                    persona_layout=packed.attention,
                 )
-        return out.logits[0], hooks
+        return out.logits[0]
 
-    def _lora(self, step: _Step, chunks: list[kvcache.Chunk]) -> LoraStep | None:
-        """The packed positions of each adapter's tokens in this step (None when no row has one)."""
-        rows = [(row.request.adapter, [i]) for i, row in enumerate(step.decode) if row.request.adapter is not None]
-        rows += [(row.request.adapter, list(range(chunk.start, chunk.end)))
-                 for chunk, (row, _a, _b) in zip(chunks, step.chunks) if row.request.adapter is not None]
-        return LoraStep.build(rows, self._device)
+    # ---- per-row outcome -----------------------------------------------------------------
 
-    def _steer(self, step: _Step, hooks: StepHooks, total: int) -> None:
-        """Per steered layer, an index from every packed token into that layer's delta table."""
-        if not any(row.steer_ids for row in step.rows):
-            return
-        for layer in self.deltas.layers():
-            entries: list[int] = []
-            counts: list[int] = []
-            for row in step.decode:
-                entries.append(row.steer_ids.get((layer, "response"), 0))
-                counts.append(1)
-            for row, a, b in step.chunks:
-                entries.append(row.steer_ids.get((layer, "prompt"), 0))
-                counts.append(b - a)
-            if not any(entries):
-                continue
-            table = self.deltas.tensor(layer)
-            index = torch.repeat_interleave(torch.tensor(entries, device=table.device),
-                                            torch.tensor(counts, device=table.device), output_size=total)
-            hooks.steer[layer] = (table, index)
+    def _outcome(self, step: _Step, packed: PackedStep, logits: torch.Tensor) -> None:
+        """The per-row outcome of a forward: what each row's logits and captured states mean.
 
-    def _score(self, step: _Step, logits: torch.Tensor) -> None:
+        Owns: the log-probabilities of scored prompt tokens, a prefill's progress (``computed``,
+        the copy to the rest of its prefill group, span sums), the prefill's report
+        (:class:`PrefillDone`: captured states, probe projections, a block, remediations),
+        sampling, and each new token's :class:`TokenOut` and stop checks (:class:`Done`). Each
+        row's part runs on its own: a fault there fails that row (an :class:`EngineError` event,
+        ``done``) and no other, and the end of the step frees its slot."""
+        self._score(packed, logits)
+        for row, a, b in step.chunks:
+            row.computed = b
+            if row.request.prefill_group is not None and a < row.prompt_len - 1 <= b:
+                self._share_prefill(row)
+            for layer, total in packed.hooks.sums.get(row.uid, {}).items():
+                row.span_sums[layer] = row.span_sums[layer] + total if layer in row.span_sums else total
+            if b == row.prompt_len and not row.done:
+                self._guarded(row, self._prefill_done, row, packed, logits)
+        sampling = [(j, r) for j, r in enumerate(packed.logit_rows)
+                    if not r.done and r.request.sampling.max_new_tokens > 0]
+        if sampling:
+            picks = self._sample([r for _j, r in sampling], logits, [j for j, _r in sampling])
+            for (_j, row), picked in zip(sampling, picks):
+                if picked is not None:
+                    self._guarded(row, self._push_token, row, picked, packed)
+
+    def _score(self, packed: PackedStep, logits: torch.Tensor) -> None:
         """Append the log-probabilities of this step's scored prompt tokens to their rows; a
         failure fails its row only (one small call per row, so no row sees another's fault)."""
-        for row, at, ids in step.scoring:
+        for row, at, ids in packed.scoring:
             self._guarded(row, _extend_scores, row, logits[at : at + len(ids)], ids)
 
     def _share_prefill(self, reader: _Row) -> None:
@@ -745,7 +926,7 @@ class Engine:
         have not started reading; the copy equals what their own prefill would have written."""
         shared = reader.prompt_len - 1
         ask = reader.request
-        for row in self._rows:
+        for row in self.scheduler.rows:
             other = row.request
             if (row is reader or row.done or row.computed or other.prefill_group != ask.prefill_group
                     or other.prompt_ids != ask.prompt_ids or other.steering is not ask.steering
@@ -755,17 +936,13 @@ class Engine:
                 tensor[row.slot, :, :shared].copy_(tensor[reader.slot, :, :shared])
             row.computed = shared
 
-    @staticmethod
-    def _state(step: _Step, hooks: StepHooks, layer: int, row: _Row) -> torch.Tensor:
-        return hooks.captured[layer][step.captured_at[layer][step.last[row]]]
-
-    def _prefill_done(self, row: _Row, step: _Step, hooks: StepHooks, logits: torch.Tensor) -> None:
+    def _prefill_done(self, row: _Row, packed: PackedStep, logits: torch.Tensor) -> None:
         request = row.request
-        states = {layer: self._state(step, hooks, layer, row).cpu() for layer in request.capture_layers}
+        states = {layer: packed.state(layer, row).cpu() for layer in request.capture_layers}
         projections = {}
         blocked = False
         for layer, directions in request.probes.items():
-            state = self._state(step, hooks, layer, row)
+            state = packed.state(layer, row)
             values = directions.to(state.device, torch.float32) @ state
             limit = request.block_above.get(layer)
             if limit is not None:
@@ -777,7 +954,7 @@ class Engine:
             span_mean = torch.stack([row.span_sums[layer].cpu() / count for layer in range(self.lm.num_layers + 1)])
         options = None
         if request.option_ids:
-            options = option_logprobs(logits[step.logit_rows.index(row)], request.option_ids)
+            options = option_logprobs(logits[packed.logit_rows.index(row)], request.option_ids)
         scored = row.scored if request.score_from is not None else None
         remediated = () if blocked else self._remediate(row, projections)
         self._emit(row, PrefillDone(states=states, projections=projections, queue_wait_s=row.queue_wait_s,
@@ -827,7 +1004,7 @@ class Engine:
             block = tuple(self.lm.eos_token_ids)
         return RowState(params, row.generator, row.request.prompt_ids, row.output, block)
 
-    def _push_token(self, row: _Row, picked, step: _Step, hooks: StepHooks) -> None:
+    def _push_token(self, row: _Row, picked, packed: PackedStep) -> None:
         params = row.request.sampling
         decoded = row.decoding and row.output  # the token fed in this step was a generated one
         row.output.append(picked.token)
@@ -835,7 +1012,7 @@ class Engine:
         if row.request.response_probes and decoded:
             projections = {}
             for layer, directions in row.request.response_probes.items():
-                state = self._state(step, hooks, layer, row)
+                state = packed.state(layer, row)
                 projections[layer] = (directions.to(state.device, torch.float32) @ state).tolist()
         self._emit(row, TokenOut(picked.token, picked.logprob, picked.top, projections))
         finish = None
@@ -876,27 +1053,18 @@ class Engine:
             self._emit(row, exc)
 
     def _release_finished(self) -> None:
-        keep = []
-        for row in self._rows:
-            if row.done or row.handle.cancelled:
-                row.done = True
-                self.deltas.release(row.steer_ids)
-                self.cache.clear(row.slot, row.length)
-                self._free_slots.append(row.slot)
-            else:
-                keep.append(row)
-        if len(keep) != len(self._rows):
-            self._rows = keep
-            # Lowest slots first keeps the running rows packed at the front of the cache.
-            self._free_slots.sort(reverse=True)
+        self.scheduler.release(self._free)
+
+    def _free(self, row: _Row) -> None:
+        """Give back what a finished row holds: its delta-table entries and its slot's cache."""
+        self.deltas.release(row.steer_ids)
+        self.cache.clear(row.slot, row.length)
 
     def _fail_all(self, exc: Exception) -> None:
         with self._wake:
-            rows = list(self._pending) + self._rows
-            self._pending.clear()
+            rows = self.scheduler.take_all()
         for row in rows:
             self._fail_row(row, exc)
-        self._rows = []
 
 
 # How much slower attention runs than the linear layers per multiply-add, on CPU. Measured on the

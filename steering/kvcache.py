@@ -52,7 +52,8 @@ class StepLayout:
     positions: torch.Tensor  # [T] position of each token in its row
     num_decode: int = 0
     decode_slots: torch.Tensor | None = None  # [num_decode]
-    decode_mask: torch.Tensor | None = None  # [span, 1, 1, width] bool: key positions each slot reads
+    # Decoding rows' key positions per slot, [span, 1, 1, width] bool; None with kernels (unused there).
+    decode_mask: torch.Tensor | None = None
     decode_span: int = 0  # slots 0..span-1 take part in the batched decode attention
     decode_dense: bool = False  # decode_slots == arange(num_decode)
     chunks: list[Chunk] = field(default_factory=list)
@@ -71,11 +72,14 @@ class StepLayout:
             heads = torch.arange(cache.kv_heads, device=device)
             flat = ((slots[:, None] * cache.kv_heads + heads[None, :]) * cache.max_len + positions[:, None]).reshape(-1)
             decode_bias = decode_slots = None
-            if self.num_decode:
-                decode_bias = _additive(self.decode_mask.to(device), dtype)
-                decode_slots = self.decode_slots.to(device)
-            chunk_bias = [None if c.past == 0 else _additive(_causal_mask(c.end - c.start, c.past, device), dtype)
-                          for c in self.chunks]
+            chunk_bias: list = []
+            # The CPU kernels' attention reads slots and positions only (see attend): no masks.
+            if self.kernels is None or device.type != "cpu":
+                if self.num_decode:
+                    decode_bias = _additive(self.decode_mask.to(device), dtype)
+                    decode_slots = self.decode_slots.to(device)
+                chunk_bias = [None if c.past == 0 else _additive(_causal_mask(c.end - c.start, c.past, device), dtype)
+                              for c in self.chunks]
             ready = self._prepared[device] = _Prepared(flat, decode_bias, decode_slots, chunk_bias)
         return ready
 
