@@ -3,7 +3,8 @@
 Shared by ``/v1/chat/completions`` and ``/v1/completions``; each supplies a
 :class:`Renderer` for its response shapes. The engine returns token ids; text, stop
 strings and deadlines are handled per request by :func:`steering.output.generate_text`, and
-monitor verdicts here, in the event loop, so one request's failure never reaches another."""
+monitor verdicts here, in the event loop, so one request's failure never reaches another. One
+:class:`RequestLifetime` per request owns its streams from submission to release."""
 
 from __future__ import annotations
 
@@ -262,6 +263,112 @@ async def _until(task: asyncio.Future, http: Request):
             raise _ClientGone()
 
 
+class RequestLifetime:
+    """One API request's time on the engine, from submission to the release of all it holds.
+
+    The only owner of the request's engine streams (one per choice, submitted together). It owns
+    admission (:meth:`admit` waits for every prefill, so a full queue, a block or any other
+    refusal is a real HTTP status), the answer (:meth:`collect` for JSON, :meth:`events` for
+    SSE), the metrics of its tokens and finishes as they pass, and the end: whichever way the
+    request ends (an answer, an error, the client leaving, the SSE consumer going away),
+    :meth:`close` closes every stream, which cancels its rows in the engine, and the engine's
+    next step gives back their KV cache slots, steering entries and places in the queue. A client
+    that leaves while the lifetime waits gets the 499 ``client_closed_request`` error; one that
+    leaves during SSE ends the response, and :meth:`events` closes the streams on its way out.
+
+    Example::
+
+        life = RequestLifetime(state, http, monitor, timing, streams)
+        firsts = await life.admit()          # every prefill, or an APIError (streams closed)
+        results = await life.collect()       # every choice to its end
+    """
+
+    def __init__(self, state: ServerState, http: Request, monitor: MonitorContext, timing: _Timing,
+                 streams: list[AsyncIterator]):
+        self.state, self.http, self.monitor, self.timing, self.streams = state, http, monitor, timing, streams
+
+    async def admit(self) -> list[PrefillDone]:
+        """Wait for every choice's prefill (its first event); their prefills share steps."""
+        firsts = await self._gather([anext(stream) for stream in self.streams])
+        for first in firsts:
+            self.timing.on_prefill(first)
+        return firsts
+
+    async def collect(self) -> list[tuple[Finished, list[TokenOut]]]:
+        """Every choice to its end: its final event and the tokens' log-probabilities."""
+        results = await self._gather([self._collect(stream) for stream in self.streams])
+        for done, _tokens in results:
+            record_response_stop(self.state, self.monitor, done)
+        return results
+
+    async def events(self):
+        """Yield (choice index, event) from every choice as they come; the first error ends all."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: AsyncIterator) -> None:
+            try:
+                async for event in stream:
+                    await queue.put((index, event))
+            except Exception as exc:
+                await queue.put((index, exc))
+            finally:
+                await queue.put((index, None))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            live = len(self.streams)
+            while live:
+                index, event = await queue.get()
+                if event is None:
+                    live -= 1
+                elif isinstance(event, Exception):
+                    raise event
+                else:
+                    if isinstance(event, TokenDelta):
+                        self.timing.on_token()
+                    elif isinstance(event, Finished):
+                        self.timing.on_finish(event)
+                        record_response_stop(self.state, self.monitor, event)
+                    yield index, event
+        finally:
+            await _cancel(*tasks)
+            await self.close()
+
+    async def close(self) -> None:
+        """Close every stream (again is harmless): the engine cancels their rows."""
+        for stream in self.streams:
+            await stream.aclose()
+
+    async def _gather(self, awaitables: list) -> list:
+        """Await all of ``awaitables`` together; a client that leaves meanwhile or an error closes
+        the request and raises its APIError."""
+        tasks = [asyncio.ensure_future(a) for a in awaitables]
+        try:
+            return await _until(asyncio.gather(*tasks), self.http)
+        except _ClientGone:
+            await _cancel(*tasks)
+            await self.close()
+            raise APIError(499, "client disconnected", code="client_closed_request") from None
+        except Exception as exc:
+            await _cancel(*tasks)
+            await self.close()
+            raise as_api_error(exc) from exc
+
+    async def _collect(self, events: AsyncIterator) -> tuple[Finished, list[TokenOut]]:
+        tokens: list[TokenOut] = []
+        try:
+            async for event in events:
+                if isinstance(event, TokenDelta):
+                    self.timing.on_token()
+                    tokens.extend(event.logprobs)
+                elif isinstance(event, Finished):
+                    self.timing.on_finish(event)
+                    return event, tokens
+        finally:
+            await events.aclose()
+        raise APIError(500, "generation ended without a result", type="server_error")
+
+
 def _children(gen: GenerationRequest, n: int) -> list[GenerationRequest]:
     """``n`` engine requests for one API request; a seeded request's choice i uses seed + i. They
     form one prefill group: the engine reads their shared prompt once."""
@@ -291,33 +398,16 @@ async def respond(
     watches = [ResponseWatch(monitor.snapshot) if monitor.snapshot and monitor.snapshot.watched else None
                for _ in children]
     monitor.watch = watches[0]
-    streams = [generate_text(state.engine, child, tokenizer, watch=w.update if w else None)
-               for child, w in zip(children, watches)]
-
-    async def close_all():
-        for stream in streams:
-            await stream.aclose()
-
-    # Wait for every prefill before answering, so queue-full, blocks and other refusals are
-    # real HTTP statuses rather than errors inside a 200 stream. The choices are submitted
-    # together, so their prefills share steps (and the engine reads their prompt once).
-    starts = [asyncio.ensure_future(anext(stream)) for stream in streams]
-    try:
-        firsts = await _until(asyncio.gather(*starts), http)
-    except _ClientGone:
-        await _cancel(*starts)
-        await close_all()
-        raise APIError(499, "client disconnected", code="client_closed_request") from None
-    except Exception as exc:
-        await _cancel(*starts)
-        await close_all()
-        raise as_api_error(exc) from exc
-    for first in firsts:
-        timing.on_prefill(first)
+    life = RequestLifetime(state, http, monitor, timing,
+                           [generate_text(state.engine, child, tokenizer, watch=w.update if w else None)
+                            for child, w in zip(children, watches)])
+    # Every prefill before answering, so queue-full, blocks and other refusals are real HTTP
+    # statuses rather than errors inside a 200 stream (the engine reads the choices' prompt once).
+    firsts = await life.admit()
     try:
         monitor.read(firsts[0])
     except Exception as exc:
-        await close_all()
+        await life.close()
         raise as_api_error(exc) from exc
     record_readings(state, monitor)
     log = http.scope.setdefault("state", {}).setdefault("log", {})
@@ -327,7 +417,7 @@ async def respond(
     if state.settings.log_prompts:
         log["prompt"] = tokenizer.decode(gen.prompt_ids)
     if monitor.blocked():
-        await close_all()
+        await life.close()
         raise APIError(
             400, "the request was blocked by the persona monitor: " + ", ".join(
                 r.vector for r in monitor.readings if r.action == "block" and r.mode == "enforce"),
@@ -341,24 +431,11 @@ async def respond(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(streams, meta, renderer, timing, include_usage, monitor, state, log, tokenizer, want_logprobs,
-                 len(gen.prompt_ids)),
+            _sse(life, meta, renderer, include_usage, log, tokenizer, want_logprobs, len(gen.prompt_ids)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
-    tasks = [asyncio.ensure_future(_collect(stream, timing)) for stream in streams]
-    try:
-        results = await _until(asyncio.gather(*tasks), http)
-    except _ClientGone:
-        await _cancel(*tasks)
-        await close_all()
-        raise APIError(499, "client disconnected", code="client_closed_request") from None
-    except Exception as exc:
-        await _cancel(*tasks)
-        await close_all()
-        raise as_api_error(exc) from exc
-    for done, _tokens in results:
-        record_response_stop(state, monitor, done)
+    results = await life.collect()
     completion = sum(done.completion_tokens for done, _tokens in results)
     log.update(completion_tokens=completion, finish_reason=results[0][0].finish_reason)
     choices = [renderer.final_choice(i, done.text, done.finish_reason,
@@ -383,79 +460,30 @@ def record_response_stop(state: ServerState, monitor: MonitorContext, done: Fini
         state.metrics.count_response_stop(monitor.watch.tripped, monitor.adapter)
 
 
-async def _collect(events: AsyncIterator, timing: _Timing) -> tuple[Finished, list[TokenOut]]:
-    tokens: list[TokenOut] = []
-    try:
-        async for event in events:
-            if isinstance(event, TokenDelta):
-                timing.on_token()
-                tokens.extend(event.logprobs)
-            elif isinstance(event, Finished):
-                timing.on_finish(event)
-                return event, tokens
-    finally:
-        await events.aclose()
-    raise APIError(500, "generation ended without a result", type="server_error")
-
-
 def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _merge(streams: list[AsyncIterator]):
-    """Yield (choice index, event) from every stream as they come; the first error ends all."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator) -> None:
-        try:
-            async for event in stream:
-                await queue.put((index, event))
-        except Exception as exc:
-            await queue.put((index, exc))
-        finally:
-            await queue.put((index, None))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        live = len(streams)
-        while live:
-            index, event = await queue.get()
-            if event is None:
-                live -= 1
-            elif isinstance(event, Exception):
-                raise event
-            else:
-                yield index, event
-    finally:
-        await _cancel(*tasks)
-        for stream in streams:
-            await stream.aclose()
-
-
-async def _sse(streams: list[AsyncIterator], meta: dict, renderer: Renderer, timing: _Timing, include_usage: bool,
-               monitor: MonitorContext, state: ServerState, log: dict, tokenizer, want_logprobs: bool,
-               prompt_tokens: int):
+async def _sse(life: RequestLifetime, meta: dict, renderer: Renderer, include_usage: bool, log: dict, tokenizer,
+               want_logprobs: bool, prompt_tokens: int):
     chunk = {**meta, "object": renderer.object_chunk}
-    first = [True] * len(streams)
-    offsets = [0] * len(streams)
+    first = [True] * len(life.streams)
+    offsets = [0] * len(life.streams)
     completion = 0
-    finished: list[Finished | None] = [None] * len(streams)
+    finished: list[Finished | None] = [None] * len(life.streams)
     try:
-        async for i, event in _merge(streams):
+        async for i, event in life.events():
             if isinstance(event, TokenDelta):
-                timing.on_token()
                 lp = renderer.logprobs(event.logprobs, tokenizer, offsets[i]) if want_logprobs else None
                 offsets[i] += len(event.text)
                 yield _data({**chunk, "choices": [renderer.chunk_choice(i, event.text, None, first[i], lp)]})
                 first[i] = False
             elif isinstance(event, Finished):
-                timing.on_finish(event)
-                record_response_stop(state, monitor, event)
                 finished[i] = event
                 completion += event.completion_tokens
                 last = {**chunk, "choices": [renderer.chunk_choice(i, None if not first[i] else "", event.finish_reason,
                                                                    first[i], None)]}
-                if all(f is not None for f in finished) and (payload := monitor.payload()) is not None:
+                if all(f is not None for f in finished) and (payload := life.monitor.payload()) is not None:
                     last["persona_monitor"] = payload
                 yield _data(last)
         log.update(completion_tokens=completion, finish_reason=finished[0].finish_reason if finished[0] else None)
