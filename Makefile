@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test test-replicas bench soak methods vectors evidence clean
+.PHONY: install serve test test-replicas bench soak methods vectors evidence adapters clean
 
 INSTALL_HAPROXY = command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || { apt-get update -qq \
 	&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy; } \
@@ -118,6 +118,17 @@ evidence: install
 REMEDIATION_EVIDENCE_ARGS ?=
 remediation-evidence: install
 	$(PY) -m tests.bench.remediation_evidence $(REMEDIATION_EVIDENCE_ARGS)
+
+# The shipped Big Five adapters (not part of `make test`): one rank-4 LoRA adapter per pole, trained
+# with steering/finetune.py on vectors/finetune/bigfive/ into vectors/<model>/adapters/ (about 9,000
+# tokens each: under a minute at the trainer's ~230 tokens/s, 20 minutes on a loaded machine), then
+# measured on held-out prompts against the base model, steering and a system prompt:
+# docs/finetune/adapters.json and .md.
+ADAPTERS_ARGS ?=
+ADAPTERS_EVIDENCE_ARGS ?=
+adapters: install
+	$(PY) -m tests.bench.train_adapters $(ADAPTERS_ARGS)
+	$(PY) -m tests.bench.adapters_evidence $(ADAPTERS_EVIDENCE_ARGS)
 
 clean:
 	rm -rf $(VENV) data site .pytest_cache

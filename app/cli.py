@@ -15,6 +15,8 @@ def _serve(args: argparse.Namespace) -> int:
     from app.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    if "lora_modules" in overrides:
+        overrides["lora_modules"] = shipped_lora_modules(overrides["lora_modules"])
     settings = Settings(**overrides)
     problem = settings.exposure_problem() or _engine_problem(settings.engine)
     if problem:
@@ -31,6 +33,30 @@ def _serve(args: argparse.Namespace) -> int:
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
     DrainingServer(config, app, settings.drain_notice_s).run()
     return 0
+
+
+def shipped_lora_modules(entries: list[str]) -> list[str]:
+    """``--lora-modules`` entries as ``NAME=PATH``: a bare ``NAME`` is an adapter shipped with the
+    package (``vectors/<model>/adapters/NAME``, e.g. ``big5-extraversion-high``), so it serves
+    from an installed copy too; a shipped adapter built for another model is refused at load.
+
+    Example::
+
+        shipped_lora_modules(["big5-extraversion-high", "mine=/srv/adapters/mine"])
+    """
+    from app.settings import shipped_assets_dir
+
+    shipped = {p.name: p for p in shipped_assets_dir().glob("*/adapters/*") if (p / "adapter_config.json").is_file()}
+    out = []
+    for entry in entries:
+        if "=" in entry:
+            out.append(entry)
+        elif entry in shipped:
+            out.append(f"{entry}={shipped[entry]}")
+        else:
+            raise SystemExit(f"persona-server: --lora-modules {entry!r} is neither NAME=PATH nor a shipped adapter "
+                             f"({', '.join(sorted(shipped)) or 'none shipped'})")
+    return out
 
 
 def _engine_problem(engine: str) -> str | None:
@@ -489,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="vLLM engine: GPUs per model (tensor parallelism)")
     serve.add_argument("--data-dir", dest="data_dir")
     serve.add_argument("--lora-modules", dest="lora_modules", nargs="+", metavar="NAME=PATH",
-                       help="LoRA adapters (PEFT directories) to serve at startup, as vLLM takes them")
+                       help="LoRA adapters (PEFT directories) to serve at startup, as vLLM takes them; a bare NAME "
+                            "serves a shipped adapter (big5-extraversion-high, big5-extraversion-low, ...)")
     serve.add_argument("--max-loras", dest="max_loras", type=int, help="most adapters loaded at once (default 8)")
     serve.add_argument("--max-lora-rank", dest="max_lora_rank", type=int, help="highest LoRA rank served (default 64)")
     serve.add_argument("--generation-config", dest="generation_config", choices=["auto", "none"],
