@@ -1,20 +1,29 @@
 """``make finetune-evidence``: fine-tune the default model on this project's training sets and set
 the predicted shift (screening), the measured finetuning shift and the change in expression side by
 side, per dataset and vector, with r across datasets; then preventative steering at several
-coefficients. Results go to ``docs/finetune/evidence.json`` (rewritten after every run, so a
-stopped sweep keeps what it measured) and a table beside it as ``.md``.
+coefficients, and steering the un-prevented adapter at inference instead (the paper's comparison).
+Results go to ``docs/finetune/evidence.json`` (rewritten after every run, so a stopped sweep keeps
+what it measured) and a table beside it as ``.md``. A later sweep with the same training settings
+keeps the runs already there and adds only the missing ones, so the sweeps of several sittings
+make one table and one r.
 
 The sets come from ``vectors/finetune/answers.json`` (written for this project): the same questions
 with a plain answer and one answer per trait; a set of strength s answers a share s of the
 questions (a fixed seeded choice) with the trait's answer and the rest plainly; strength 0 is the
 neutral control. The last ``--heldout`` questions are never trained on: the loss on their plain
 answers is the general-ability reading (held-out perplexity).
+
+Inference steering adds ``coefficient * v[layer]`` to every token of the fine-tuned model (the same
+hook preventative steering trains under); its answers are generated steered and read unsteered by
+the same fine-tuned model, so the expression reading is of the text, not of the added vector. Its
+measured shift is read steered: the state after the steered block, the added vector included.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import platform
@@ -28,11 +37,15 @@ import torch
 from app.settings import Settings
 from steering.chat import chat_prompt_ids, text_ids
 from steering.engine import Engine
+from steering.atomic import atomic_write_bytes
 from steering.finetune import (
     Hyperparameters,
     MonitorSpec,
     PreventiveEntry,
     TrainingJob,
+    last_prompt_states,
+    preventative_deltas,
+    preventative_steering,
     train,
 )
 from steering.model import load_model
@@ -42,6 +55,8 @@ from steering.screen import Screener, ScreenReport
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSWERS = ROOT / "vectors" / "finetune" / "answers.json"
+# The settings a kept run must share with this sweep to stand in the same table and r.
+SAME_SWEEP = ("traits", "epochs", "batch_size", "lr_multiplier", "heldout", "eval_prompts", "max_new_tokens")
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:
@@ -69,13 +84,16 @@ def eval_questions(traits_dir: Path, trait: str, items: list[dict], count: int) 
 
 
 @torch.no_grad()
-def expression(model, tok, prompts: list[str], unit: torch.Tensor, layer: int, max_new_tokens: int) -> float:
-    """Mean projection of greedy answers' response-token states (the answers' own trait reading)."""
+def expression(model, tok, prompts: list[str], unit: torch.Tensor, layer: int, max_new_tokens: int,
+               steered=contextlib.nullcontext) -> float:
+    """Mean projection of greedy answers' response-token states (the answers' own trait reading);
+    the answers are generated inside ``steered()`` and read outside it."""
     values = []
     for prompt in prompts:
         ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": prompt}])])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)
+        with steered():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False)
         if out.shape[1] == ids.shape[1]:
             continue
         hidden = model(input_ids=out, output_hidden_states=True).hidden_states[layer][0, ids.shape[1]:]
@@ -99,21 +117,30 @@ def heldout_perplexity(model, tok, items: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--traits", default="evil,sycophantic,hallucinating,impolite")
-    p.add_argument("--strengths", default="0.5,1.0")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--strengths", default="0.25,0.5,1.0")
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr-multiplier", type=float, default=2.0)
     p.add_argument("--heldout", type=int, default=6)
     p.add_argument("--eval-prompts", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--preventative", default="evil:5@single,evil:10@single,evil:1@all,evil:2@all",
+    p.add_argument("--preventative", default="evil:5@single,evil:2@all,evil:10@single,evil:1@all",
                    help="VECTOR:COEFFICIENT@single|all runs on the vector's 100%% set; empty: none")
+    p.add_argument("--inference", default="evil:-0.5@single,evil:-1@single,evil:-2@single,evil:-1@all",
+                   help="VECTOR:COEFFICIENT@single|all: steer the adapter of the vector's 100%% set at inference")
+    p.add_argument("--long", default="evil:2", help="TRAIT:EPOCHS: the trait's 100%% set trained that long too")
+    p.add_argument("--vectors-dir", default=None,
+                   help="a vectors tree (<model>/*.safetensors, traits/*.json) instead of the shipped one")
+    p.add_argument("--fresh", action="store_true", help="start a new table instead of adding to the one at --out")
+    p.add_argument("--reverse", action="store_true",
+                   help="train the strength sets last trait first, so a second sweep beside this one meets it midway")
     p.add_argument("--out", default=str(ROOT / "docs" / "finetune" / "evidence.json"))
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    settings = Settings()
+    settings = Settings(**({"shipped_vectors_dir": Path(args.vectors_dir), "traits_dir": Path(args.vectors_dir) / "traits"}
+                           if args.vectors_dir else {}))
     data = json.loads(ANSWERS.read_text())
     items, heldout = data["items"][: -args.heldout], data["items"][-args.heldout:]
     traits = [t for t in args.traits.split(",") if t]
@@ -130,16 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     engine.start()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
     record = {"model": serving.name, "machine": platform.machine(), "hyperparameters": vars(args), "runs": []}
+    kept = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
+    if kept and all(kept["hyperparameters"].get(k) == getattr(args, k) for k in SAME_SWEEP):
+        record["base"], record["runs"] = kept["base"], kept["runs"]
+        print(f"keeping {len(record['runs'])} runs of {out}", flush=True)
+    done = {r["run"] for r in record["runs"]}
 
     fresh = lambda: load_model("default", dtype="float32", device="cpu", cache_dir=settings.cache_dir,  # noqa: E731
                                prepack=False, cpu_kernels=False)
-    base = fresh()
-    record["base"] = {"heldout_perplexity": heldout_perplexity(base.model, base.tokenizer, heldout),
-                      "expression": {t: round(expression(base.model, base.tokenizer, prompts[t], units[t], layers[t],
-                                                         args.max_new_tokens), 4) for t in traits}}
-    del base
+    if "base" not in record:
+        base = fresh()
+        record["base"] = {"heldout_perplexity": heldout_perplexity(base.model, base.tokenizer, heldout),
+                          "expression": {t: round(expression(base.model, base.tokenizer, prompts[t], units[t], layers[t],
+                                                             args.max_new_tokens), 4) for t in traits}}
+        del base
 
     def predicted(rows: list[dict]) -> dict[str, float]:
         report = ScreenReport(traits, 1)
@@ -153,7 +185,27 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(go())
         return {t: v["mean_diff"] for t, v in report.summary(True)["vectors"].items()}
 
-    def run(label: str, rows: list[dict], preventative: list[PreventiveEntry]) -> None:
+    def labels_on_disk() -> set[str]:
+        return {r["run"] for r in json.loads(out.read_text())["runs"]} if out.is_file() and not args.fresh else set()
+
+    def save(row: dict) -> None:
+        record["runs"].append(row)
+        # Another sweep of the same settings may have added runs since: keep them beside ours.
+        on_disk = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
+        if on_disk and all(on_disk["hyperparameters"].get(k) == getattr(args, k) for k in SAME_SWEEP):
+            ours = {r["run"]: r for r in record["runs"]}
+            record["runs"] = [ours.pop(r["run"], r) for r in on_disk["runs"]] + list(ours.values())
+        record["correlations"] = correlations(record["runs"], traits)
+        atomic_write_bytes(out, (json.dumps(record, indent=1) + "\n").encode())
+        atomic_write_bytes(out.with_suffix(".md"), (table(record, traits) + "\n").encode())
+        print(f"{row['run']}: " + ", ".join(f"{t} pred {v['predicted_shift']:+.2f} meas {v['measured_shift']:+.2f} "
+                                            f"expr {v['expression_change']:+.2f}" for t, v in row["vectors"].items())
+              + f", ppl {row['heldout_perplexity']} ({row['seconds']} s)", flush=True)
+
+    def run(label: str, rows: list[dict], preventative: list[PreventiveEntry], *, epochs: int | None = None,
+            kind: str = "plain", inference: list[tuple[str, PreventiveEntry]] = ()) -> None:
+        """One fine-tune and its row; with ``inference``, also a row per (label, entry) steering
+        the resulting adapter at inference."""
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "train.jsonl"
@@ -162,47 +214,90 @@ def main(argv: list[str] | None = None) -> int:
             lm = fresh()
             job = TrainingJob(model="default", training_file=str(path), output_dir=str(Path(tmp) / "adapter"),
                               cache_dir=str(settings.cache_dir),
-                              hyperparameters=Hyperparameters(args.epochs, args.batch_size, args.lr_multiplier, 0),
+                              hyperparameters=Hyperparameters(epochs or args.epochs, args.batch_size,
+                                                              args.lr_multiplier, 0),
                               preventative=preventative,
                               vector_files={t: str(settings.shipped_vectors_dir / serving.name / f"{t}.safetensors")
                                             for t in traits},
                               monitor=[MonitorSpec(t, layers[t]) for t in traits], eval_prompts=prompts,
                               threads=args.threads)
             result = train(job, lm=lm)
-        row = {"run": label, "preventative": [vars(e) for e in preventative], "first_loss": result["first_loss"],
-               "last_loss": result["last_loss"], "heldout_perplexity": heldout_perplexity(lm.model, lm.tokenizer, heldout),
-               "vectors": {}}
-        for t in traits:
-            expr = expression(lm.model, lm.tokenizer, prompts[t], units[t], layers[t], args.max_new_tokens)
-            row["vectors"][t] = {"predicted_shift": pred[t], "measured_shift": result["shifts"][t]["measured_shift"],
-                                 "expression": round(expr, 4),
-                                 "expression_change": round(expr - record["base"]["expression"][t], 4)}
-        row["seconds"] = round(time.monotonic() - t0)
-        record["runs"].append(row)
-        record["correlations"] = correlations(record["runs"], traits)
-        out.write_text(json.dumps(record, indent=1) + "\n")
-        out.with_suffix(".md").write_text(table(record, traits, time.monotonic() - started) + "\n")
-        print(f"{label}: " + ", ".join(f"{t} pred {v['predicted_shift']:+.2f} meas {v['measured_shift']:+.2f} "
-                                       f"expr {v['expression_change']:+.2f}" for t, v in row["vectors"].items())
-              + f", ppl {row['heldout_perplexity']} ({row['seconds']} s)", flush=True)
+        common = {"epochs": epochs or args.epochs, "first_loss": result["first_loss"], "last_loss": result["last_loss"]}
+
+        def reading(steered_entry: PreventiveEntry | None) -> dict:
+            deltas = preventative_deltas([steered_entry], vectors, lm.num_layers) if steered_entry else {}
+            steered = lambda: preventative_steering(lm.blocks, deltas)  # noqa: E731
+            with steered():
+                ppl = heldout_perplexity(lm.model, lm.tokenizer, heldout)
+            readings = {}
+            for t in traits:
+                if steered_entry is None:
+                    shift = result["shifts"][t]["measured_shift"]
+                else:
+                    with steered():
+                        states = last_prompt_states(lm.model, lm.tokenizer, prompts[t], [layers[t]])[layers[t]]
+                    # hidden_states[l] is recorded before block l's forward hooks: add what the hook
+                    # adds there, so the reading is the state the next block receives.
+                    if layers[t] in deltas:
+                        states = states + deltas[layers[t]]
+                    shift = round(float((states @ units[t]).mean()) - result["shifts"][t]["base_projection"], 4)
+                expr = expression(lm.model, lm.tokenizer, prompts[t], units[t], layers[t], args.max_new_tokens, steered)
+                readings[t] = {"predicted_shift": pred[t], "measured_shift": shift, "expression": round(expr, 4),
+                               "expression_change": round(expr - record["base"]["expression"][t], 4)}
+            return {"heldout_perplexity": ppl, "vectors": readings}
+
+        if label not in done:
+            save({"run": label, "kind": kind, "preventative": [vars(e) for e in preventative], **common,
+                  **reading(None), "seconds": round(time.monotonic() - t0)})
+        for steered_label, entry in inference:
+            t1 = time.monotonic()
+            save({"run": steered_label, "kind": "inference", "preventative": [], "inference_steering": [vars(entry)],
+                  "shift_includes_hook": True, **common, **reading(entry), "seconds": round(time.monotonic() - t1)})
+
+    def entry_of(spec: str) -> tuple[PreventiveEntry, str, str]:
+        name, _, rest = spec.partition(":")
+        coef, _, where = rest.partition("@")
+        return PreventiveEntry(name, float(coef), "all" if where == "all" else [layers[name]]), coef, where
 
     try:
-        run("neutral", build_set(items, None, 0.0), [])
-        for t in traits:
-            for s in (float(x) for x in args.strengths.split(",") if x):
+        if "neutral" not in done:
+            run("neutral", build_set(items, None, 0.0), [])
+        sets = [(t, float(x)) for t in traits for x in args.strengths.split(",") if x]
+        for t, s in reversed(sets) if args.reverse else sets:
+            # Read again before each run: a sweep beside this one may have trained the set meanwhile.
+            if f"{t} {int(s * 100)}%" not in done | labels_on_disk():
                 run(f"{t} {int(s * 100)}%", build_set(items, t, s), [])
+        steer_at_inference: dict[str, list[tuple[str, PreventiveEntry]]] = {}
+        for spec in filter(None, args.inference.split(",")):
+            entry, coef, where = entry_of(spec)
+            label = f"{entry.vector} 100% adapter, steered at inference {coef} {where}"
+            if label not in done:
+                steer_at_inference.setdefault(entry.vector, []).append((label, entry))
+        for name, entries in steer_at_inference.items():
+            # The adapter is trained again (same seed) for its steered readings; its own row is the rerun.
+            run(f"{name} 100% (rerun)", build_set(items, name, 1.0), [], kind="rerun", inference=entries)
+        for spec in filter(None, args.long.split(",")):
+            name, _, epochs = spec.partition(":")
+            if f"{name} 100%, {epochs} epochs" not in done:
+                run(f"{name} 100%, {epochs} epochs", build_set(items, name, 1.0), [], epochs=int(epochs))
         for spec in filter(None, args.preventative.split(",")):
-            name, _, rest = spec.partition(":")
-            coef, _, where = rest.partition("@")
-            entry = PreventiveEntry(name, float(coef), "all" if where == "all" else [layers[name]])
-            run(f"{name} 100% + preventative {coef} {where}", build_set(items, name, 1.0), [entry])
+            entry, coef, where = entry_of(spec)
+            if f"{entry.vector} 100% + preventative {coef} {where}" not in done:
+                run(f"{entry.vector} 100% + preventative {coef} {where}", build_set(items, entry.vector, 1.0), [entry],
+                    kind="preventative")
     finally:
         engine.shutdown()
     return 0
 
 
+def kind_of(run: dict) -> str:
+    # Rows of the first sweep carry no kind: theirs follows from their preventative steering.
+    return run.get("kind") or ("preventative" if run["preventative"] else "plain")
+
+
 def correlations(runs: list[dict], traits: list[str]) -> dict:
-    plain = [r for r in runs if not r["preventative"]]
+    """r across the plain fine-tunes (every training set, and the longer runs), not the steered ones."""
+    plain = [r for r in runs if kind_of(r) == "plain"]
     per = {}
     for t in traits:
         pred = [r["vectors"][t]["predicted_shift"] for r in plain]
@@ -213,16 +308,18 @@ def correlations(runs: list[dict], traits: list[str]) -> dict:
     return per
 
 
-def table(record: dict, traits: list[str], seconds: float) -> str:
-    lines = [f"Latest `make finetune-evidence`: {record['machine']}, {record['model']} (float32), "
-             f"{len(record['runs'])} fine-tunes in {seconds:.0f} s; base held-out perplexity "
+def table(record: dict, traits: list[str]) -> str:
+    trained = [r for r in record["runs"] if kind_of(r) != "inference"]
+    lines = [f"`make finetune-evidence`: {record['machine']}, {record['model']} (float32), {len(trained)} fine-tunes "
+             f"and {len(record['runs']) - len(trained)} inference-steered readings of one of them, "
+             f"{sum(r['seconds'] for r in record['runs'])} s in all (one or more sittings); base held-out perplexity "
              f"{record['base']['heldout_perplexity']}. Cells: predicted shift / measured shift / expression change.", "",
              "| run | " + " | ".join(traits) + " | held-out ppl |", "|---|" + "---|" * (len(traits) + 1)]
     for r in record["runs"]:
         cells = [f"{v['predicted_shift']:+.2f} / {v['measured_shift']:+.2f} / {v['expression_change']:+.2f}"
                  for v in (r["vectors"][t] for t in traits)]
         lines.append(f"| {r['run']} | " + " | ".join(cells) + f" | {r['heldout_perplexity']} |")
-    lines += ["", "| r across datasets (no preventative steering) | " + " | ".join(traits) + " |",
+    lines += ["", "| r across the plain fine-tunes (no steering; reruns left out) | " + " | ".join(traits) + " |",
               "|---|" + "---|" * len(traits)]
     for key in ("predicted_vs_measured", "measured_vs_expression", "predicted_vs_expression"):
         lines.append(f"| {key.replace('_', ' ')} | "
