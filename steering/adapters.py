@@ -10,10 +10,11 @@ silently dropped, naming the config field or tensor.
 The base weights are never touched. For the tokens of a step that use an adapter, the engine
 adds ``(x A^T) B^T * scaling`` to the base product, in float32, then rounds to the model's dtype:
 PEFT's own order of operations (its ``lora_B(lora_A(x)) * scaling`` added to the base result).
-Unlike PEFT's matrix products, each token's products are computed on their own, elementwise
-then summed along a contiguous axis, so a token's delta does not depend on how many other tokens
-share the step (a BLAS kernel picks its blocking, and so its order of accumulation, by the
-number of rows).
+Unlike PEFT's matrix products, each token's products never depend on how many other tokens share
+the step (a BLAS kernel picks its blocking, and so its order of accumulation, by the number of
+rows): where the engine computes with :mod:`steering.cpu_kernels` they run its ``linear``, one
+fixed chain of multiply-adds per output element; elsewhere they are computed elementwise, then
+summed along a contiguous axis (the same guarantee, at several times the memory traffic).
 
 A request holds a reference to its :class:`Adapter`, so unloading one never disturbs the
 requests already using it; its tensors are freed when the last of them ends.
@@ -58,6 +59,7 @@ _UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "layer_replic
                        "target_parameters", "fan_in_fan_out")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_NO_BIAS = torch.empty(0)
 
 
 class AdapterError(ValueError):
@@ -100,20 +102,41 @@ class _LoraGroup:
     a: torch.Tensor
     b: torch.Tensor
     scale: torch.Tensor
+    kernels: object = None  # steering.cpu_kernels' module, where the engine computes with it
+    # Each part's B alone, (out from, out to, rank from, rank to, B), its ranks padded with zeros
+    # to whole 8-lane chunks: with the kernels the group's products skip the zeros of the
+    # block-diagonal ``b`` (two thirds of it for q, k and v), and a rank under 8 does not fall to
+    # the kernel's scalar tail for every output element.
+    blocks: tuple = ()
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> None:
         """Add this group's delta for the tokens ``rows`` of ``x`` ``[T, in]`` to ``out`` ``[T, out]`` in place."""
-        delta = torch.empty(rows.shape[0], out.shape[1], dtype=torch.float32, device=out.device)
+        if self.kernels is not None and out.device.type == "cpu" and self.a.is_contiguous():
+            t = self.kernels.linear(x.index_select(0, rows).float(), self.a, _NO_BIAS)
+            if self.blocks:
+                delta = torch.zeros(rows.shape[0], out.shape[1], dtype=torch.float32)
+                for c0, c1, r0, r1, b in self.blocks:
+                    ranks = torch.nn.functional.pad(t[:, r0:r1], (0, b.shape[1] - (r1 - r0)))
+                    delta[:, c0:c1] = self.kernels.linear(ranks.contiguous(), b, _NO_BIAS)
+                delta *= self.scale
+            else:
+                delta = self.kernels.linear(t, self.b, _NO_BIAS) * self.scale
+        else:
+            delta = self._elementwise(x, rows, out.shape[1])
+        if out.dtype == torch.float32:
+            out.index_add_(0, rows, delta)
+        else:
+            out.index_copy_(0, rows, (out.index_select(0, rows).float() + delta).to(out.dtype))
+
+    def _elementwise(self, x: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+        delta = torch.empty(rows.shape[0], width, dtype=torch.float32, device=x.device)
         # Rows per elementwise product, so its temporary stays near 16 MiB whatever the rank.
         step = max(1, (1 << 22) // max(self.b.numel(), self.a.numel()))
         for start in range(0, rows.shape[0], step):
             block = rows[start:start + step]
             t = (x.index_select(0, block).float()[:, None, :] * self.a[None]).sum(-1)
             delta[start:start + block.shape[0]] = (t[:, None, :] * self.b[None]).sum(-1) * self.scale
-        if out.dtype == torch.float32:
-            out.index_add_(0, rows, delta)
-        else:
-            out.index_copy_(0, rows, (out.index_select(0, rows).float() + delta).to(out.dtype))
+        return delta
 
 
 @dataclass(eq=False)
@@ -277,6 +300,7 @@ def parse_adapter(name: str, config_bytes: bytes, weights_bytes: bytes, lm, *, m
     adapter = Adapter(name=name, rank=largest, alpha=float(alpha),
                       targets=tuple(p for p in PARTS if any(part == p for _l, part in loras)),
                       base_model=lm.name, base_fingerprint=lm.fingerprint, config=config)
+    kernels = getattr(lm, "kernels", None)
     for layer in sorted({layer for layer, _part in loras}):
         device = lm.block_device(layer)
         for group, members in FUSED_GROUPS.items():
@@ -288,18 +312,21 @@ def parse_adapter(name: str, config_bytes: bytes, weights_bytes: bytes, lm, *, m
             a_cat = torch.cat([loras[(layer, p)][0] for p in present]).to(device, torch.float32).contiguous()
             b_cat = torch.zeros(sum(widths[m] for m in members), ranks, dtype=torch.float32, device=device)
             scale = torch.zeros(b_cat.shape[0], dtype=torch.float32, device=device)
-            r0 = 0
+            r0, blocks = 0, []
             for p in present:
                 a, b, scaling = loras[(layer, p)]
                 c0 = sum(widths[m] for m in members[:members.index(p)])
                 c1, r1 = c0 + b.shape[0], r0 + a.shape[0]
-                b_cat[c0:c1, r0:r1] = b.to(device, torch.float32)
+                block = b.to(device, torch.float32).contiguous()
+                b_cat[c0:c1, r0:r1] = block
                 scale[c0:c1] = scaling
-                # The HF forward calls each part alone: its tensors are views into the group's.
-                adapter.parts[(layer, p)] = _LoraGroup(a_cat[r0:r1], b_cat[c0:c1, r0:r1], scale[c0:c1])
+                blocks.append((c0, c1, r0, r1, torch.nn.functional.pad(block, (0, -block.shape[1] % 8))))
+                # The HF forward calls each part alone: a view of the group's A, its own B block.
+                adapter.parts[(layer, p)] = _LoraGroup(a_cat[r0:r1], block, scale[c0:c1], kernels)
                 r0 = r1
-            adapter.fused[(layer, group)] = _LoraGroup(a_cat, b_cat, scale)
-            adapter.nbytes += (a_cat.numel() + b_cat.numel() + scale.numel()) * 4
+            adapter.fused[(layer, group)] = _LoraGroup(a_cat, b_cat, scale, kernels, tuple(blocks) if kernels else ())
+            adapter.nbytes += (a_cat.numel() + b_cat.numel() + scale.numel()
+                               + (sum(blk[4].numel() for blk in blocks) if kernels else 0)) * 4
     return adapter
 
 

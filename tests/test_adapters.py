@@ -3,6 +3,7 @@ the field; per request in mixed batches with steering, token-exact against PEFT'
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -145,6 +146,16 @@ def test_a_tokens_delta_is_the_same_whatever_shares_its_step(lm, adapter_dirs):
         alone = torch.zeros(n, 960)
         LoraStep.build([(adapter, list(range(n)))], torch.device("cpu")).add_fused(3, "qkv", x[37 - n:], alone)
         assert torch.equal(alone, out[37 - n:])
+    # Without the CPU kernels (PERSONA_CPU_KERNELS=0, no compiler) the elementwise products keep
+    # the guarantee and give the same deltas up to float32 rounding.
+    elementwise = dataclasses.replace(adapter.fused[(3, "qkv")], kernels=None, blocks=())
+    plain = torch.zeros(37, 960)
+    elementwise.add_to(x, plain, torch.arange(37))
+    assert torch.allclose(plain, out, rtol=1e-5, atol=1e-6)
+    for n in (1, 2, 8):
+        alone = torch.zeros(n, 960)
+        elementwise.add_to(x[37 - n:], alone, torch.arange(n))
+        assert torch.equal(alone, plain[37 - n:])
 
 
 def test_load_list_unload_as_vllm_clients_do(c, adapter_dirs, lm):
