@@ -141,7 +141,7 @@ def _screen(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from steering.runner import EngineRunner
-    from steering.screen import Screener, ScreenReport
+    from steering.screen import Screener, ScreenReport, jsonl_lines
 
     lm, registry, engine = _offline(args)
     try:
@@ -155,8 +155,8 @@ def _screen(args: argparse.Namespace) -> int:
                         generate=not args.no_generate)
 
     async def run(out) -> None:
-        with open(args.data, encoding="utf-8", errors="replace") as fh, tqdm(desc="screen", unit="sample") as bar:
-            async for row in screener.rows(enumerate(fh, start=1), report):
+        with tqdm(desc="screen", unit="sample") as bar:
+            async for row in screener.rows(jsonl_lines(args.data), report):
                 out.write(json.dumps(row) + "\n")
                 bar.update(1)
 
@@ -423,7 +423,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from app.training import eval_prompts, fine_tuned_name
     from steering.finetune import Hyperparameters, MonitorSpec, TrainingFileError, TrainingJob, check_chat_file, train
     from steering.runner import EngineRunner
-    from steering.screen import Screener, ScreenReport
+    from steering.screen import Screener, ScreenReport, jsonl_lines
 
     settings = Settings()
     for path in filter(None, (args.data, args.validation)):
@@ -446,8 +446,8 @@ def _finetune(args: argparse.Namespace) -> int:
                                 layers={m.vector: m.layer for m in monitor}, max_new_tokens=settings.finetune_screen_tokens)
 
             async def screen() -> None:
-                with open(args.data, encoding="utf-8") as fh, tqdm(desc="predict shift", unit="sample") as bar:
-                    async for _row in screener.rows(enumerate(fh, start=1), report):
+                with tqdm(desc="predict shift", unit="sample") as bar:
+                    async for _row in screener.rows(jsonl_lines(args.data), report):
                         bar.update(1)
 
             asyncio.run(screen())

@@ -29,7 +29,7 @@ from pathlib import Path
 from steering.atomic import atomic_write_bytes
 from steering.finetune import Hyperparameters, MonitorSpec, PreventiveEntry, TrainingJob, prompts_of
 from steering.runner import EngineRunner
-from steering.screen import Screener, ScreenReport
+from steering.screen import Screener, ScreenReport, jsonl_lines
 
 log = logging.getLogger(__name__)
 ACTIVE = ("validating_files", "queued", "running")
@@ -273,7 +273,7 @@ class FineTuning:
         report = ScreenReport([v.name for v in vectors], top_k=1)
         screener = Screener(EngineRunner(self.state.engine), self.state.lm.tokenizer, vectors, layers=layers,
                             max_new_tokens=self.settings.finetune_screen_tokens, limit=self.state.prompt_limit)
-        async for _row in screener.rows(_lines(Path(spec.training_file)), report):
+        async for _row in screener.rows(jsonl_lines(spec.training_file), report):
             pass
         summary = report.summary(True)["vectors"]
         predicted = {name: summary[name]["mean_diff"] for name in summary}
@@ -353,12 +353,6 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
     except ProcessLookupError:
         pass
-
-
-def _lines(path: Path):
-    with open(path, encoding="utf-8") as fh:
-        for number, raw in enumerate(fh, start=1):
-            yield number, raw
 
 
 def eval_prompts(settings, vector_name: str, training_file: Path) -> list[str]:

@@ -25,7 +25,8 @@ import heapq
 import json
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable
+from pathlib import Path
+from typing import AsyncIterator, Iterable, Iterator
 
 import torch
 
@@ -56,6 +57,36 @@ class Sample:
     response: str
     prompt_ids: list[int] = field(default_factory=list)
     response_ids: list[int] = field(default_factory=list)
+
+
+MAX_LINE_BYTES = 1 << 20
+"""Longest screened line read whole. A sample that long is far past any model's context, and a
+single line of a 256 MB upload must not be decoded, parsed and tokenized in one go."""
+
+
+def jsonl_lines(path: Path | str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str | SampleError]]:
+    """``(line number, text)`` for each line of a JSONL file, read in bounded pieces. A line over
+    ``max_line_bytes`` is skipped without being held whole and comes back as a :class:`SampleError`
+    saying how long it was, so it is reported by number like any other malformed line.
+
+    Example::
+
+        for number, text in jsonl_lines("train.jsonl"):
+            ...   # text is str, or SampleError for an over-long line
+    """
+    with open(path, "rb") as fh:
+        number = 0
+        while piece := fh.readline(max_line_bytes + 1):
+            number += 1
+            if len(piece) > max_line_bytes and not piece.endswith(b"\n"):
+                size = len(piece)
+                while piece and not piece.endswith(b"\n"):
+                    piece = fh.readline(max_line_bytes)
+                    size += len(piece)
+                yield number, SampleError(f"the line is {size} bytes long; lines of at most {max_line_bytes} bytes "
+                                          f"are screened")
+                continue
+            yield number, piece.decode("utf-8", errors="replace")
 
 
 def parse_line(line_no: int, raw: str) -> Sample | None:
@@ -209,7 +240,8 @@ class Screener:
             rows.append({"line": s.line, "scores": scores})
         return rows
 
-    async def rows(self, lines: Iterable[tuple[int, str]] | AsyncIterator[tuple[int, str]], report: ScreenReport):
+    async def rows(self, lines: Iterable[tuple[int, str | SampleError]] | AsyncIterator[tuple[int, str | SampleError]],
+                   report: ScreenReport):
         """Yield one scored row per valid sample; malformed lines go to ``report`` (:meth:`ScreenReport.error`)."""
         batch: list[Sample] = []
         since = time.monotonic()
@@ -228,6 +260,8 @@ class Screener:
                 await asyncio.sleep(0)
                 since = time.monotonic()
             try:
+                if isinstance(raw, SampleError):
+                    raise raw
                 sample = parse_line(line_no, raw)
                 if sample is None:
                     continue

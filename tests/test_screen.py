@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from steering.chat import chat_prompt_ids
-from steering.screen import SampleError, parse_line
+from steering.screen import MAX_LINE_BYTES, SampleError, jsonl_lines, parse_line
 from tests.conftest import wait_job
 
 DATA = Path(__file__).parent / "data" / "screen_mixed.jsonl"
@@ -108,6 +108,32 @@ def test_a_large_malformed_upload_neither_stalls_the_server_nor_grows_the_job_re
     assert result["samples"] == 0 and result["error_count"] == lines
     assert [e["line"] for e in result["errors"]] == list(range(1, 101))
     assert all("not JSON" in e["error"] for e in result["errors"])
+
+
+def test_lines_are_read_in_bounded_pieces(tmp_path):
+    """A line at the limit is read; one byte more is skipped unread and reported by its number."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"a" * 1023 + b"\n" + b"b" * 1024 + b"\n" + b"c" * 5000 + b"\n" + b"d" * 3000)
+    got = list(jsonl_lines(path, max_line_bytes=1024))
+    assert [n for n, _ in got] == [1, 2, 3, 4]
+    assert got[0][1] == "a" * 1023 + "\n" and got[1][1] == "b" * 1024 + "\n"
+    assert isinstance(got[2][1], SampleError) and "5001 bytes" in str(got[2][1])
+    assert isinstance(got[3][1], SampleError) and "3000 bytes" in str(got[3][1])
+
+
+def test_a_single_huge_line_is_reported_not_parsed(client):
+    """One line of a few MB (valid JSON) is not decoded, parsed and tokenized in one go: it is an
+    error naming its line and length, and the lines around it are screened."""
+    huge = json.dumps({"prompt": "Say something.", "response": "word " * (MAX_LINE_BYTES // 2)})
+    fine = json.dumps({"prompt": "How are you?", "response": "Fine, thanks."})
+    r = client.post("/v1/screen", params={"vectors": "sycophantic", "generate": "false"},
+                    content=(fine + "\n" + huge + "\n" + fine + "\n").encode(),
+                    headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["result"]["samples"] == 2
+    assert [(e["line"], "bytes long" in e["error"]) for e in job["result"]["errors"]] == [(2, True)]
 
 
 def test_screen_refuses_bad_requests(client):

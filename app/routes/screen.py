@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -21,15 +20,9 @@ from app.jobs import partial
 from app.routes.adapters import requested_adapter
 from steering.atomic import fsync_dir
 from steering.runner import EngineRunner
-from steering.screen import Screener, ScreenReport
+from steering.screen import Screener, ScreenReport, jsonl_lines
 
 router = APIRouter()
-
-
-def _lines(path: Path):
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, raw in enumerate(fh, start=1):
-            yield number, raw
 
 
 @router.post(
@@ -80,7 +73,7 @@ async def screen(http: Request, state: State, who: User, vectors: str, top: int 
                             generate=generate, max_new_tokens=max_new_tokens, limit=state.prompt_limit)
         try:
             with open(partial(job.output), "w", encoding="utf-8") as out:
-                async for row in screener.rows(_lines(source), report):
+                async for row in screener.rows(jsonl_lines(source), report):
                     out.write(json.dumps(row) + "\n")
                     job.progress += 1
                 out.flush()
