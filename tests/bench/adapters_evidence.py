@@ -60,6 +60,12 @@ def words(text: str) -> int:
     return len(re.findall(r"[A-Za-z0-9']+", text))
 
 
+def repeats_a_sentence(text: str) -> bool:
+    """A sentence said twice in one answer: the loop a too-strong push sends a small model into."""
+    sentences = [s.strip() for s in re.split(r"[.!?]", text) if s.strip()]
+    return len(set(sentences)) < len(sentences)
+
+
 def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return round(sum(values) / len(values), 3) if values else None
@@ -121,6 +127,7 @@ def summarize(rows: list[dict], lexicon) -> dict:
         "words": _mean([words(r["text"]) for r in rows]),
         "exclamation_share": round(sum("!" in r["text"] for r in rows) / len(rows), 3),
         "emoji_share": round(sum(bool(EMOJI.search(r["text"])) for r in rows) / len(rows), 3),
+        "repeat_share": round(sum(repeats_a_sentence(r["text"]) for r in rows) / len(rows), 3),
     }
 
 
@@ -189,15 +196,17 @@ def markdown(record: dict) -> str:
              f"{record['seconds']} s on a shared, loaded machine. z: the factor's monitor z-score at its recommended "
              "layer; Δ prompt: shift of the last prompt token's reading against base.",
              "",
-             "| factor | condition | Δ prompt z | answers' z | reader z | lexicon /100 words | words | with ! | with emoji |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| factor | condition | Δ prompt z | answers' z | reader z | lexicon /100 words | words | with ! | "
+             "with emoji | repeating a sentence |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for f, rows in record["table"].items():
         for label, row in rows.items():
             lines.append(f"| {f} | {label} | {row['prompt_z_shift']:+.2f} | {row['response_z']} | {row['reader_z']} | "
-                         f"{row['lexicon']} | {row['words']} | {row['exclamation_share']:.0%} | {row['emoji_share']:.0%} |")
+                         f"{row['lexicon']} | {row['words']} | {row['exclamation_share']:.0%} | {row['emoji_share']:.0%} | "
+                         f"{row['repeat_share']:.0%} |")
     if record["assess"]:
-        lines += ["", f"`/v1/assess` Big Five inventory ({record['assess_repetitions']} repetitions; a score of 0.5 is "
-                  "the middle of the scale), factor score (kappa):", "",
+        lines += ["", f"`/v1/assess` Big Five inventory ({record['assess_repetitions']} repetitions), factor score "
+                  "(the expected answer on the 1-5 scale, reverse-keyed items flipped; 3 is the middle) and kappa:", "",
                   "| model | " + " | ".join(FACTORS) + " |", "|---|" + "---|" * len(FACTORS)]
         for model, factors in record["assess"].items():
             lines.append(f"| {model} | " + " | ".join(f"{factors[f]['score']} ({factors[f]['kappa']})" for f in FACTORS) + " |")
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factors", default=",".join(FACTORS))
     p.add_argument("--prompts", type=int, default=30)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--assess-repetitions", type=int, default=0, help="0: no /v1/assess inventory")
+    p.add_argument("--assess-repetitions", type=int, default=3, help="0: no /v1/assess inventory")
     p.add_argument("--out", default=str(ROOT / "docs" / "finetune" / "adapters.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
