@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -341,6 +344,22 @@ def test_assessment_and_screening_measure_an_adapter(c):
               c.post("/v1/screen", params={"vectors": "optimistic", "model": "not-loaded"}, content=b"{}\n"),
               c.post("/v1/vectors/extract", json={"trait_name": "optimistic", "model": "not-loaded"})):
         assert (r.status_code, r.json()["error"]["param"]) == (404, "model"), r.text
+
+
+def test_cli_screens_through_an_adapter(adapter_dirs, tmp_path):
+    data = tmp_path / "three.jsonl"
+    data.write_bytes(b"".join(SCREEN_DATA.read_bytes().splitlines(keepends=True)[:3]))
+
+    def train_projections(*extra: str) -> list[float]:
+        out = tmp_path / "rows.jsonl"
+        done = subprocess.run([sys.executable, "-m", "app.cli", "screen", str(data), "--vector", "optimistic",
+                               "--no-generate", "--out", str(out), *extra], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PERSONA_DATA_DIR": str(tmp_path / "data")})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [json.loads(line)["scores"]["optimistic"]["train"] for line in out.read_text().splitlines()]
+
+    base, adapted = train_projections(), train_projections("--adapter", str(adapter_dirs["persona-all"]))
+    assert len(base) == len(adapted) == 3 and all(b != a for b, a in zip(base, adapted))
 
 
 def live_model(c: httpx.Client) -> str:
