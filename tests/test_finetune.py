@@ -288,3 +288,15 @@ def test_a_job_cancelled_before_its_task_ran_is_recorded_as_cancelled(tmp_path):
     job = asyncio.run(scenario())
     assert job["status"] == "cancelled"
     assert json.loads((tmp_path / "fine_tuning" / job["id"] / "job.json").read_text())["status"] == "cancelled"
+
+
+def test_evidence_sweeps_merge_keeps_a_run_amended_on_disk_and_adds_their_own():
+    from tests.bench.finetune_evidence import merge_runs
+
+    on_disk = [{"run": "a", "v": "amended"}, {"run": "b", "v": "other sweep"}, {"run": "c", "v": "old"}]
+    ours = [{"run": "a", "v": "stale copy read at start"}, {"run": "c", "v": "remeasured"}, {"run": "d", "v": "new"},
+            {"run": "e", "v": "read at start, lost from the file since"}]
+    merged = merge_runs(on_disk, ours, mine={"c", "d"})
+    assert [(r["run"], r["v"]) for r in merged] == [
+        ("a", "amended"), ("b", "other sweep"), ("c", "remeasured"), ("d", "new"),
+        ("e", "read at start, lost from the file since")]

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         record["base"], record["runs"] = kept["base"], kept["runs"]
         print(f"keeping {len(record['runs'])} runs of {out}", flush=True)
     done = {r["run"] for r in record["runs"]}
+    mine: set[str] = set()
 
     fresh = lambda: load_model("default", dtype="float32", device="cpu", cache_dir=settings.cache_dir,  # noqa: E731
                                prepack=False, cpu_kernels=False)
@@ -190,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(row: dict) -> None:
         record["runs"].append(row)
-        # Another sweep of the same settings may have added runs since: keep them beside ours.
+        mine.add(row["run"])
+        # Another sweep of the same settings may have added or amended runs since: the file's copy
+        # of a run wins unless this sweep measured it.
         on_disk = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
         if on_disk and all(on_disk["hyperparameters"].get(k) == getattr(args, k) for k in SAME_SWEEP):
-            ours = {r["run"]: r for r in record["runs"]}
-            record["runs"] = [ours.pop(r["run"], r) for r in on_disk["runs"]] + list(ours.values())
+            record["runs"] = merge_runs(on_disk["runs"], record["runs"], mine)
         record["correlations"] = correlations(record["runs"], traits)
         atomic_write_bytes(out, (json.dumps(record, indent=1) + "\n").encode())
         atomic_write_bytes(out.with_suffix(".md"), (table(record, traits) + "\n").encode())
@@ -288,6 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def merge_runs(on_disk: list[dict], ours: list[dict], mine: set[str]) -> list[dict]:
+    """The file's runs in its order, with this sweep's own runs (labels in ``mine``) in place of
+    the file's copies; runs only one side holds are kept. A run this sweep merely read from the
+    file never replaces the file's copy, which another sweep may have amended since."""
+    by_label = {r["run"]: r for r in ours}
+    merged = [by_label[r["run"]] if r["run"] in mine and r["run"] in by_label else r for r in on_disk]
+    seen = {r["run"] for r in merged}
+    return merged + [r for r in ours if r["run"] not in seen]
 
 
 def kind_of(run: dict) -> str:
