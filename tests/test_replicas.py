@@ -23,6 +23,7 @@ import httpx
 import pytest
 import torch
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from steering.monitor import MonitorConfig, MonitorSet
 from steering.registry import VectorRegistry
@@ -216,13 +217,15 @@ def test_two_servers_on_one_data_dir_share_monitors_and_settle_a_race_with_412(l
 
 # ---- three server processes behind HAProxy (`make test-replicas`) ----
 
-def haproxy_config(port: int, stats_port: int, replicas: list[int]) -> str:
-    """docker/haproxy/haproxy.cfg, pointed at local replicas: the shipped settings under test."""
+def haproxy_config(port: int, stats_port: int, replicas: list[int], check: bool = True) -> str:
+    """docker/haproxy/haproxy.cfg, pointed at local replicas: the shipped settings under test.
+    ``check=False`` leaves out the health checks, so a draining replica stays in the rotation as
+    it does until its checks fail."""
     shipped = (DOCKER / "haproxy" / "haproxy.cfg").read_text()
     kept = [line for line in shipped.splitlines()
             if not line.strip().startswith(("server ", "resolvers", "nameserver"))]
     cfg = "\n".join(kept).replace("bind :8000", f"bind 127.0.0.1:{port}").replace(" resolvers docker", "")
-    servers = [f"    server r{i} 127.0.0.1:{p} check" for i, p in enumerate(replicas)]
+    servers = [f"    server r{i} 127.0.0.1:{p}{' check' if check else ''}" for i, p in enumerate(replicas)]
     backend = cfg.index("backend replicas")
     head, tail = cfg[:backend], cfg[backend:]
     stats = f"listen stats\n    bind 127.0.0.1:{stats_port}\n    stats enable\n    stats uri /stats\n"
@@ -291,13 +294,62 @@ def _query(prom, expr: str) -> list[dict]:
         return []
 
 
+def _haproxy() -> str:
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+    if found is None:
+        pytest.skip("haproxy is not installed (`make install` installs Debian's package)")
+    return found
+
+
+def _refused_while_draining(url: str) -> float:
+    """What a replica's own /metrics counts of the 503s it answered."""
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)
+    return sum(s.value for f in families if f.name == "persona_requests" for s in f.samples
+               if s.name == "persona_requests_total" and s.labels["status"] == "503")
+
+
+def test_a_draining_replicas_503_is_retried_even_when_the_body_comes_after_the_headers(lm, tmp_path):
+    """The request a rolling restart lost (1 of 223): a client whose body reached HAProxy after
+    its headers. HAProxy forwarded the headers at once, and a request not wholly received when
+    it is first sent is never retried on a status (L7 retries need the whole request buffered),
+    so the draining replica's 503 went to the client. The shipped config buffers the request
+    first (``option http-buffer-request``); this client sends its body 0.2 s after its headers,
+    to a replica that drains while HAProxy still routes to it (before its checks fail)."""
+    haproxy = _haproxy()
+    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                       "temperature": 0}).encode()
+
+    def late_body():
+        yield body[:10]
+        time.sleep(0.2)
+        yield body[10:]
+
+    with make_server(lm, tmp_path / "a") as draining, make_server(lm, tmp_path / "b") as serving:
+        port, stats_port = free_port(), free_port()
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(haproxy_config(port, stats_port, [draining.port, serving.port], check=False))
+        lb = subprocess.Popen([haproxy, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert wait_until(lambda: _ready(f"http://127.0.0.1:{port}"), 10)
+            draining.state.engine.drain()
+            with httpx.Client(timeout=60) as client:
+                answers = [client.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=late_body(),
+                                       headers={"Content-Type": "application/json"}) for _ in range(4)]
+        finally:
+            lb.terminate()
+            lb.wait(30)
+        assert [r.status_code for r in answers] == [200] * 4, [r.text[:120] for r in answers]
+        assert all(r.json()["usage"]["completion_tokens"] == 2 for r in answers)
+        assert _refused_while_draining(draining.url) >= 1  # round robin did send some to the draining one
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     if os.environ.get("PERSONA_TEST_REPLICAS") != "1":
         pytest.skip("three server processes behind HAProxy take minutes to start: `make test-replicas` runs them")
-    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
-    if haproxy is None or shutil.which("prometheus") is None:
-        pytest.skip("haproxy or prometheus is not installed (`make install` installs Debian's packages)")
+    haproxy = _haproxy()
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (`make install` installs Debian's package)")
     data_dir = tmp_path_factory.mktemp("shared-volume")
     env = {"PERSONA_ADMIN_KEYS": "admin-secret", "PERSONA_LOG_LEVEL": "warning", "PERSONA_STORE_POLL_S": "1",
            "PERSONA_DRAIN_NOTICE_S": "3", "PERSONA_DRAIN_TIMEOUT_S": "60", "PERSONA_KV_CACHE_GIB": "0.25",
