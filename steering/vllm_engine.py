@@ -18,9 +18,14 @@ object from a copy of its own, checked against the object: replacing or unloadin
 the store never changes what a request admitted with it runs with. Each copy has its own vLLM id
 and name, so the prefix cache (keyed by vLLM on the adapter's name and path) never mixes them.
 
+A monitor's remediation is decided by the workers where they read the last prompt token, as on
+our engine: the first generated token, sampled from the prefill's logits, is not remediated;
+every later one is (:mod:`steering.vllm_plugin`). ``PrefillDone.remediated`` names the
+remediations switched on, read with the projections before the first token is passed on.
+
 Not supported here (they raise :class:`UnsupportedOnEngineError`): ``mean_from`` (all-layer
-span means for extraction), ``option_ids`` (assessment), ``score_from``, and ``remediations``
-(a monitor's conditional steering); the CLI runs the first two on our engine.
+span means for extraction), ``option_ids`` (assessment) and ``score_from``; the CLI runs them on
+our engine.
 
 Example::
 
@@ -82,8 +87,7 @@ class VLLMEngine:
         ``max_lora_rank`` (rounded up to a rank vLLM accepts)."""
         self.lm = lm
         # Work that needs what only our engine reports (all-layer span means, option log-probabilities).
-        self.unsupported = frozenset({"extraction", "assessment"} | {"remediation"}
-                                      | (set() if max_loras > 0 else {"adapters"}))
+        self.unsupported = frozenset({"extraction", "assessment"} | (set() if max_loras > 0 else {"adapters"}))
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
@@ -189,9 +193,6 @@ class VLLMEngine:
             raise UnsupportedOnEngineError("span means (vector extraction) run on the hf engine only")
         if request.option_ids:
             raise UnsupportedOnEngineError("option log-probabilities (assessment) run on the hf engine only")
-        if request.remediations:
-            raise UnsupportedOnEngineError("monitor remediation (conditional steering) runs on the hf engine only",
-                                           param="remediation")
         if request.adapter is not None and self.max_loras <= 0:
             raise UnsupportedOnEngineError("LoRA adapters are off on this vLLM engine (max_loras is 0)", param="model")
 
@@ -219,7 +220,7 @@ class VLLMEngine:
             return None
         return encode_request(uid, self.lm.hidden_size, prompt=prompt, response=response, probes=request.probes,
                               block_above=request.block_above, response_probes=request.response_probes,
-                              capture_layers=request.capture_layers)
+                              capture_layers=request.capture_layers, remediations=request.remediations)
 
     async def generate(self, request: GenerationRequest):
         """Submit ``request`` and yield its events; closing the stream aborts it in vLLM."""
@@ -237,9 +238,9 @@ class VLLMEngine:
         uid = f"persona-{next(self._uids)}-{request.request_id or 'r'}"
         extra = self._persona_args(request, uid)
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_ids))
-        if extra and extra["steer"]:
+        if extra and (extra["steer"] or extra["remedy"]):
             # Never reuse prefix-cache blocks computed under another steering.
-            prompt["cache_salt"] = _salt(extra["steer"], len(request.prompt_ids))
+            prompt["cache_salt"] = _salt(extra["steer"], len(request.prompt_ids), extra["remedy"])
         needs_prefill = bool(request.probes or request.capture_layers)
         watching = bool(request.response_probes)
         prefill_only = request.sampling.max_new_tokens == 0
@@ -264,6 +265,8 @@ class VLLMEngine:
                         event.states = {int(k): torch.from_numpy(np.frombuffer(v, dtype=np.float32).copy()).view(hidden)
                                         for k, v in prefill.get("states", {}).items()}
                         event.blocked = bool(prefill.get("blocked"))
+                        if not event.blocked:
+                            event.remediated = tuple(prefill.get("remediated", ()))
                     yield event
                     if event.blocked or prefill_only:
                         await self._llm.abort(uid)
@@ -386,13 +389,15 @@ class VLLMEngine:
             await asyncio.sleep(0.002)
 
 
-def _salt(steer: list, prompt_len: int) -> str:
-    """The prefix-cache salt of a steered request (``steer`` as :func:`encode_request` packs it).
+def _salt(steer: list, prompt_len: int, remedy: list = ()) -> str:
+    """The prefix-cache salt of a steered request (``steer`` and ``remedy`` as
+    :func:`encode_request` packs them).
 
     A cached block holds keys computed under the delta of each of its positions' phase. When the
     phases differ, a follow-up turn that resends an earlier answer as its prompt would find the
     answer's blocks, computed under the response's delta, where its prompt's delta belongs; the
     prompt's length in the salt keeps the two layouts apart (vLLM salts the whole block chain).
+    A remediation may steer the response and never the prompt, so it always splits the phases.
     """
     digest = hashlib.sha256()
     for layer, phase, blob in sorted(steer, key=lambda e: (e[0], e[1])):
@@ -401,7 +406,12 @@ def _salt(steer: list, prompt_len: int) -> str:
     phases = {PROMPT: {}, RESPONSE: {}}
     for layer, phase, blob in steer:
         phases[phase][layer] = blob
-    if phases[PROMPT] != phases[RESPONSE]:
+    for name, layer, index, limit, deltas in remedy:
+        digest.update(f"remedy:{name}:{layer}:{index}:{limit!r}:".encode())
+        for at, blob in sorted(deltas, key=lambda e: e[0]):
+            digest.update(f"{at}:".encode())
+            digest.update(blob)
+    if phases[PROMPT] != phases[RESPONSE] or remedy:
         digest.update(f"prompt:{prompt_len}".encode())
     return digest.hexdigest()[:32]
 

@@ -20,6 +20,12 @@ response monitors, each fed-back generated token's) onto the request's direction
 device. Results wait on tensor-parallel rank 0 until the server takes them
 (:meth:`PersonaWorkerExtension.persona_take`); every rank steers. Hooks need eager
 execution: compiled graphs and CUDA graphs do not call them.
+
+A monitor's remediation (:class:`~steering.steer.ConditionalSteering`) is decided where the
+last prompt token is read, on every rank (each reads the same replicated state): above its
+limit, its deltas join the request's response-phase deltas from the next forward pass on. So,
+as on our engine, the first generated token (sampled from the prefill's logits) is not
+remediated and every later one is: the fed-back first token is the first position steered.
 """
 
 from __future__ import annotations
@@ -46,8 +52,11 @@ def _unpack(blob: bytes, hidden: int) -> torch.Tensor:
 
 def encode_request(uid: str, hidden: int, *, prompt: dict[int, torch.Tensor], response: dict[int, torch.Tensor],
                    probes: dict[int, torch.Tensor], block_above: dict[int, torch.Tensor],
-                   response_probes: dict[int, torch.Tensor], capture_layers: frozenset[int]) -> dict:
-    """The ``extra_args["persona"]`` value for one request (msgpack-friendly: str, int, bytes, lists)."""
+                   response_probes: dict[int, torch.Tensor], capture_layers: frozenset[int],
+                   remediations: tuple = ()) -> dict:
+    """The ``extra_args["persona"]`` value for one request (msgpack-friendly: str, int, bytes, lists).
+    ``remediations`` are :class:`~steering.steer.ConditionalSteering`; their ``index`` counts
+    rows of ``probes[layer]``."""
     return {
         "uid": uid,
         "hidden": hidden,
@@ -57,6 +66,8 @@ def encode_request(uid: str, hidden: int, *, prompt: dict[int, torch.Tensor], re
         "block": [[layer, [float(x) for x in limits]] for layer, limits in block_above.items()],
         "watch": [[layer, _pack(d)] for layer, d in response_probes.items()],
         "capture": sorted(capture_layers),
+        "remedy": [[c.name, c.layer, c.index, float(c.limit), [[layer, _pack(d)] for layer, d in c.response.items()]]
+                   for c in remediations],
     }
 
 
@@ -92,6 +103,15 @@ def chunk_layout(computed: int, scheduled: int, prompt_len: int, num_tokens: int
     )
 
 
+@dataclass(frozen=True)
+class _Remedy:
+    name: str
+    layer: int
+    index: int
+    limit: float
+    deltas: dict[int, torch.Tensor]  # layer -> [hidden], response phase
+
+
 @dataclass
 class _Spec:
     """A request's decoded ``persona`` arguments, its tensors on the worker's device."""
@@ -102,10 +122,17 @@ class _Spec:
     block: dict[int, list[float]]
     watch: dict[int, torch.Tensor]
     capture: frozenset[int]
+    remedies: list[_Remedy] = field(default_factory=list)
 
     @property
     def wants_prefill(self) -> bool:
         return bool(self.probes or self.capture)
+
+    def remediate(self, remedy: _Remedy) -> None:
+        """Add ``remedy``'s deltas to the response phase (the tables of later passes carry them)."""
+        for layer, delta in remedy.deltas.items():
+            held = self.deltas.get((layer, RESPONSE))
+            self.deltas[(layer, RESPONSE)] = delta if held is None else held + delta
 
 
 @dataclass
@@ -118,6 +145,7 @@ class _Step:
     last_prompt: list[tuple[_Spec, int]] = field(default_factory=list)  # (spec, token index)
     fed_back: list[tuple[_Spec, int]] = field(default_factory=list)  # generated token fed this step
     layers: frozenset[int] = frozenset()
+    remedy_layers: frozenset[int] = frozenset()  # layers where a remediation is decided (every rank)
 
 
 class PersonaWorkerExtension:
@@ -178,6 +206,9 @@ class PersonaWorkerExtension:
                 block={int(layer): list(limits) for layer, limits in raw["block"]},
                 watch={int(layer): _unpack(blob, hidden).to(device) for layer, blob in raw["watch"]},
                 capture=frozenset(int(x) for x in raw["capture"]),
+                remedies=[_Remedy(str(name), int(layer), int(index), float(limit),
+                                  {int(at): _unpack(blob, hidden)[0].to(device) for at, blob in deltas})
+                          for name, layer, index, limit, deltas in raw.get("remedy", ())],
             )
         self._persona_specs[req_id] = spec
         return spec
@@ -193,6 +224,7 @@ class PersonaWorkerExtension:
         step = _Step(num_tokens=int(starts[n]) if n else 0)
         rows: dict[int, list] = {}  # layer -> [(start, end, delta)]
         layers: set[int] = set()
+        remedy_layers: set[int] = set()
         for i, req_id in enumerate(batch.req_ids[:n]):
             spec = self._spec(req_id)
             if spec is None:
@@ -211,6 +243,7 @@ class PersonaWorkerExtension:
             if spec.wants_prefill and layout.last_prompt is not None:
                 step.last_prompt.append((spec, begin + layout.last_prompt))
                 layers.update(spec.probes, spec.capture)
+                remedy_layers.update(r.layer for r in spec.remedies)
             if spec.watch and layout.produces:
                 # The state that produces this step's token: the last prompt token's in the step
                 # that ends the prompt, the fed-back generated token's after it.
@@ -224,6 +257,7 @@ class PersonaWorkerExtension:
             step.table[layer] = table.to(device, dtype)
             step.index[layer] = torch.from_numpy(index).to(device)
         step.layers = frozenset(layers)
+        step.remedy_layers = frozenset(remedy_layers)
         return step
 
     def _persona_hook(self, layer: int):
@@ -239,6 +273,8 @@ class PersonaWorkerExtension:
             # Readings see the layer's state before its own steering is added, as on our engine.
             if layer in step.layers and self._persona_rank0:
                 self._observe(step, layer, hidden, residual)
+            if layer in step.remedy_layers:
+                self._remediate(step, layer, hidden, residual)
             if layer in step.table:
                 t = step.num_tokens
                 hidden[:t] += step.table[layer].index_select(0, step.index[layer])
@@ -246,18 +282,30 @@ class PersonaWorkerExtension:
 
         return hook
 
-    def _observe(self, step: _Step, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
-        def state(token: int) -> torch.Tensor:
-            s = hidden[token] if residual is None else hidden[token] + residual[token]
-            return s.float()
+    def _prefill_result(self, spec: _Spec) -> dict:
+        result = self._persona_results.setdefault(spec.uid, {"t": time.monotonic(), "tokens": []})
+        return result.setdefault("prefill", {"projections": {}, "states": {}, "blocked": False, "remediated": []})
 
+    def _remediate(self, step: _Step, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """Switch on the remediations decided at ``layer`` whose probe reads above their limit."""
+        for spec, token in step.last_prompt:
+            due = [r for r in spec.remedies if r.layer == layer]
+            if not due:
+                continue
+            values = spec.probes[layer] @ _state(hidden, residual, token)
+            for remedy in due:
+                if float(values[remedy.index]) > remedy.limit:
+                    spec.remediate(remedy)
+                    if self._persona_rank0:
+                        self._prefill_result(spec)["remediated"].append(remedy.name)
+
+    def _observe(self, step: _Step, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
         now = time.monotonic()
         for spec, token in step.last_prompt:
             if layer not in spec.probes and layer not in spec.capture:
                 continue
-            result = self._persona_results.setdefault(spec.uid, {"t": now, "tokens": []})
-            prefill = result.setdefault("prefill", {"projections": {}, "states": {}, "blocked": False})
-            s = state(token)
+            prefill = self._prefill_result(spec)
+            s = _state(hidden, residual, token)
             if layer in spec.probes:
                 values = (spec.probes[layer] @ s).tolist()
                 prefill["projections"][layer] = values
@@ -270,11 +318,17 @@ class PersonaWorkerExtension:
             if layer not in spec.watch:
                 continue
             result = self._persona_results.setdefault(spec.uid, {"t": now, "tokens": []})
-            values = (spec.watch[layer] @ state(token)).tolist()
+            values = (spec.watch[layer] @ _state(hidden, residual, token)).tolist()
             # One entry per fed-back token: hooks run in layer order, so the lowest watched layer opens it.
             if layer == min(spec.watch):
                 result["tokens"].append({})
             result["tokens"][-1][layer] = values
+
+
+def _state(hidden: torch.Tensor, residual: torch.Tensor | None, token: int) -> torch.Tensor:
+    """The residual stream at ``token`` in float32 (vLLM's layers return it as two summands)."""
+    s = hidden[token] if residual is None else hidden[token] + residual[token]
+    return s.float()
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -285,3 +285,27 @@ def test_an_unknown_adapter_is_404_naming_model(c):
     r = c.post("/v1/chat/completions", json=_body(model="no-such-adapter"))
     assert r.status_code == 404, r.text
     assert r.json()["error"]["param"] == "model"
+
+
+REMEDY = {"vector": "optimistic", "coefficient": -8.0}
+
+
+def test_a_remediation_steers_the_answer_from_its_second_token(live, c):
+    high_prompt = TRAIT["pairs"][0]["pos"]
+    _monitor(live.url, mode="annotate")
+    high, low = _score(c, system=high_prompt), _score(c)
+    assert high > low
+    plain_high, plain_low = _tokens(c, system=high_prompt), _tokens(c)
+    own = _tokens(c, system=high_prompt, steering=[{**REMEDY, "positions": "response"}])
+    _monitor(live.url, mode="enforce", score="projection", remediation=[REMEDY], remediate_threshold=(high + low) / 2)
+    out = c.post("/v1/chat/completions", json=_body(system=high_prompt, logprobs=True, monitor={"return_scores": True}))
+    assert out.status_code == 200, out.text
+    reading = out.json()["persona_monitor"]
+    assert reading["remediated"] == ["optimistic"] and reading["scores"]["optimistic"]["action"] == "remediate"
+    remediated = [entry["token"] for entry in out.json()["choices"][0]["logprobs"]["content"]]
+    # Exactly the same steering on generated tokens: the first token, sampled from the prefill's
+    # logits, is not remediated; every later one is.
+    assert remediated == own and remediated != plain_high
+    assert remediated[0] == plain_high[0]
+    # Below the threshold the answer is token-identical to one with no monitor.
+    assert _tokens(c) == plain_low

@@ -2,21 +2,18 @@
 
 Each test starts a real server on the shared model and asks it as a client would; the
 reference for a remediated answer is the same request carrying the remediation as its own
-response-phase steering, on a server with no monitor.
+response-phase steering, on a server with no monitor. The vLLM engine's remediation is in
+tests/test_engine_contract.py (run on both engines).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 
-from steering.engine import GenerationRequest, UnsupportedOnEngineError
 from steering.monitor import MonitorSet
-from steering.steer import ConditionalSteering
-from steering.vllm_engine import VLLMEngine
 from tests.conftest import REPO_VECTORS, make_server
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -151,12 +148,3 @@ def test_a_vector_that_a_remediation_steers_with_cannot_be_deleted(c, live):
     refused = c.delete("/v1/vectors/evil")
     assert refused.status_code == 409 and "remediation" in refused.json()["error"]["message"]
     assert isinstance(live.state.monitors, MonitorSet) and "optimistic" in live.state.monitors.configs()
-
-
-def test_the_vllm_engine_refuses_remediation(lm, tmp_path: Path):
-    engine = VLLMEngine(lm, model_dir=tmp_path)  # constructing it starts nothing
-    assert "remediation" in engine.unsupported
-    remedy = ConditionalSteering("optimistic", 19, 0, 0.0, {})
-    with pytest.raises(UnsupportedOnEngineError) as refused:
-        engine.check(GenerationRequest(prompt_ids=[1, 2, 3], remediations=(remedy,)))
-    assert refused.value.param == "remediation"

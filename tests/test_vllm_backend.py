@@ -119,3 +119,17 @@ def test_an_adapter_reaches_vllm_as_a_private_copy_of_the_one_the_request_was_ad
         assert not copy.exists() and Path(other.lora_path).exists()
     finally:
         engine.shutdown()
+
+
+def test_a_remediation_salts_the_prefix_cache_with_its_deltas_and_the_prompt_length():
+    from steering.steer import ConditionalSteering
+
+    def remedy(value: float) -> list:
+        c = ConditionalSteering("optimistic", 19, 0, 1.5, {19: torch.full((4,), value)})
+        return encode_request("u", 4, prompt={}, response={}, probes={19: torch.ones(1, 4)}, block_above={},
+                              response_probes={}, capture_layers=frozenset(), remediations=(c,))["remedy"]
+
+    assert _salt([], 40, remedy(-1.0)) == _salt([], 40, remedy(-1.0))
+    assert _salt([], 40, remedy(-1.0)) != _salt([], 40, remedy(-2.0))
+    # It steers only generated tokens: an answer resent as prompt must not meet its blocks.
+    assert _salt([], 40, remedy(-1.0)) != _salt([], 140, remedy(-1.0))
