@@ -115,16 +115,24 @@ def count_steering(state: ServerState, steering: RowSteering | None) -> None:
         state.metrics.steering.labels(vector=name).inc()
 
 
-def _sampling(state: ServerState, body: _GenerationFields, max_new: int) -> SamplingParams:
+def check_token_ids(state: ServerState, ids, what: str, param: str) -> None:
+    """The one vocabulary-range rule for every field that carries token ids (prompts, stop ids,
+    logit_bias keys, /detokenize): each in 0..V-1, else a 400 naming the field and the first bad
+    id. ``param`` may hold ``{i}`` for the bad id's position."""
     vocab = len(state.lm.tokenizer)
+    for i, token in enumerate(ids):
+        if not 0 <= token < vocab:
+            raise APIError(400, f"{what} must be in 0..{vocab - 1}; got {token}", param=param.format(i=i))
+
+
+def _sampling(state: ServerState, body: _GenerationFields, max_new: int) -> SamplingParams:
     bias = []
     for key, value in (body.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
-            raise APIError(400, f"logit_bias keys must be token ids in 0..{vocab - 1}; got {key[:20]!r}", param="logit_bias")
+        if not key.lstrip("-").isdigit():
+            raise APIError(400, f"logit_bias keys must be token ids; got {key[:20]!r}", param="logit_bias")
+        check_token_ids(state, [int(key)], "logit_bias keys", "logit_bias")
         bias.append((int(key), float(value)))
-    bad = [t for t in body.stop_token_ids or () if not 0 <= t < vocab]
-    if bad:
-        raise APIError(400, f"stop_token_ids must be in 0..{vocab - 1}; got {bad[0]}", param="stop_token_ids")
+    check_token_ids(state, body.stop_token_ids or (), "stop_token_ids", "stop_token_ids")
     defaults = state.sampling_defaults
     top_k = defaults.top_k if body.top_k is None else body.top_k
     return SamplingParams(

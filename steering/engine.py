@@ -39,6 +39,7 @@ import torch
 from steering import fastpath, kvcache
 from steering.adapters import Adapter, LoraHooks, LoraStep
 from steering.hooks import SteeringHooks, StepHooks
+from steering.layers import AttentionShape, text_config
 from steering.model import LoadedModel
 from steering.sampling import RowState, SamplingParams, make_generator, option_logprobs, sample
 from steering.steer import ConditionalSteering, DeltaTable, RowSteering, add_deltas
@@ -584,12 +585,10 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.max_num_batched_tokens = max(max_num_batched_tokens, max_batch_size)
-        config = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or lm.hidden_size // heads
-        per_token = kvcache.SlotKVCache.bytes_per_token(num_layers=lm.num_layers, kv_heads=kv_heads,
-                                                          head_dim=head_dim, dtype=lm.dtype)
+        config = text_config(lm.model.config)
+        shape = AttentionShape.of(config)
+        per_token = kvcache.SlotKVCache.bytes_per_token(num_layers=lm.num_layers, kv_heads=shape.kv_heads,
+                                                          head_dim=shape.head_dim, dtype=lm.dtype)
         max_len = min(max_model_len or lm.context_length, lm.context_length)
         if kv_cache_bytes is not None:
             max_len = min(max_len, kv_cache_bytes // (per_token * max_batch_size))
@@ -598,8 +597,8 @@ class Engine:
         self.max_model_len = int(max_len)
         self.attention_horizon = attention_horizon or default_attention_horizon(config, lm.input_device)
         self.kv_cache_bytes = per_token * max_batch_size * self.max_model_len
-        self.cache = kvcache.SlotKVCache(num_layers=lm.num_layers, slots=max_batch_size, kv_heads=kv_heads,
-                                         head_dim=head_dim, max_len=self.max_model_len, dtype=lm.dtype,
+        self.cache = kvcache.SlotKVCache(num_layers=lm.num_layers, slots=max_batch_size, kv_heads=shape.kv_heads,
+                                         head_dim=shape.head_dim, max_len=self.max_model_len, dtype=lm.dtype,
                                          device_of_layer=lm.block_device)
         # On CPU, steering.cpu_kernels computes every row's products, norms and attention in a fixed
         # order: a row's tokens never depend on who shares its step (None: oneDNN and SDPA).
@@ -1080,9 +1079,8 @@ def default_attention_horizon(config, device: torch.device) -> float:
     linear layers' multiply-adds per token over attention's per cached token (per layer, QK and
     PV: 2 x heads x head_dim), divided by how much slower attention runs on ``device``."""
     hidden = config.hidden_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    shape = AttentionShape.of(config)
+    heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     inner = getattr(config, "intermediate_size", None) or 4 * hidden
     gated = 3 if getattr(config, "hidden_act", "") in ("silu", "swiglu", "gelu_pytorch_tanh") else 2
     linear = hidden * head_dim * (2 * heads + 2 * kv_heads) + gated * hidden * inner

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steering import kvcache
+from steering.layers import AttentionShape
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +118,12 @@ class FusedDecoder:
     def __init__(self, model: nn.Module, blocks: list[nn.Module], kernels=None):
         inner = model.model
         self.kernels = kernels
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
         self.lm_head = model.lm_head
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        shape = AttentionShape.of(model.config)
+        self.heads, self.kv_heads, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
         self.layers = [_Layer(block) for block in blocks]
         # cos and sin per position, computed once for all positions (grown as needed): a token's
         # rotation then never depends on which other positions share its step. Rotations that

@@ -6,7 +6,37 @@ decoder block ``L`` (1-based), so block ``blocks[L - 1]`` produces layer ``L``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
+
+
+def text_config(config):
+    """The decoder's own config: a multimodal config nests it, a text model's is the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Attention's shape as the config states it, derived in one place for the KV cache, the
+    fast path and the attention cost model: query heads, key/value heads (grouped-query attention
+    when fewer), and the size of one head.
+
+    Example::
+
+        AttentionShape.of(model.config)   # SmolLM2-135M: AttentionShape(heads=9, kv_heads=3, head_dim=64)
+    """
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> "AttentionShape":
+        config = text_config(config)
+        heads = config.num_attention_heads
+        return cls(heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 # Attribute paths from the causal-LM wrapper to its list of decoder blocks.
 _BLOCK_PATHS = (

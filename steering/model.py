@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from steering.cpu_linear import prepack_linears
-from steering.layers import decoder_blocks
+from steering.layers import decoder_blocks, text_config
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def load_model(
             log.info("%d linear layers pack their weights for oneDNN on first use", changed)
 
     blocks = decoder_blocks(model)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
     if tokenizer.pad_token_id is None:

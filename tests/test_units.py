@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from steering.detokenize import TextStream
-from steering.layers import UnsupportedArchitectureError, decoder_blocks
+from steering.layers import AttentionShape, UnsupportedArchitectureError, decoder_blocks
 from steering.model import ModelLoadError, default_gguf_path, load_model
 from steering.registry import VectorRegistry
 from steering.steer import DeltaTable, SteeringError, SteeringSpec, resolve_steering
@@ -52,6 +52,19 @@ def test_decoder_blocks_found_for_llama_and_refused_for_unknown(lm):
     assert len(decoder_blocks(lm.model)) == 30 == lm.num_layers
     with pytest.raises(UnsupportedArchitectureError, match="cannot find the decoder layers"):
         decoder_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_attention_shape_reads_grouped_heads_and_an_explicit_head_size(lm):
+    """The one derivation the KV cache, the fast path and the cost model share: KV heads default
+    to the query heads, the head size to hidden / heads unless the config states it."""
+    from transformers import GemmaConfig, GPT2Config, LlamaConfig
+
+    assert AttentionShape.of(lm.model.config) == AttentionShape(heads=9, kv_heads=3, head_dim=64)
+    assert AttentionShape.of(LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=None)) == \
+        AttentionShape(heads=8, kv_heads=8, head_dim=32)
+    assert AttentionShape.of(GemmaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=1,
+                                         head_dim=96)).head_dim == 96
+    assert AttentionShape.of(GPT2Config()) == AttentionShape(heads=12, kv_heads=12, head_dim=64)  # n_head, n_embd
 
 
 def test_layer_convention_block_l_produces_hidden_state_l(lm):

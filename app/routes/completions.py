@@ -6,8 +6,7 @@ from fastapi import APIRouter, Request
 
 from app.auth import User
 from app.deps import State
-from app.errors import APIError
-from app.generation import Renderer, build_request, respond
+from app.generation import Renderer, build_request, check_token_ids, respond
 from app.schemas import CompletionRequest
 from steering.chat import completion_prompt_ids
 from steering.engine import TokenOut
@@ -46,9 +45,7 @@ async def completions(body: CompletionRequest, state: State, http: Request, _use
     if isinstance(body.prompt, str):
         prompt_ids = completion_prompt_ids(state.lm.tokenizer, body.prompt)
     else:
-        vocab = len(state.lm.tokenizer)
-        if any(not 0 <= t < vocab for t in body.prompt):
-            raise APIError(400, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+        check_token_ids(state, body.prompt, "prompt token ids", "prompt")
         prompt_ids = list(body.prompt)
     gen, monitor = build_request(state, body, prompt_ids, "prompt")
     return await respond(state, http, body, gen, monitor, COMPLETION, "/v1/completions")

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from app.auth import User
 from app.deps import State
 from app.errors import APIError
-from app.generation import check_model
+from app.generation import check_model, check_token_ids
 from app.routes.chat import chat_text
 from app.schemas import DetokenizeRequest, TokenizeRequest
 
@@ -38,8 +38,5 @@ async def tokenize(body: TokenizeRequest, state: State, _user: User):
 async def detokenize(body: DetokenizeRequest, state: State, _user: User):
     if body.model is not None:
         check_model(state, body.model)
-    vocab = len(state.lm.tokenizer)
-    for i, token in enumerate(body.tokens):
-        if not 0 <= token < vocab:
-            raise APIError(400, f"token ids must be in 0..{vocab - 1}", param=f"tokens[{i}]")
+    check_token_ids(state, body.tokens, "token ids", "tokens[{i}]")
     return {"prompt": state.lm.tokenizer.decode(body.tokens)}
