@@ -136,12 +136,15 @@ def test_method_comparison_on_the_model_scores_folds_and_ships_only_candidates_t
     from steering.chat import chat_prompt_ids
     from steering.evidence import load_evidence
     from steering.extract import auroc, combine_directions, smooth_layers
-    from steering.methods import CANDIDATES, compare, layer_window
+    from steering.methods import CANDIDATES, FIRST_HALF_CHOSEN_BY, compare, layer_window
     from steering.vector import PersonaVector
 
     full = TraitDefinition.load(REPO_VECTORS / "traits" / "evil.json")
+    # The shipped build's record is whatever rule built it last; this one says the rule before
+    # chose it on the first half of the evidence questions, so the later half is left to compare on.
+    record = {k: v for k, v in full.extraction.items() if k != "chosen_on"} | {"chosen_by": FIRST_HALF_CHOSEN_BY}
     trait = replace(full, pairs=full.pairs[:2], questions=full.questions[:2], heldout_questions=full.heldout_questions[:2],
-                    texts=full.texts[:4], sentences={k: v[:4] for k, v in full.sentences.items()})
+                    texts=full.texts[:4], sentences={k: v[:4] for k, v in full.sentences.items()}, extraction=record)
     evidence = load_evidence(REPO_VECTORS / "evidence.json")["evil"]
     evidence = replace(evidence, questions=evidence.questions[:4])
     neutral = json.loads((REPO_VECTORS / "neutral_prompts.json").read_text())["prompts"][:8]
@@ -160,7 +163,7 @@ def test_method_comparison_on_the_model_scores_folds_and_ships_only_candidates_t
     # evil's prompts are ones this model follows: the fold left out is told apart as well
     assert result["nested"]["all"]["mean"] >= 0.8
     unseen = result["previous"]["unseen_folds"]
-    assert unseen and set(unseen) <= {0, 1, 2, 3}  # the shipped build was chosen on evidence questions
+    assert unseen == [2, 3]  # the later half of the evidence questions; every held-out question chose it
     decision = result["decision"]
     assert decision["folds"] == unseen
     assert decision["new"] == pytest.approx(sum(result["nested"]["auroc"][f] for f in unseen) / len(unseen), abs=1e-3)
