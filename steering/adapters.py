@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from steering.atomic import atomic_write_bytes, fsync_dir
+from steering.atomic import atomic_write_bytes, fsync_dir, replace_dir
 from steering.hooks import ThreadScopedHooks
 from steering.store import SharedStore
 
@@ -513,13 +513,7 @@ class AdapterStore:
         try:
             for file, data in ((CONFIG_FILE, config), (WEIGHTS_FILE, weights), (PERSONA_FILE, persona)):
                 atomic_write_bytes(tmp / file, data)
-            final = self.root / name
-            old = self.root / f".{name}.old-{tag}"
-            if final.exists():
-                os.rename(final, old)
-            os.rename(tmp, final)
-            fsync_dir(self.root)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, self.root / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -37,6 +39,24 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(built: Path, final: Path) -> None:
+    """Put the directory ``built`` at ``final`` (same filesystem), replacing an older one: the old
+    one is renamed aside to ``.<name>.old-<tag>`` first, so ``final`` never holds a mix of both,
+    and removed once the new one is in place. A crash in between leaves the aside copy for
+    start-up recovery to put back or drop.
+
+    Example::
+
+        replace_dir(root / ".extravert.tmp-1a2b", root / "extravert")
+    """
+    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(built, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temp_files(directory: Path) -> int:

@@ -9,22 +9,19 @@ project's fine-tuning (``steering.finetune``: r 32) and of its shipped adapters 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
-import time
 
 import pytest
 import torch
 from safetensors.torch import save
 
 from steering.adapters import PARTS, _target_table, parse_adapter
-from steering.engine import Done, Engine, GenerationRequest
+from steering.engine import Engine
 from steering.model import load_model
 from steering.registry import VectorRegistry
-from steering.sampling import SamplingParams
 from steering.steer import resolve_steering
-from tests.bench.test_engine_bench import NEW, REPS, N, prompts, specs_for
+from tests.bench.test_engine_bench import REPS, N, engine_run, prompts, specs_for
 from tests.conftest import CACHE_DIR, REPO_VECTORS
 
 RANKS = (32, 4)
@@ -49,21 +46,8 @@ def random_adapter(lm, name: str, rank: int, seed: int):
 
 
 def run(engine: Engine, ids: list[list[int]], steering: list, adapters: list) -> float:
-    """Submit all at once; return output tokens/s."""
-
-    async def one(p, s, a):
-        req = GenerationRequest(prompt_ids=p, steering=s, adapter=a,
-                                sampling=SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True))
-        async for ev in engine.generate(req):
-            if isinstance(ev, Done):
-                return ev.completion_tokens
-
-    async def all_():
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(p, s, a) for p, s, a in zip(ids, steering, adapters)))
-        return sum(counts) / (time.perf_counter() - start)
-
-    return asyncio.run(all_())
+    """Output tokens/s of all rows submitted at once, each with its steering and adapter."""
+    return engine_run(engine, ids, steering, adapters=adapters)
 
 
 @pytest.mark.timeout(3600)  # a loaded 2-core machine: minutes per repetition

@@ -56,11 +56,11 @@ def specs_for(i: int, vectors: list[str]) -> list[SteeringSpec]:
     return [SteeringSpec(e["vector"], e["coefficient"], tuple(e["layers"]) if "layers" in e else None) for e in mix]
 
 
-def engine_run(engine: Engine, ids: list[list[int]], steering: list, *, new=NEW) -> float:
-    """Submit all at once; return output tokens/s."""
+def engine_run(engine: Engine, ids: list[list[int]], steering: list, *, new=NEW, adapters: list | None = None) -> float:
+    """Submit all at once (row i with ``steering[i]`` and, if given, ``adapters[i]``); return output tokens/s."""
 
-    async def one(p, s):
-        req = GenerationRequest(prompt_ids=p, steering=s,
+    async def one(p, s, a):
+        req = GenerationRequest(prompt_ids=p, steering=s, adapter=a,
                                 sampling=SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True))
         async for ev in engine.generate(req):
             if isinstance(ev, Done):
@@ -68,7 +68,7 @@ def engine_run(engine: Engine, ids: list[list[int]], steering: list, *, new=NEW)
 
     async def all_():
         start = time.perf_counter()
-        counts = await asyncio.gather(*(one(p, s) for p, s in zip(ids, steering)))
+        counts = await asyncio.gather(*(one(p, s, a) for p, s, a in zip(ids, steering, adapters or [None] * len(ids))))
         return sum(counts) / (time.perf_counter() - start)
 
     return asyncio.run(all_())

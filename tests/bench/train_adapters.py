@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import signal
@@ -29,7 +28,7 @@ import torch
 
 from app.settings import Settings
 from steering.adapters import PERSONA_FILE
-from steering.atomic import atomic_write_bytes, fsync_dir
+from steering.atomic import atomic_write_bytes, replace_dir
 from steering.finetune import BASE_LEARNING_RATE, Hyperparameters, LoraSettings, TrainingJob, train
 from steering.model import load_model
 
@@ -42,17 +41,6 @@ BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def adapter_name(training_file: Path) -> str:
     """``extraversion-high.jsonl`` -> ``big5-extraversion-high``."""
     return "big5-" + training_file.stem
-
-
-def install(built: Path, target: Path) -> None:
-    """Put the freshly built adapter directory ``built`` at ``target``, replacing an older one
-    without a moment where ``target`` holds a mix of both."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.rename(target, old)
-    os.rename(built, target)
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def progress(name: str):
@@ -105,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_bytes(config_file, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
             atomic_write_bytes(built / PERSONA_FILE, json.dumps(
                 {"base_model": lm.name, "base_fingerprint": lm.fingerprint}).encode())
-            install(built, target)
+            replace_dir(built, target)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         seconds = round(time.monotonic() - t0)
