@@ -256,7 +256,6 @@ class MonitorSet:
         self.num_layers = num_layers
         self._listeners: list[Callable[[dict[str, MonitorConfig]], None]] = []
         self._configs: dict[str, MonitorConfig] = self._read() if self.path.exists() else {}
-        self._compiled: dict[str, _Compiled] = {}
         # The configuration and what it compiled to, swapped as one: a request's snapshot (and the
         # steering policy checked against it) never mixes a new configuration with old probes.
         self._view: tuple[dict[str, MonitorConfig], dict[str, _Compiled]] = ({}, {})
@@ -395,7 +394,6 @@ class MonitorSet:
                 float(stats["neutral_std"][cfg.layer]) if "neutral_std" in stats else None,
                 remedy,
             )
-        self._compiled = compiled
         self._view = (configs, compiled)
         for listener in self._listeners:
             listener(dict(self._configs))
@@ -403,7 +401,7 @@ class MonitorSet:
     # ---- scoring (hot path) ----
 
     def active(self) -> list[MonitorConfig]:
-        return [c.config for c in self._compiled.values() if c.config.mode != "off"]
+        return [c.config for c in self._view[1].values() if c.config.mode != "off"]
 
     def snapshot(self) -> "MonitorSnapshot":
         """The active monitors as they are now; a request keeps its snapshot, so a change made
