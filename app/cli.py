@@ -18,7 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
     if "lora_modules" in overrides:
         overrides["lora_modules"] = shipped_lora_modules(overrides["lora_modules"])
     settings = Settings(**overrides)
-    problem = settings.exposure_problem() or _engine_problem(settings.engine)
+    problem = settings.exposure_problem() or quantization_problem(settings) or _engine_problem(settings.engine)
     if problem:
         raise SystemExit(f"persona-server: {problem}")
     # Only now the heavy imports (torch, transformers): a refused start is told at once.
@@ -57,6 +57,26 @@ def shipped_lora_modules(entries: list[str]) -> list[str]:
             raise SystemExit(f"persona-server: --lora-modules {entry!r} is neither NAME=PATH nor a shipped adapter "
                              f"({', '.join(sorted(shipped)) or 'none shipped'})")
     return out
+
+
+def quantization_problem(settings) -> str | None:
+    """Why ``settings.quantization`` cannot be served, told before the model loads: it runs on our
+    CPU kernels only (steering.quant), so it is refused rather than served unquantized."""
+    if settings.quantization == "none":
+        return None
+    flag = f"--quantization {settings.quantization}"
+    if settings.engine == "vllm":
+        return f"{flag} runs on our engine's CPU kernels, not vLLM's: serve it with --engine hf, or drop the flag"
+    if not settings.cpu_kernels:
+        return f"{flag} runs on our CPU kernels, which PERSONA_CPU_KERNELS=0 turns off: turn them on, or drop the flag"
+    import torch
+
+    from steering import cpu_kernels
+
+    on_gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
+    if on_gpu or not cpu_kernels.supported():
+        return f"{flag} runs on our CPU kernels (x86-64 with AVX2 and a C++ compiler, the model on the CPU): not here"
+    return None
 
 
 def _engine_problem(engine: str) -> str | None:
@@ -511,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--device", help="auto, cpu or cuda")
     serve.add_argument("--engine", choices=["hf", "vllm"], help="generation engine: ours (hf, default) or vLLM's")
+    serve.add_argument("--quantization", choices=["none", "int8"],
+                       help="int8: weight-only int8 linear layers, a scale per output row (our engine on CPU)")
     serve.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int,
                        help="vLLM engine: GPUs per model (tensor parallelism)")
     serve.add_argument("--data-dir", dest="data_dir")

@@ -53,6 +53,7 @@ def build_state(settings: Settings, lm: LoadedModel | None = None) -> ServerStat
             cache_dir=settings.cache_dir, served_name=settings.served_model_name,
             # vLLM's engine loads the weights itself; this process needs the config and tokenizer.
             weights=settings.engine == "hf", prepack=settings.cpu_prepack, cpu_kernels=settings.cpu_kernels,
+            quantization=settings.quantization,
         )
     store = SharedStore(settings.data_dir, poll_s=settings.store_poll_s)
     registry = VectorRegistry(

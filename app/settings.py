@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # Our engine on x86 CPUs with AVX2: products, norms and attention run steering.cpu_kernels
     # (built with g++), so a row's tokens never depend on its batch; False: oneDNN and SDPA.
     cpu_kernels: bool = True
+    # Our engine with cpu_kernels: "int8" stores the linear layers' weights as int8 with a scale per
+    # output row (steering.quant): half of bfloat16's bytes read per decode step, a quarter of float32's.
+    quantization: Literal["none", "int8"] = "none"
     # Our engine on CPU: intra-op threads for steps of at most 16 tokens (small-batch decode);
     # None: in bfloat16 one fewer than torch's thread count (a core for the event loop), in float32 all.
     cpu_small_step_threads: int | None = Field(None, ge=1)

@@ -15,6 +15,9 @@ the call, where the row sits in it, the padding, or the number of threads:
   its lanes summed in a fixed tree, then the tail and the bias. Rows are computed in tiles of up
   to 4 rows by 3 weight rows to reuse loads, but each element's chain is the same in every tile
   shape; threads split the output columns, never a sum.
+- ``linear_int8``: the same chain over an int8 weight (``--quantization int8``, see
+  :mod:`steering.quant`), each weight widened exactly to float32 on load, then the row's scale
+  and the bias: a quarter of float32's bytes, half of bfloat16's, read per product.
 - ``rms_norm`` and ``silu_mul``: HF's RMSNorm and gated SiLU, row by row, with HF's roundings.
 - ``attention``: per (token, KV head), the scores against the keys its own position (and
   sliding window) allows, read from the slot cache after this step's keys were written, then
@@ -44,8 +47,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_NAME = "persona_cpu_kernels_v2"
-_FUNCTIONS = ["linear", "rms_norm", "silu_mul", "attention"]
+_NAME = "persona_cpu_kernels_v3"
+_FUNCTIONS = ["linear", "linear_int8", "rms_norm", "silu_mul", "attention"]
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -78,8 +81,13 @@ inline __m256 load8(const bf16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
+// int8 weights (steering.quant): sign-extended and converted, exact as well.
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline float f32(float v) { return v; }
 inline float f32(bf16 v) { return static_cast<float>(v); }
+inline float f32(int8_t v) { return static_cast<float>(v); }
 template <typename T> inline T from_f32(float v) { return static_cast<T>(v); }  // bf16: round to nearest even
 
 // <a, b> over k elements: one 8-lane FMA chain, its lanes summed, then the k % 8 tail in order.
@@ -95,9 +103,11 @@ inline float dot(const A* a, const B* b, int64_t k_total) {
 
 // out[r, c] = <x[r, :], w[c, :]> for an R x C tile: each of the R * C accumulators runs exactly
 // the chain of dot() (weight first, as there), so a product's value never depends on the tile
-// it was computed in, nor on how many rows the call had.
-template <int R, int C, typename W>
-inline void tile(const float* x, const W* w, int64_t k_total, float* out, int64_t ldo, const W* bias) {
+// it was computed in, nor on how many rows the call had. A quantized weight's chain is then
+// multiplied by its row's scale, before the bias: one more fixed operation per element.
+template <int R, int C, typename W, typename B>
+inline void tile(const float* x, const W* w, int64_t k_total, float* out, int64_t ldo, const B* bias,
+                 const float* scale) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
@@ -114,27 +124,29 @@ inline void tile(const float* x, const W* w, int64_t k_total, float* out, int64_
     for (int c = 0; c < C; ++c) {
       float total = lane_sum(acc[r][c]);
       for (int64_t j = k; j < k_total; ++j) total = total + f32(w[c * k_total + j]) * x[r * k_total + j];
+      if (scale) total = total * scale[c];
       if (bias) total = total + f32(bias[c]);
       out[r * ldo + c] = total;
     }
 }
 
-template <int C, typename W>
-inline void rows_tile(int R, const float* x, const W* w, int64_t k, float* out, int64_t ldo, const W* bias) {
+template <int C, typename W, typename B>
+inline void rows_tile(int R, const float* x, const W* w, int64_t k, float* out, int64_t ldo, const B* bias,
+                      const float* scale) {
   switch (R) {
-    case 4: tile<4, C>(x, w, k, out, ldo, bias); break;
-    case 3: tile<3, C>(x, w, k, out, ldo, bias); break;
-    case 2: tile<2, C>(x, w, k, out, ldo, bias); break;
-    default: tile<1, C>(x, w, k, out, ldo, bias); break;
+    case 4: tile<4, C>(x, w, k, out, ldo, bias, scale); break;
+    case 3: tile<3, C>(x, w, k, out, ldo, bias, scale); break;
+    case 2: tile<2, C>(x, w, k, out, ldo, bias, scale); break;
+    default: tile<1, C>(x, w, k, out, ldo, bias, scale); break;
   }
 }
 
 constexpr int kTileRows = 4, kTileCols = 3;
 constexpr int64_t kBlockRows = 64;  // input rows kept hot in L2 while a thread sweeps its weights
 
-template <typename W>
-void linear_impl(const float* x, const W* w, const W* bias, float* out, int64_t m_total, int64_t n_total,
-                 int64_t k_total) {
+template <typename W, typename B>
+void linear_impl(const float* x, const W* w, const B* bias, const float* scale, float* out, int64_t m_total,
+                 int64_t n_total, int64_t k_total) {
   const int64_t blocks = (n_total + kTileCols - 1) / kTileCols;
   // At least ~128k multiply-adds per thread: a parallel region costs more than a smaller share.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / (kTileCols * k_total * m_total));
@@ -145,14 +157,15 @@ void linear_impl(const float* x, const W* w, const W* bias, float* out, int64_t 
         const int64_t n = b * kTileCols;
         const int64_t cols = std::min<int64_t>(kTileCols, n_total - n);
         const W* wb = w + n * k_total;
-        const W* bb = bias ? bias + n : nullptr;
+        const B* bb = bias ? bias + n : nullptr;
+        const float* sb = scale ? scale + n : nullptr;
         for (int64_t m = m0; m < m1; m += kTileRows) {
           const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
           float* o = out + m * n_total + n;
           const float* xm = x + m * k_total;
-          if (cols == 3) rows_tile<3>(rows, xm, wb, k_total, o, n_total, bb);
-          else if (cols == 2) rows_tile<2>(rows, xm, wb, k_total, o, n_total, bb);
-          else rows_tile<1>(rows, xm, wb, k_total, o, n_total, bb);
+          if (cols == 3) rows_tile<3>(rows, xm, wb, k_total, o, n_total, bb, sb);
+          else if (cols == 2) rows_tile<2>(rows, xm, wb, k_total, o, n_total, bb, sb);
+          else rows_tile<1>(rows, xm, wb, k_total, o, n_total, bb, sb);
         }
       }
     }
@@ -253,12 +266,33 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) 
   }
   auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   if (weight.scalar_type() == at::kFloat) {
-    linear_impl<float>(xf.data_ptr<float>(), weight.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr,
-                       out.data_ptr<float>(), m_total, n_total, k_total);
+    linear_impl(xf.data_ptr<float>(), weight.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr,
+                nullptr, out.data_ptr<float>(), m_total, n_total, k_total);
   } else {
-    linear_impl<bf16>(xf.data_ptr<float>(), weight.data_ptr<bf16>(), has_bias ? bias.data_ptr<bf16>() : nullptr,
-                      out.data_ptr<float>(), m_total, n_total, k_total);
+    linear_impl(xf.data_ptr<float>(), weight.data_ptr<bf16>(), has_bias ? bias.data_ptr<bf16>() : nullptr,
+                nullptr, out.data_ptr<float>(), m_total, n_total, k_total);
   }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+// x [M, K] (float32 or bfloat16), weight int8 [N, K], scale float32 [N], bias float32 [N] or
+// empty -> [M, N] in x's dtype: (x . weight[c]) * scale[c] + bias[c], each element the chain of
+// linear's float32 path (the int8 weight widened exactly), rounded to x's dtype as linear rounds.
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias) {
+  check_cpu(x, "x");
+  TORCH_CHECK(weight.device().is_cpu() && weight.is_contiguous() && weight.scalar_type() == at::kChar,
+              "weight must be a contiguous int8 CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1));
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == weight.size(0),
+              "scale must be float32 [out_features]");
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.numel() == weight.size(0) && bias.is_contiguous() &&
+                            bias.scalar_type() == at::kFloat), "bias must be float32 [out_features] or empty");
+  const int64_t m_total = x.size(0), n_total = weight.size(0), k_total = x.size(1);
+  auto out = torch::empty({m_total, n_total}, x.options().dtype(at::kFloat));
+  auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  linear_impl(xf.data_ptr<float>(), weight.data_ptr<int8_t>(), has_bias ? bias.data_ptr<float>() : nullptr,
+              scale.data_ptr<float>(), out.data_ptr<float>(), m_total, n_total, k_total);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 

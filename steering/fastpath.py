@@ -33,6 +33,7 @@ from torch import nn
 
 from steering import kvcache
 from steering.layers import AttentionShape
+from steering.quant import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def _fuse(parts: list[nn.Linear]) -> nn.Linear:
     """One linear layer whose weight is the row-wise concatenation of ``parts``' weights; each
     part's weight (and bias) becomes a view into it, so the memory is not doubled."""
     first = parts[0]
+    if isinstance(first, QuantLinear):
+        return QuantLinear.concat(parts)
     weight = torch.cat([p.weight.detach() for p in parts], dim=0)
     has_bias = first.bias is not None
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype)
@@ -237,7 +240,7 @@ def fused_decoder(model: nn.Module, blocks: list[nn.Module], kernels=None) -> Fu
 def _linear_types() -> tuple[type, ...]:
     from steering.cpu_linear import PackedLinear
 
-    return (nn.Linear, PackedLinear)
+    return (nn.Linear, PackedLinear, QuantLinear)
 
 
 _LINEARS = _linear_types()

@@ -17,6 +17,7 @@ from torch import nn
 
 from steering.cpu_linear import prepack_linears
 from steering.layers import decoder_blocks, text_config
+from steering.quant import QuantizationError, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class LoadedModel:
     eos_token_ids: frozenset[int] = frozenset()
     # steering.cpu_kernels' module where the engine computes with it (batch-invariant), else None.
     kernels: object = field(default=None, repr=False)
+    # "int8": the linear layers hold int8 weights with a scale per output row (steering.quant).
+    quantization: str = "none"
 
     @property
     def input_device(self) -> torch.device:
@@ -206,6 +209,7 @@ def load_model(
     weights: bool = True,
     prepack: bool = True,
     cpu_kernels: bool = True,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load the model named by ``spec``: ``"default"``, a HF model directory, or a ``.gguf`` file.
 
@@ -219,7 +223,9 @@ def load_model(
     engine's products, norms and attention run :mod:`steering.cpu_kernels` where it builds, so a
     row's results never depend on its batch; without it, with ``prepack``, bfloat16 linear layers
     multiply small batches, and float32 ones every batch, by a oneDNN-packed copy of their weights
-    (:mod:`steering.cpu_linear`).
+    (:mod:`steering.cpu_linear`). ``quantization="int8"`` stores every linear layer's weight as int8
+    with a scale per output row (:mod:`steering.quant`); it needs the CPU kernels and raises
+    :class:`ModelLoadError` where they do not run, before loading anything.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -244,6 +250,9 @@ def load_model(
 
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
+    if quantization != "none" and not (weights and target == "cpu" and cpu_kernels):
+        raise ModelLoadError(f"--quantization {quantization} runs on our CPU kernels: it needs the model on the CPU, "
+                             "loaded by our engine, with PERSONA_CPU_KERNELS on")
     kwargs: dict = {"dtype": torch_dtype}
     if device == "auto" and target == "cuda":
         kwargs["device_map"] = "auto"
@@ -272,6 +281,12 @@ def load_model(
             log.info("%d linear layers, the norms and the attention run our batch-invariant CPU kernels", changed)
         elif changed:
             log.info("%d linear layers pack their weights for oneDNN on first use", changed)
+    if quantization != "none":
+        try:
+            count = quantize_model(model, quantization, kernels)
+        except QuantizationError as exc:
+            raise ModelLoadError(str(exc)) from None
+        log.info("%d linear layers hold %s weights (a scale per output row)", count, quantization)
 
     blocks = decoder_blocks(model)
     config = text_config(model.config)
@@ -291,6 +306,7 @@ def load_model(
         blocks=blocks,
         eos_token_ids=_eos_ids(model, tokenizer),
         kernels=kernels,
+        quantization=quantization,
     )
 
 
