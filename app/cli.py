@@ -539,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--lora-modules", dest="lora_modules", nargs="+", metavar="NAME=PATH",
                        help="LoRA adapters (PEFT directories) to serve at startup, as vLLM takes them; a bare NAME "
                             "serves a shipped adapter (big5-extraversion-high, big5-extraversion-low, ...)")
+    serve.add_argument("--enable-lora", dest="enable_lora", action="store_const", const=True,
+                       help="vLLM engine: turn LoRA on in vLLM (implied by --lora-modules; our engine always serves "
+                            "adapters)")
     serve.add_argument("--max-loras", dest="max_loras", type=int, help="most adapters loaded at once (default 8)")
     serve.add_argument("--max-lora-rank", dest="max_lora_rank", type=int, help="highest LoRA rank served (default 64)")
     serve.add_argument("--generation-config", dest="generation_config", choices=["auto", "none"],

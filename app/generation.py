@@ -154,13 +154,24 @@ def _sampling(state: ServerState, body: _GenerationFields, max_new: int) -> Samp
     )
 
 
+def require_lora(state: ServerState, param: str | None = "model") -> None:
+    """501 where the engine runs without LoRA (vLLM's engine started without --enable-lora)."""
+    if "adapters" in state.engine.unsupported:
+        raise UnsupportedOnEngineError(f"LoRA adapters are off on the {state.engine.name} engine; start the server "
+                                       "with --enable-lora (PERSONA_ENABLE_LORA=true) or --lora-modules", param=param)
+
+
+def check_adapter_served(state: ServerState, adapter: Adapter | None) -> Adapter | None:
+    """``adapter``, where the engine serves adapters (501 naming ``model`` otherwise)."""
+    if adapter is not None:
+        require_lora(state)
+    return adapter
+
+
 def build_request(state: ServerState, body: _GenerationFields, prompt_ids: list[int], prompt_param: str) -> tuple[GenerationRequest, MonitorContext]:
     """Apply the checks that need the model and registry; return what the engine runs."""
     settings, lm = state.settings, state.lm
-    adapter = check_model(state, body.model)
-    if adapter is not None and "adapters" in state.engine.unsupported:
-        raise UnsupportedOnEngineError(f"LoRA adapters are not available on the {state.engine.name} engine",
-                                       param="model")
+    adapter = check_adapter_served(state, check_model(state, body.model))
     snapshot = state.monitors.snapshot()
     steering = resolve_request_steering(state, body.steering, snapshot)
 

@@ -111,7 +111,8 @@ def make_engine(settings: Settings, lm: LoadedModel) -> GenerationEngine:
                           max_num_batched_tokens=settings.max_num_batched_tokens, dtype=dtype,
                           tensor_parallel_size=settings.tensor_parallel_size, enforce_eager=True,
                           kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
-                          adapter_dir=settings.data_dir / "adapters", max_loras=settings.max_loras,
+                          adapter_dir=settings.data_dir / "adapters",
+                          max_loras=settings.max_loras if settings.enable_lora or settings.lora_modules else 0,
                           max_lora_rank=settings.max_lora_rank)
     return Engine(lm, max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
                   max_model_len=settings.max_model_len, max_num_batched_tokens=settings.max_num_batched_tokens,

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     # one more is refused with 409: no eviction), ranks up to max_lora_rank. lora_modules are
     # loaded at startup, vLLM's `name=path` format (comma-separated in PERSONA_LORA_MODULES).
     max_loras: int = Field(8, ge=1)
+    # vLLM engine: LoRA on in vLLM's engine (vLLM's --enable-lora), implied by lora_modules. Off,
+    # vLLM runs no LoRA kernels and requests naming an adapter get 501. Our engine always serves
+    # adapters: a step without adapter rows runs no LoRA code.
+    enable_lora: bool = False
     max_lora_rank: int = Field(64, ge=1)
     lora_modules: Annotated[list[str], NoDecode] = []
 

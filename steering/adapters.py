@@ -12,9 +12,10 @@ adds ``(x A^T) B^T * scaling`` to the base product, in float32, then rounds to t
 PEFT's own order of operations (its ``lora_B(lora_A(x)) * scaling`` added to the base result).
 Unlike PEFT's matrix products, each token's products never depend on how many other tokens share
 the step (a BLAS kernel picks its blocking, and so its order of accumulation, by the number of
-rows): where the engine computes with :mod:`steering.cpu_kernels` they run its ``linear``, one
-fixed chain of multiply-adds per output element; elsewhere they are computed elementwise, then
-summed along a contiguous axis (the same guarantee, at several times the memory traffic).
+rows): where the engine computes with :mod:`steering.cpu_kernels`, one ``lora_add`` call per
+layer and group adds every adapter's deltas with ``linear``'s fixed chain of multiply-adds per
+output element; elsewhere they are computed elementwise, then summed along a contiguous axis
+(the same guarantee, at several times the memory traffic).
 
 A request holds a reference to its :class:`Adapter`, so unloading one never disturbs the
 requests already using it; its tensors are freed when the last of them ends.
@@ -59,7 +60,6 @@ _UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "layer_replic
                        "target_parameters", "fan_in_fan_out")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-_NO_BIAS = torch.empty(0)
 
 
 class AdapterError(ValueError):
@@ -97,46 +97,46 @@ class _LoraGroup:
     """LoRA on parts that read the same input, as one product: their A matrices stacked in ``a``
     ``[ranks, in]``, their B matrices block-diagonal in ``b`` ``[out, ranks]`` (a part's outputs
     read only its own ranks; outputs of parts without LoRA are zero rows) and each output's
-    scaling in ``scale`` ``[out]``; ``out`` is the width of the group's fused product."""
+    scaling in ``scale`` ``[out]``; ``out`` is the width of the group's product.
 
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: torch.Tensor
-    kernels: object = None  # steering.cpu_kernels' module, where the engine computes with it
-    # Each part's B alone, (out from, out to, rank from, rank to, B), its ranks padded with zeros
-    # to whole 8-lane chunks: with the kernels the group's products skip the zeros of the
-    # block-diagonal ``b`` (two thirds of it for q, k and v), and a rank under 8 does not fall to
-    # the kernel's scalar tail for every output element.
-    blocks: tuple = ()
+    Where the engine computes with :mod:`steering.cpu_kernels` (``kernels`` set), a group keeps
+    each part's B alone instead of ``b`` and ``scale``: ``blocks`` (each ``[out_p, width]``, its
+    ranks padded with zeros to whole 8-lane chunks, so a rank under 8 does not fall to the
+    kernel's scalar tail and the zeros of a block-diagonal ``b`` are never multiplied), with the
+    (out from, out to, rank from, rank to) of each in ``meta`` and its scaling in ``scales``:
+    the arguments of the kernels' ``lora_add``, which :class:`LoraStep` calls once per layer and
+    group for every adapter of a step.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor | None, kernels=None,
+                 parts: list[tuple[int, int, int, int, torch.Tensor, float]] = ()):
+        self.a, self.b, self.scale, self.kernels = a, b, scale, kernels
+        self.blocks = [block for *_, block, _s in parts]
+        self.meta = [v for c0, c1, r0, r1, _b, _s in parts for v in (c0, c1, r0, r1)]
+        self.scales = [s for *_, s in parts]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.a, self.b, self.scale, *self.blocks) if t is not None]
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> None:
         """Add this group's delta for the tokens ``rows`` of ``x`` ``[T, in]`` to ``out`` ``[T, out]`` in place."""
-        if self.kernels is not None and out.device.type == "cpu" and self.a.is_contiguous():
-            t = self.kernels.linear(x.index_select(0, rows).float(), self.a, _NO_BIAS)
-            if self.blocks:
-                delta = torch.zeros(rows.shape[0], out.shape[1], dtype=torch.float32)
-                for c0, c1, r0, r1, b in self.blocks:
-                    ranks = torch.nn.functional.pad(t[:, r0:r1], (0, b.shape[1] - (r1 - r0)))
-                    delta[:, c0:c1] = self.kernels.linear(ranks.contiguous(), b, _NO_BIAS)
-                delta *= self.scale
-            else:
-                delta = self.kernels.linear(t, self.b, _NO_BIAS) * self.scale
-        else:
-            delta = self._elementwise(x, rows, out.shape[1])
-        if out.dtype == torch.float32:
-            out.index_add_(0, rows, delta)
-        else:
-            out.index_copy_(0, rows, (out.index_select(0, rows).float() + delta).to(out.dtype))
-
-    def _elementwise(self, x: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
-        delta = torch.empty(rows.shape[0], width, dtype=torch.float32, device=x.device)
-        # Rows per elementwise product, so its temporary stays near 16 MiB whatever the rank.
+        if self.blocks:
+            self.kernels.lora_add(x.contiguous(), out, rows.contiguous(), [0, rows.shape[0], 0, len(self.blocks)],
+                                  [self.a], self.blocks, self.meta, self.scales)
+            return
+        delta = torch.empty(rows.shape[0], out.shape[1], dtype=torch.float32, device=x.device)
+        # Elementwise products summed along a contiguous axis (the per-row guarantee without the
+        # kernels, at several times the memory traffic); rows per product chosen so the
+        # temporary stays near 16 MiB whatever the rank.
         step = max(1, (1 << 22) // max(self.b.numel(), self.a.numel()))
         for start in range(0, rows.shape[0], step):
             block = rows[start:start + step]
             t = (x.index_select(0, block).float()[:, None, :] * self.a[None]).sum(-1)
             delta[start:start + block.shape[0]] = (t[:, None, :] * self.b[None]).sum(-1) * self.scale
-        return delta
+        if out.dtype == torch.float32:
+            out.index_add_(0, rows, delta)
+        else:
+            out.index_copy_(0, rows, (out.index_select(0, rows).float() + delta).to(out.dtype))
 
 
 @dataclass(eq=False)
@@ -308,25 +308,32 @@ def parse_adapter(name: str, config_bytes: bytes, weights_bytes: bytes, lm, *, m
             if not present:
                 continue
             widths = {p: linear.out_features for (lay, p, linear) in table.values() if lay == layer}
-            ranks = sum(loras[(layer, p)][0].shape[0] for p in present)
             a_cat = torch.cat([loras[(layer, p)][0] for p in present]).to(device, torch.float32).contiguous()
-            b_cat = torch.zeros(sum(widths[m] for m in members), ranks, dtype=torch.float32, device=device)
-            scale = torch.zeros(b_cat.shape[0], dtype=torch.float32, device=device)
-            r0, blocks = 0, []
+            parts, r0 = [], 0
             for p in present:
                 a, b, scaling = loras[(layer, p)]
                 c0 = sum(widths[m] for m in members[:members.index(p)])
                 c1, r1 = c0 + b.shape[0], r0 + a.shape[0]
                 block = b.to(device, torch.float32).contiguous()
-                b_cat[c0:c1, r0:r1] = block
-                scale[c0:c1] = scaling
-                blocks.append((c0, c1, r0, r1, torch.nn.functional.pad(block, (0, -block.shape[1] % 8))))
-                # The HF forward calls each part alone: a view of the group's A, its own B block.
-                adapter.parts[(layer, p)] = _LoraGroup(a_cat[r0:r1], block, scale[c0:c1], kernels)
+                if kernels is not None:
+                    block = torch.nn.functional.pad(block, (0, -block.shape[1] % 8))
+                parts.append((p, c0, c1, r0, r1, block, scaling))
                 r0 = r1
-            adapter.fused[(layer, group)] = _LoraGroup(a_cat, b_cat, scale, kernels, tuple(blocks) if kernels else ())
-            adapter.nbytes += (a_cat.numel() + b_cat.numel() + scale.numel()
-                               + (sum(blk[4].numel() for blk in blocks) if kernels else 0)) * 4
+            if kernels is not None:
+                fused = _LoraGroup(a_cat, None, None, kernels, [part[1:] for part in parts])
+                for p, c0, c1, r0, r1, block, scaling in parts:  # the HF forward calls each part alone
+                    adapter.parts[(layer, p)] = _LoraGroup(a_cat[r0:r1], None, None, kernels,
+                                                           [(0, c1 - c0, 0, r1 - r0, block, scaling)])
+            else:
+                b_cat = torch.zeros(sum(widths[m] for m in members), r0, dtype=torch.float32, device=device)
+                scale = torch.zeros(b_cat.shape[0], dtype=torch.float32, device=device)
+                for p, c0, c1, r0, r1, block, scaling in parts:
+                    b_cat[c0:c1, r0:r1] = block
+                    scale[c0:c1] = scaling
+                    adapter.parts[(layer, p)] = _LoraGroup(a_cat[r0:r1], block, scale[c0:c1])
+                fused = _LoraGroup(a_cat, b_cat, scale)
+            adapter.fused[(layer, group)] = fused
+            adapter.nbytes += sum(t.numel() * t.element_size() for t in fused.tensors())
     return adapter
 
 
@@ -555,6 +562,10 @@ class LoraStep:
 
     def __init__(self, groups: list[tuple[Adapter, torch.Tensor]]):
         self.groups = groups
+        # For the kernels' gathered call: every adapter's rows in one tensor, each adapter's span in it.
+        self.rows = torch.cat([rows for _a, rows in groups])
+        ends = torch.tensor([rows.shape[0] for _a, rows in groups]).cumsum(0).tolist()
+        self.spans = list(zip([0, *ends[:-1]], ends))
 
     @classmethod
     def build(cls, rows: list[tuple[Adapter, list[int]]], device: torch.device) -> LoraStep | None:
@@ -569,10 +580,23 @@ class LoraStep:
     def add_fused(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Add the deltas of group ``group`` (of :data:`FUSED_GROUPS`) at ``layer``: ``x`` ``[T, in]``
         is the group's input, ``out`` ``[T, out]`` its base product (changed in place)."""
-        for adapter, rows in self.groups:
-            lora = adapter.fused.get((layer, group))
-            if lora is not None:
+        key, kernels = (layer, group), None
+        spans, a, blocks, meta, scales = [], [], [], [], []
+        for (adapter, rows), (begin, end) in zip(self.groups, self.spans):
+            lora = adapter.fused.get(key)
+            if lora is None:
+                continue
+            if not lora.blocks:  # no kernels: each adapter's group on its own
                 lora.add_to(x, out, rows.to(out.device))
+                continue
+            kernels = lora.kernels
+            spans += (begin, end, len(blocks), len(blocks) + len(lora.blocks))
+            a.append(lora.a)
+            blocks += lora.blocks
+            meta += lora.meta
+            scales += lora.scales
+        if kernels is not None:  # one call for every adapter of the step (a gathered product, per row)
+            kernels.lora_add(x.contiguous(), out, self.rows, spans, a, blocks, meta, scales)
 
     def add_part(self, layer: int, part: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """The same for one part called alone (the HF forward); ``x``/``out`` may carry a batch dim."""

@@ -18,6 +18,8 @@ the call, where the row sits in it, the padding, or the number of threads:
 - ``linear_int8``: the same chain over an int8 weight (``--quantization int8``, see
   :mod:`steering.quant`), each weight widened exactly to float32 on load, then the row's scale
   and the bias: a quarter of float32's bytes, half of bfloat16's, read per product.
+- ``lora_add``: LoRA deltas for every adapter of a step in one call per layer and group, each
+  adapter's rows through ``linear``'s chains (x A^T, then each part's B), added in float32.
 - ``rms_norm`` and ``silu_mul``: HF's RMSNorm and gated SiLU, row by row, with HF's roundings.
 - ``attention``: per (token, KV head), the scores against the keys its own position (and
   sliding window) allows, read from the slot cache after this step's keys were written, then
@@ -48,7 +50,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _NAME = "persona_cpu_kernels_v3"
-_FUNCTIONS = ["linear", "linear_int8", "rms_norm", "silu_mul", "attention"]
+_FUNCTIONS = ["linear", "linear_int8", "rms_norm", "silu_mul", "attention", "lora_add"]
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -454,6 +456,88 @@ torch::Tensor attention(torch::Tensor query, torch::Tensor keys, torch::Tensor v
     attention_impl<bf16>(query.data_ptr<bf16>(), keys.data_ptr<bf16>(), values.data_ptr<bf16>(), slot, pos,
                          out.data_ptr<bf16>(), tokens, heads, kv_heads, max_len, query.size(2), scale, window, softcap);
   return out;
+}
+namespace {
+
+// One fused group's LoRA for the rows of one adapter: gather and widen the rows, t = x A^T, then
+// each part's block of outputs from its own ranks (zero-padded to its B's width), scaled and added
+// to `out` (in float32, then rounded to out's dtype). Every product is linear_impl's: a row's
+// delta is the same whichever rows share the call.
+template <typename T>
+void lora_rows(const T* x, T* out, const int64_t* rows, int64_t count, int64_t k_total, int64_t n_total,
+               const torch::Tensor& a, const torch::Tensor* b, const int64_t* meta, const double* scales,
+               int64_t parts, std::vector<float>& xg, std::vector<float>& t, std::vector<float>& tp,
+               std::vector<float>& d) {
+  const int64_t ranks = a.size(0);
+  xg.resize(count * k_total);
+  for (int64_t i = 0; i < count; ++i) {
+    const T* src = x + rows[i] * k_total;
+    for (int64_t k = 0; k < k_total; ++k) xg[i * k_total + k] = f32(src[k]);
+  }
+  t.resize(count * ranks);
+  linear_impl<float, float>(xg.data(), a.data_ptr<float>(), nullptr, nullptr, t.data(), count, ranks, k_total);
+  for (int64_t p = 0; p < parts; ++p) {
+    const int64_t c0 = meta[4 * p], c1 = meta[4 * p + 1], r0 = meta[4 * p + 2], r1 = meta[4 * p + 3];
+    const int64_t width = b[p].size(1), cols = c1 - c0;
+    tp.assign(count * width, 0.0f);
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t r = r0; r < r1; ++r) tp[i * width + (r - r0)] = t[i * ranks + r];
+    d.resize(count * cols);
+    linear_impl<float, float>(tp.data(), b[p].data_ptr<float>(), nullptr, nullptr, d.data(), count, cols, width);
+    const float scale = static_cast<float>(scales[p]);
+    for (int64_t i = 0; i < count; ++i) {
+      T* o = out + rows[i] * n_total + c0;
+      const float* di = d.data() + i * cols;
+      for (int64_t c = 0; c < cols; ++c) o[c] = from_f32<T>(f32(o[c]) + di[c] * scale);
+    }
+  }
+}
+
+}  // namespace
+
+// The LoRA deltas of one fused group for every adapter of a step, added to `out` [T, N] in place:
+// one call per layer and group instead of a dozen small tensor operations per adapter.
+// x [T, K] is the group's input (out's dtype). Adapter j: a[j] [ranks_j, K] float32; its token rows
+// rows[spans[4j] : spans[4j+1]]; its parts b[spans[4j+2] : spans[4j+3]]. Part p: b[p]
+// [c1 - c0, width >= r1 - r0] float32, meta[4p : 4p+4] = (c0, c1, r0, r1), scaling scales[p].
+void lora_add(torch::Tensor x, torch::Tensor out, torch::Tensor rows, std::vector<int64_t> spans,
+              std::vector<torch::Tensor> a, std::vector<torch::Tensor> b, std::vector<int64_t> meta,
+              std::vector<double> scales) {
+  check_cpu(x, "x");
+  check_cpu(out, "out");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type() && x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0),
+              "x and out must be [T, K] and [T, N] of one dtype");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.device().is_cpu(), "rows: int64 on CPU");
+  TORCH_CHECK(spans.size() == 4 * a.size() && meta.size() == 4 * b.size() && scales.size() == b.size(),
+              "lora_add: spans, meta and scales do not match a and b");
+  const int64_t k_total = x.size(1), n_total = out.size(1), t_total = x.size(0);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(r[i] >= 0 && r[i] < t_total, "lora_add: row out of range");
+  for (size_t j = 0; j < a.size(); ++j) {
+    const int64_t* s = spans.data() + 4 * j;
+    TORCH_CHECK(a[j].scalar_type() == at::kFloat && a[j].is_contiguous() && a[j].dim() == 2 &&
+                a[j].size(1) == k_total, "lora_add: a[j] must be contiguous float32 [ranks, K]");
+    TORCH_CHECK(0 <= s[0] && s[0] <= s[1] && s[1] <= rows.numel() && 0 <= s[2] && s[2] <= s[3] &&
+                s[3] <= static_cast<int64_t>(b.size()), "lora_add: span out of range");
+    for (int64_t p = s[2]; p < s[3]; ++p) {
+      const int64_t* m = meta.data() + 4 * p;
+      TORCH_CHECK(b[p].scalar_type() == at::kFloat && b[p].is_contiguous() && b[p].dim() == 2 &&
+                  0 <= m[0] && m[0] <= m[1] && m[1] <= n_total && b[p].size(0) == m[1] - m[0] && 0 <= m[2] &&
+                  m[2] <= m[3] && m[3] <= a[j].size(0) && b[p].size(1) >= m[3] - m[2],
+                  "lora_add: part ", p, " does not fit its adapter or the output");
+    }
+  }
+  std::vector<float> xg, t, tp, d;
+  for (size_t j = 0; j < a.size(); ++j) {
+    const int64_t* s = spans.data() + 4 * j;
+    if (s[1] == s[0]) continue;
+    if (x.scalar_type() == at::kFloat)
+      lora_rows<float>(x.data_ptr<float>(), out.data_ptr<float>(), r + s[0], s[1] - s[0], k_total, n_total, a[j],
+                       b.data() + s[2], meta.data() + 4 * s[2], scales.data() + s[2], s[3] - s[2], xg, t, tp, d);
+    else
+      lora_rows<bf16>(x.data_ptr<bf16>(), out.data_ptr<bf16>(), r + s[0], s[1] - s[0], k_total, n_total, a[j],
+                      b.data() + s[2], meta.data() + 4 * s[2], scales.data() + s[2], s[3] - s[2], xg, t, tp, d);
+  }
 }
 """
 

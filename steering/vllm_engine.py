@@ -194,7 +194,8 @@ class VLLMEngine:
         if request.option_ids:
             raise UnsupportedOnEngineError("option log-probabilities (assessment) run on the hf engine only")
         if request.adapter is not None and self.max_loras <= 0:
-            raise UnsupportedOnEngineError("LoRA adapters are off on this vLLM engine (max_loras is 0)", param="model")
+            raise UnsupportedOnEngineError("LoRA adapters are off on this vLLM engine; start it with --enable-lora "
+                                           "(PERSONA_ENABLE_LORA=true) or --lora-modules", param="model")
 
     def _sampling(self, request: GenerationRequest, extra: dict | None):
         from vllm import SamplingParams
@@ -418,10 +419,10 @@ def _salt(steer: list, prompt_len: int, remedy: list = ()) -> str:
 
 def _same_adapter(a: Adapter, b: Adapter) -> bool:
     """Whether two parsed adapters apply the same deltas (the same groups, equal tensors)."""
-    if a.fused.keys() != b.fused.keys():
+    if a.parts.keys() != b.parts.keys():
         return False
-    return all(torch.equal(x.a, y.a) and torch.equal(x.b, y.b) and torch.equal(x.scale, y.scale)
-               for x, y in ((a.fused[k], b.fused[k]) for k in a.fused))
+    return all(len(x.tensors()) == len(y.tensors()) and all(map(torch.equal, x.tensors(), y.tensors()))
+               and x.scales == y.scales for x, y in ((a.parts[k], b.parts[k]) for k in a.parts))
 
 
 def _vllm_rank(rank: int) -> int:

@@ -141,6 +141,7 @@ def test_adapter_greedy_tokens_equal_peft_and_do_not_depend_on_the_batch(lm, ada
 
 def test_a_tokens_delta_is_the_same_whatever_shares_its_step(lm, adapter_dirs):
     adapter = read_adapter(adapter_dirs["persona-all"], lm)
+    other = read_adapter(adapter_dirs["persona-qv"], lm)
     torch.manual_seed(0)
     x = torch.randn(37, lm.hidden_size)
     out = torch.zeros(37, 960)
@@ -149,9 +150,22 @@ def test_a_tokens_delta_is_the_same_whatever_shares_its_step(lm, adapter_dirs):
         alone = torch.zeros(n, 960)
         LoraStep.build([(adapter, list(range(n)))], torch.device("cpu")).add_fused(3, "qkv", x[37 - n:], alone)
         assert torch.equal(alone, out[37 - n:])
+    # One gathered call for several adapters: each row gets its own adapter's delta, the same as
+    # with its adapter alone in the step, in float32 and in bfloat16.
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.randn(37, 960).to(dtype)
+        xs = x.to(dtype)
+        mixed = base.clone()
+        LoraStep.build([(adapter, list(range(0, 37, 2))), (other, list(range(1, 37, 2)))],
+                       torch.device("cpu")).add_fused(3, "qkv", xs, mixed)
+        for lora, rows in ((adapter, range(0, 37, 2)), (other, range(1, 37, 2))):
+            single = base.clone()
+            LoraStep.build([(lora, list(rows))], torch.device("cpu")).add_fused(3, "qkv", xs, single)
+            assert torch.equal(mixed[list(rows)], single[list(rows)])
+            assert not torch.equal(single[list(rows)], base[list(rows)])
     # Without the CPU kernels (PERSONA_CPU_KERNELS=0, no compiler) the elementwise products keep
     # the guarantee and give the same deltas up to float32 rounding.
-    elementwise = dataclasses.replace(adapter.fused[(3, "qkv")], kernels=None, blocks=())
+    elementwise = read_adapter(adapter_dirs["persona-all"], dataclasses.replace(lm, kernels=None)).fused[(3, "qkv")]
     plain = torch.zeros(37, 960)
     elementwise.add_to(x, plain, torch.arange(37))
     assert torch.allclose(plain, out, rtol=1e-5, atol=1e-6)

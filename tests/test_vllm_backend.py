@@ -87,6 +87,18 @@ def test_max_lora_rank_rounds_up_to_a_rank_vllm_accepts():
     assert [_vllm_rank(r) for r in (1, 4, 8, 9, 64, 65, 300, 512, 1000)] == [1, 8, 8, 16, 64, 128, 320, 512, 512]
 
 
+@pytest.mark.parametrize("switch, on", [({}, False), ({"enable_lora": True}, True),
+                                         ({"lora_modules": ["mine=/srv/mine"]}, True)])
+def test_vllm_runs_lora_only_when_asked_as_vllm_does(lm, tmp_path, switch, on):
+    # LoRA on costs vLLM's base rows its LoRA kernels; off by default, as vLLM's --enable-lora.
+    from app.main import make_engine
+    from app.settings import Settings
+
+    engine = make_engine(Settings(engine="vllm", data_dir=tmp_path, **switch), lm)  # starts nothing
+    assert (engine.max_loras > 0) is on
+    assert ("adapters" in engine.unsupported) is not on
+
+
 def test_an_adapter_reaches_vllm_as_a_private_copy_of_the_one_the_request_was_admitted_with(lm, tmp_path):
     from tests.test_adapters import _make_adapter
 

@@ -16,12 +16,11 @@ from fastapi.responses import JSONResponse
 from app.auth import Admin, User
 from app.deps import ServerState, State
 from app.errors import APIError
-from app.generation import check_model
+from app.generation import check_adapter_served, check_model, require_lora
 from app.routes.vectors import _read_limited
 from app.schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from steering.adapters import (CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, Adapter, AdapterError,
                                validate_adapter_name)
-from steering.engine import UnsupportedOnEngineError
 
 router = APIRouter()
 
@@ -33,11 +32,7 @@ def requested_adapter(state: ServerState, model: str | None) -> Adapter | None:
     naming ``model``, as on the generation routes."""
     if model is None:
         return None
-    adapter = check_model(state, model)
-    if adapter is not None and "adapters" in state.engine.unsupported:
-        raise UnsupportedOnEngineError(f"LoRA adapters are not available on the {state.engine.name} engine",
-                                       param="model")
-    return adapter
+    return check_adapter_served(state, check_model(state, model))
 
 
 @router.post("/v1/load_lora_adapter")
@@ -45,6 +40,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, state: State, _admin: 
     """Serve the PEFT directory ``lora_path`` (on the server's disk) as ``lora_name``; it is copied
     into the data directory, so it is served again after a restart."""
     name = validate_adapter_name(body.lora_name)
+    require_lora(state, param=None)
     adapter = await asyncio.to_thread(state.adapters.add, name, Path(body.lora_path))
     return adapter.summary()
 
@@ -103,6 +99,7 @@ async def put_adapter(name: str, state: State, http: Request, _admin: Admin):
     ``adapter_model.safetensors``; gzip allowed). Replaces an adapter of the same name (201 when
     new, 200 when replaced); requests already running keep the one they started with."""
     name = validate_adapter_name(name, param="name")
+    require_lora(state, param=None)
     data = await _read_limited(http, state.settings.max_upload_bytes)
     if not data:
         raise APIError(400, "the body is empty; send a tar archive of the adapter directory", param="body")
