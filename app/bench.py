@@ -25,6 +25,36 @@ _WORDS = ("river stone lamp garden morning letter window music paper bridge wint
           "market signal candle forest engine ladder harbor meadow").split()
 
 
+# The instruction sets that decide which of our kernels and dtypes a CPU runs fast (/proc/cpuinfo names).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+def machine_kind(cpuinfo: str | None = None) -> dict:
+    """The CPU a benchmark ran on, for its record: model name, the :data:`ISA_FLAGS` it has, and a
+    short kind (``AVX512-BF16``, ``AVX-512``, ``AVX2`` or the architecture) that the docs' tables
+    keep one row per. ``cpuinfo``: the text of ``/proc/cpuinfo`` (read when None).
+
+    Example::
+
+        machine_kind()  # {"cpu_model": "AMD EPYC", "isa": ["avx2", "avx512f", "avx512_bf16", ...], "kind": "AVX512-BF16"}
+    """
+    import platform
+    from pathlib import Path
+
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.is_file() else ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    isa = [f for f in ISA_FLAGS if f in flags]
+    kind = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
+            else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine())
+    return {"cpu_model": fields.get("model name", platform.processor() or platform.machine()), "isa": isa, "kind": kind}
+
+
 class BenchError(RuntimeError):
     """The server under test refused or broke a request the benchmark depends on."""
 

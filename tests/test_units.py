@@ -121,3 +121,14 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_machine_kind_names_the_cpu_and_the_instruction_sets_that_decide_our_dtype():
+    from app.bench import machine_kind
+
+    avx2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: other\n"
+    assert machine_kind(avx2) == {"cpu_model": "AMD EPYC 7B13", "isa": ["avx2"], "kind": "AVX2"}
+    bf16 = "model name\t: AMD EPYC\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16\n"
+    assert machine_kind(bf16) == {"cpu_model": "AMD EPYC", "isa": ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"],
+                                  "kind": "AVX512-BF16"}
+    assert machine_kind("flags\t: avx2 avx512f\n")["kind"] == "AVX-512"

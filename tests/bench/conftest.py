@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from app.bench import machine_kind
+
 RESULTS = Path(os.environ.get("PERSONA_BENCH_OUT", "tests/bench/results.json"))
 _rows: list[dict] = []
 
@@ -22,5 +24,5 @@ def record():
 
     yield add
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), **machine_kind()}
     RESULTS.write_text(json.dumps({"meta": meta, "rows": _rows}, indent=2))

@@ -43,7 +43,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from app.bench import BenchError, long_prompt, make_prompt, run_load, run_prefill_probe
+from app.bench import BenchError, long_prompt, machine_kind, make_prompt, run_load, run_prefill_probe
 from steering.atomic import atomic_write_bytes
 from steering.chat import chat_prompt_ids
 from steering.model import convert_gguf, default_gguf_path, load_model
@@ -321,7 +321,9 @@ def render_block(results: dict) -> str:
     w = meta["workload"]
     lines = [
         START,
-        f"Latest `make bench-peers`: {meta['date']}, {meta['machine']} ({meta['cpus']} cores), "
+        f"Latest `make bench-peers`: {meta['date']}, {meta['machine']} ({meta['cpus']} cores"
+        + (f"; {meta['cpu_model']}, {meta['kind']}: {' '.join(meta['isa'])}; every server in {meta['dtype']}"
+           if "kind" in meta else "") + "), "
         f"SmolLM2-135M-Instruct, vLLM {meta['vllm']} (`{VLLM_DIST}`), {meta['reps']} interleaved repetitions "
         f"(medians), {w['burst']} requests of about {med[VLLM]['prompt_tokens_mean']:.0f} prompt tokens and "
         f"{w['max_tokens']} new tokens each (greedy, `ignore_eos`, streamed), batch 1 over {w['batch1_requests']} "
@@ -500,7 +502,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "meta": {
             "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "dtype": dtype, "packed": packed, "vllm": vllm, "torch": torch.__version__, "reps": args.reps,
+            "cpus": os.cpu_count(), **machine_kind(), "dtype": dtype, "packed": packed, "vllm": vllm, "torch": torch.__version__, "reps": args.reps,
             "elapsed_s": round(time.monotonic() - began, 1), "note": args.note,
             "workload": workload,
         },
