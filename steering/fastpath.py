@@ -85,10 +85,10 @@ class _Layer:
         self.o = attn.o_proj
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
         self.down = mlp.down_proj
-        self.intermediate = mlp.gate_proj.weight.shape[0]
+        self.intermediate = mlp.gate_proj.out_features
         self.norm1, self.eps1 = block.input_layernorm.weight, block.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon
-        self.split = (attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0] + attn.v_proj.weight.shape[0])
+        self.split = (attn.q_proj.out_features, attn.k_proj.out_features + attn.v_proj.out_features)
         self.device = self.qkv.weight.device
         self.index, self.scaling = attn.layer_idx, attn.scaling
         # Qwen2 sets a window per layer on its attention; Mistral's attention reads it from the config.

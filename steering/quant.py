@@ -52,13 +52,31 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
+BLOCK_ROWS, BLOCK_DEPTH = 4, 16
+
+
+def to_blocks(q: torch.Tensor) -> torch.Tensor:
+    """``q`` ``[out, in]`` (out a multiple of 4, in of 16) as the kernel's blocks
+    ``[out/4, in/16, 4, 16]``: each group of 4 rows reads as one contiguous stream."""
+    out, k = q.shape
+    return q.view(out // BLOCK_ROWS, BLOCK_ROWS, k // BLOCK_DEPTH, BLOCK_DEPTH).permute(0, 2, 1, 3).contiguous()
+
+
+def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_blocks`."""
+    groups, depth = blocks.shape[0], blocks.shape[1]
+    return blocks.permute(0, 2, 1, 3).reshape(groups * BLOCK_ROWS, depth * BLOCK_DEPTH)
+
+
 class QuantLinear(nn.Linear):
-    """A linear layer whose weight is int8 ``[out, in]`` with a float32 ``scale`` per output row
-    (and a float32 bias, if any); ``forward`` takes and returns the model's dtype.
+    """A linear layer whose weight is int8 with a float32 ``scale`` per output row (and a float32
+    bias, if any); ``forward`` takes and returns the model's dtype.
 
     It stays an ``nn.Linear`` for code that finds projections by type and reads ``in_features``
-    and ``out_features`` (LoRA adapters add their deltas after its product); its ``weight`` is the
-    int8 tensor, so nothing may treat it as a float weight.
+    and ``out_features`` (LoRA adapters add their deltas after its product). Its ``weight`` is the
+    int8 tensor, stored as :func:`to_blocks` blocks where the shape allows (``[out/4, in/16, 4,
+    16]``: the kernel then reads each tile's weights as one stream), else ``[out, in]``; nothing may
+    treat it as a float weight (:meth:`int8_rows` gives ``[out, in]``).
 
     Example::
 
@@ -69,6 +87,8 @@ class QuantLinear(nn.Linear):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernels):
         nn.Module.__init__(self)
         self.in_features, self.out_features = q.shape[1], q.shape[0]
+        if self.out_features % BLOCK_ROWS == 0 and self.in_features % BLOCK_DEPTH == 0:
+            q = to_blocks(q)
         self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("scale", scale)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
@@ -84,18 +104,22 @@ class QuantLinear(nn.Linear):
     @classmethod
     def concat(cls, parts: list[QuantLinear]) -> QuantLinear:
         """One layer whose rows are ``parts``' rows in order; each part's tensors become views into
-        it, so nothing is stored twice (the fused projections of :mod:`steering.fastpath`)."""
-        fused = cls(torch.cat([p.weight.detach() for p in parts]), torch.cat([p.scale for p in parts]),
+        it where they line up with its blocks (every part of a Llama model's), so nothing is
+        stored twice (the fused projections of :mod:`steering.fastpath`)."""
+        fused = cls(torch.cat([p.int8_rows() for p in parts]), torch.cat([p.scale for p in parts]),
                     torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None,
                     parts[0].kernels)
-        start = 0
-        for p in parts:
-            rows = slice(start, start + p.out_features)
-            p.weight = nn.Parameter(fused.weight[rows], requires_grad=False)
-            p.scale = fused.scale[rows]
-            if p.bias is not None:
-                p.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
-            start += p.out_features
+        blocked = fused.weight.dim() == 4
+        if all(p.weight.dim() == fused.weight.dim() for p in parts):
+            start = 0
+            for p in parts:
+                rows = slice(start, start + p.out_features)
+                step = BLOCK_ROWS if blocked else 1
+                p.weight = nn.Parameter(fused.weight[rows.start // step:rows.stop // step], requires_grad=False)
+                p.scale = fused.scale[rows]
+                if p.bias is not None:
+                    p.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
+                start += p.out_features
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,9 +127,13 @@ class QuantLinear(nn.Linear):
                                        self.bias if self.bias is not None else _NO_BIAS)
         return out.view(*x.shape[:-1], out.shape[-1])
 
+    def int8_rows(self) -> torch.Tensor:
+        """The int8 weight as ``[out, in]``."""
+        return from_blocks(self.weight.detach()) if self.weight.dim() == 4 else self.weight.detach()
+
     def dequantized(self) -> torch.Tensor:
         """The weight this layer multiplies by, in float32 (for comparisons and tests)."""
-        return self.weight.to(torch.float32) * self.scale[:, None]
+        return self.int8_rows().to(torch.float32) * self.scale[:, None]
 
 
 _NO_BIAS = torch.empty(0)
