@@ -20,6 +20,8 @@ the call, where the row sits in it, the padding, or the number of threads:
   and the bias: a quarter of float32's bytes, half of bfloat16's, read per product. Weights are
   stored in blocks of 4 rows (one contiguous stream per tile), and on CPUs with AVX-512 each
   chain has 16 lanes (the only int8 path such a CPU runs; see the code).
+- ``lora_add``: LoRA deltas for every adapter of a step in one call per layer and group, each
+  adapter's rows through ``linear``'s chains (x A^T, then each part's B), added in float32.
 - ``rms_norm`` and ``silu_mul``: HF's RMSNorm and gated SiLU, row by row, with HF's roundings.
 - ``attention``: per (token, KV head), the scores against the keys its own position (and
   sliding window) allows, read from the slot cache after this step's keys were written, then
