@@ -89,6 +89,13 @@ PEERS_ARGS ?=
 bench-peers: install-vllm
 	$(PY) -m tests.bench.peers --vllm-python $(PY) $(PEERS_ARGS)
 
+# Batch-1 decode, unquantized and --quantization int8, against the memory floor (bytes a step reads
+# / read bandwidth; not part of `make test`): tests/bench/floor.json, the table in docs/quantization.md.
+FLOOR_ARGS ?=
+.PHONY: bench-floor
+bench-floor: install
+	$(PY) -m tests.bench.floor $(FLOOR_ARGS)
+
 # The server's RSS under 30 minutes of varied load (not part of `make test`): tests/bench/soak.json
 # and the soak block of docs/benchmarks.md.
 SOAK_ARGS ?=
