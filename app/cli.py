@@ -330,6 +330,7 @@ def _evidence(args: argparse.Namespace) -> int:
 
 def _methods(args: argparse.Namespace) -> int:
     import asyncio
+    import dataclasses
     import datetime
     import json
     import platform
@@ -341,8 +342,8 @@ def _methods(args: argparse.Namespace) -> int:
     from steering.atomic import atomic_write_bytes
     from steering.engine import Engine
     from app.settings import Settings
-    from steering.extract import TraitDefinition, build_vector
-    from steering.methods import compare, extraction_spec, markdown
+    from steering.extract import TraitDefinition, build_vector, definition_hash
+    from steering.methods import build_steers, compare, extraction_spec, markdown
     from steering.model import load_model
     from steering.runner import EngineRunner
     from steering.vector import PersonaVector
@@ -378,15 +379,24 @@ def _methods(args: argparse.Namespace) -> int:
                 path = traits_dir / f"{name}.json"
                 data = json.loads(path.read_text())
                 data["extraction"] = extraction_spec(res, lm.name)
-                atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+                vector = None
                 if args.rebuild:  # what `make vectors` would build from the new definition, reusing the states
-                    trait = TraitDefinition.load(path)
+                    trait = dataclasses.replace(TraitDefinition.load(path), extraction=data["extraction"],
+                                                digest=definition_hash(data))
                     vector = asyncio.run(build_vector(EngineRunner(engine), lm, trait, neutral_prompts=neutral,
                                                       samples=samples[best["method"]]))
-                    vector.save(assets / lm.name / f"{name}.safetensors")
-                    lo, hi = vector.coefficient_range
-                    print(f"  rebuilt {name}: layer {vector.recommended_layer}, held-out AUROC "
-                          f"{vector.extra['heldout_auroc']:.3f}, coefficients {lo:g}..{hi:g}", flush=True)
+                    if not build_steers(vector):  # its own sweep, at its own range, overrules the choice's check
+                        res["decision"] = {**decision, "ship": False,
+                                           "reason": decision["reason"] + "; the rebuilt vector's own sweep does not "
+                                                     "rise from -2c to +2c at its range's lower end"}
+                        print(f"  {name}: not shipped, {res['decision']['reason']}", flush=True)
+                if res["decision"]["ship"]:
+                    atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+                    if vector is not None:
+                        vector.save(assets / lm.name / f"{name}.safetensors")
+                        lo, hi = vector.coefficient_range
+                        print(f"  rebuilt {name}: layer {vector.recommended_layer}, held-out AUROC "
+                              f"{vector.extra['heldout_auroc']:.3f}, coefficients {lo:g}..{hi:g}", flush=True)
             results.append(res)
             if out.is_file():  # stored as each vector finishes: a long run stopped early keeps what it measured
                 kept = {r["vector"]: r for r in json.loads(out.read_text())["results"] if "nested" in r}  # not the old rule's

@@ -18,9 +18,9 @@ the definition's ``heldout_questions`` (its own positive against negative system
 Questions are split into folds (:data:`EVIDENCE_FOLDS` of the evidence set's, in order, so its
 first and second halves are whole folds; :data:`DEFINITION_FOLDS` of the definition's), each fold
 scored on its own. The choice is the candidate with the best mean AUROC over folds among those
-that steer: in a coefficient sweep on the definition's held-out questions the answers'
-projection rises from -2c through 0 to +2c (c: the lower end of the range the sweep
-recommends). Twelve questions chose before, and the choice overfit them; a mean over every fold
+that steer: in a coefficient sweep on the definition's held-out questions some coefficient moves
+the answers' projection by half a neutral std, and it rises from -2c through 0 to +2c (c: the
+lower end of the range the sweep recommends). Twelve questions chose before, and the choice overfit them; a mean over every fold
 cannot be won on one.
 
 What it is worth is measured the same way it is made, one fold out at a time: the candidate
@@ -188,17 +188,43 @@ def steers_in(sweep: list[dict], c: float) -> bool:
     return at[-2 * c] < at[0.0] < at[2 * c]
 
 
+def moves(sweep: list[dict], neutral_std: float) -> bool:
+    """Whether some positive coefficient of the sweep moves the answers' projection by half a
+    neutral std: where none does, :func:`~steering.extract.recommend_range` falls back to the
+    smallest coefficient, and a rise from -2c to +2c at that c can be a few hundredths (the
+    cross-validated rule first shipped such a `hallucinating`, 2026-12-06)."""
+    base = next(r["projection"] for r in sweep if r["coefficient"] == 0.0)
+    return any(r["coefficient"] > 0 and r["projection"] - base >= 0.5 * neutral_std for r in sweep)
+
+
+def build_steers(vector) -> bool:
+    """Whether a built vector's own coefficient sweep (``extra["coefficient_sweep"]``) rises from
+    -2c through 0 to +2c at its range's lower end c (+-c where the grid lacks +-2c): the build
+    re-estimates the neutral spread and the range, so a choice that passed :func:`steering_check`
+    is checked again on what would ship."""
+    sweep = vector.extra.get("coefficient_sweep") or []
+    at = {r["coefficient"]: r["projection"] for r in sweep}
+    c = vector.coefficient_range[0] if vector.coefficient_range else None
+    if c is None or 0.0 not in at:
+        return False
+    step = 2 * c if 2 * c in at and -2 * c in at else c
+    return -step in at and step in at and at[-step] < at[0.0] < at[step]
+
+
 async def steering_check(runner: EngineRunner, tok, directions: torch.Tensor, layer: int, questions: list[str],
                          neutral_std: float) -> dict:
     """Sweep ``directions`` at ``layer`` as extraction does, take c = the lower end of the range
-    it recommends and check :func:`steers_in` (sweeping ``+-2c`` too when the grid lacks it)."""
+    it recommends; the candidate steers where the sweep :func:`moves` the projection at all and
+    :func:`steers_in` holds at c (sweeping ``+-2c`` too when the grid lacks it)."""
     sweep = await coefficient_sweep(runner, tok, directions, layer, questions)
     c = recommend_range(sweep, neutral_std)[0]
     if 2 * c not in {r["coefficient"] for r in sweep}:
         extra = await coefficient_sweep(runner, tok, directions, layer, questions, grid=(2 * c,))
         sweep = sorted(sweep + [r for r in extra if r["coefficient"]], key=lambda r: r["coefficient"])
     at = {r["coefficient"]: r["projection"] for r in sweep}
-    return {"steers": steers_in(sweep, c), "c": c, "projection": [at[-2 * c], at[0.0], at[2 * c]]}
+    moving = moves(sweep, neutral_std)
+    return {"steers": moving and steers_in(sweep, c), "moves": moving, "c": c,
+            "projection": [at[-2 * c], at[0.0], at[2 * c]]}
 
 
 def _signed_grid(evidence: TraitEvidence) -> list[tuple[int, int]]:

@@ -5,13 +5,14 @@ Synthetic fold scores: no model."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from steering.extract import DefinitionError, TraitDefinition, extraction_choices
 from steering.methods import (FIRST_HALF_CHOSEN_BY, Folds, choose, cross_validate, extraction_spec, fold_aurocs,
-                              ship_decision, steers_in)
+                              build_steers, moves, ship_decision, steers_in)
 from tests.conftest import REPO_VECTORS
 
 
@@ -74,6 +75,25 @@ def test_steering_means_the_projection_rises_from_minus_2c_to_plus_2c():
     assert not steers_in(flat, 1.0)
     falls = [{**r, "projection": {-2.0: -10.83, 0.0: -9.71, 2.0: -10.07}.get(r["coefficient"], 0.0)} for r in sweep]
     assert not steers_in(falls, 1.0)  # hallucinating's, 2026-11-25
+
+
+def test_a_sweep_that_hardly_moves_the_projection_does_not_steer_even_where_it_rises():
+    # hallucinating's layer-9 candidate, 2026-12-06: it rises at c = 0.5 (the fallback lower end,
+    # since no coefficient moves the projection by half a neutral std) by 0.3 over 2 units.
+    points = [(-4.0, -9.5941), (-2.0, -10.8334), (-1.0, -10.776), (-0.5, -10.1539), (0.0, -9.7139), (0.5, -9.6421), (1.0, -9.4255),
+              (2.0, -10.0664), (4.0, -10.4119)]
+    sweep = [{"coefficient": c, "projection": p} for c, p in points]
+    assert steers_in(sweep, 0.5)
+    assert not moves(sweep, neutral_std=1.0)
+    assert moves(sweep, neutral_std=0.5)
+    strong = [{**r, "projection": 3.0 * r["coefficient"]} for r in sweep]
+    assert moves(strong, neutral_std=1.0) and steers_in(strong, 0.5)
+    # What would ship is checked again on its own sweep and range: the same candidate built, with
+    # the range's lower end at 1, falls from 0 to +2.
+    built = SimpleNamespace(extra={"coefficient_sweep": sweep}, coefficient_range=(1.0, 6.0))
+    assert not build_steers(built)
+    assert build_steers(SimpleNamespace(extra={"coefficient_sweep": strong}, coefficient_range=(1.0, 6.0)))
+    assert build_steers(SimpleNamespace(extra={"coefficient_sweep": strong}, coefficient_range=(4.0, 6.0)))  # no +-8: +-4
 
 
 def test_the_previous_build_is_kept_unless_the_new_choice_beats_it_on_folds_neither_saw():
@@ -159,7 +179,8 @@ def test_method_comparison_on_the_model_scores_folds_and_ships_only_candidates_t
     assert result["chosen"] in steered and all(p in steered for p in result["nested"]["picks"])
     assert result["chosen"]["layer"] in layer_window(lm.num_layers)
     for check in result["steering_checks"]:
-        assert (check["projection"][0] < check["projection"][1] < check["projection"][2]) == check["steers"]
+        rises = check["projection"][0] < check["projection"][1] < check["projection"][2]
+        assert (check["moves"] and rises) == check["steers"]
     # evil's prompts are ones this model follows: the fold left out is told apart as well
     assert result["nested"]["all"]["mean"] >= 0.8
     unseen = result["previous"]["unseen_folds"]
