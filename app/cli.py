@@ -44,9 +44,9 @@ def shipped_lora_modules(entries: list[str]) -> list[str]:
 
         shipped_lora_modules(["big5-extraversion-high", "mine=/srv/adapters/mine"])
     """
-    from app.settings import shipped_assets_dir
+    from app.settings import shipped_adapters
 
-    shipped = {p.name: p for p in shipped_assets_dir().glob("*/adapters/*") if (p / "adapter_config.json").is_file()}
+    shipped = shipped_adapters()
     out = []
     for entry in entries:
         if "=" in entry:

@@ -13,6 +13,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ASSETS_PACKAGE = "persona_server_assets"
 
 
+def shipped_adapters() -> dict[str, Path]:
+    """The LoRA adapters shipped with the package (``vectors/<model>/adapters/NAME``), by name: a
+    bare name in ``--lora-modules`` or ``PERSONA_LORA_MODULES`` serves one."""
+    return {p.name: p for p in shipped_assets_dir().glob("*/adapters/*") if (p / "adapter_config.json").is_file()}
+
+
 def shipped_assets_dir() -> Path:
     """Where the data shipped with persona-server lives: the checkout's ``vectors/`` when the code
     runs from a source checkout (so ``make vectors`` and edits take effect at once), else the copy
@@ -170,11 +176,16 @@ class Settings(BaseSettings):
     @field_validator("lora_modules")
     @classmethod
     def _lora_pairs(cls, value: list[str]) -> list[str]:
+        out = []
         for item in value:
             name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"lora_modules entries are name=path, not {item!r}")
-        return value
+            if not sep and item in shipped_adapters():
+                item = f"{item}={shipped_adapters()[item]}"
+            elif not sep or not name or not path:
+                raise ValueError(f"lora_modules entries are name=path or a shipped adapter's name "
+                                 f"({', '.join(sorted(shipped_adapters())) or 'none shipped'}), not {item!r}")
+            out.append(item)
+        return out
 
     @model_validator(mode="after")
     def _asset_paths(self) -> Settings:

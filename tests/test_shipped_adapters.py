@@ -38,6 +38,11 @@ def test_shipped_names_resolve_and_unknown_ones_are_refused_naming_the_choices()
     assert resolved[1] == "mine=/tmp/elsewhere"
     with pytest.raises(SystemExit, match="big5-extraversion-low"):
         shipped_lora_modules(["big5-nonexistent"])
+    # The environment takes the same bare names as the flag.
+    from app.settings import Settings
+
+    env = Settings(_env_file=None, lora_modules="big5-extraversion-high,mine=/tmp/elsewhere")
+    assert env.lora_modules == resolved
 
 
 def test_served_by_shipped_name_each_pole_changes_the_greedy_answer(lm, tmp_path):
