@@ -95,6 +95,33 @@ def decode(engine: Engine, ids: list[int], tokens: int) -> list[float]:
     return asyncio.run(run())
 
 
+def products_ms(engine: Engine, repetitions: int = 5) -> float:
+    """Milliseconds the linear products of one batch-1 step take alone: every layer's fused
+    products and the head, once each, in the step's order and with its thread count (the weights
+    stream from memory as in a step); the rest of a step is attention, norms, steering, sampling
+    and the engine's loop."""
+    fused = engine.fused
+    dtype = engine.lm.dtype
+    hidden = torch.randn(1, engine.lm.hidden_size, dtype=dtype)
+    inner = torch.randn(1, fused.layers[0].intermediate, dtype=dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(engine.small_step_threads)
+    try:
+        times = []
+        for _ in range(repetitions):
+            start = time.perf_counter()
+            for layer in fused.layers:
+                layer.qkv.forward(hidden)
+                layer.o.forward(hidden)
+                layer.gate_up.forward(hidden)
+                layer.down.forward(inner)
+            fused.lm_head(hidden)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+    finally:
+        torch.set_num_threads(before)
+
+
 def measure(dtype: str, tokens: int, repetitions: int, bandwidth: dict[int, float]) -> list[dict]:
     models = {q: load_model("default", dtype=dtype, device="cpu", quantization=q) for q in ("none", "int8")}
     engines = {}
@@ -106,10 +133,12 @@ def measure(dtype: str, tokens: int, repetitions: int, bandwidth: dict[int, floa
         for engine in engines.values():
             decode(engine, ids, 8)  # warm: first-use allocations, the RoPE table
         steps: dict[str, list[float]] = {q: [] for q in models}
+        products: dict[str, list[float]] = {q: [] for q in models}
         for _ in range(repetitions):
             for q, engine in engines.items():  # interleaved: the machine's drift hits both alike
                 gaps = decode(engine, ids, tokens)
                 steps[q].append(statistics.median(gaps))
+                products[q].append(products_ms(engine))
         rows = []
         for q, lm in models.items():
             threads = engines[q].small_step_threads
@@ -119,7 +148,7 @@ def measure(dtype: str, tokens: int, repetitions: int, bandwidth: dict[int, floa
             rows.append({"dtype": str(lm.dtype).removeprefix("torch."), "quantization": q, "threads": threads,
                          "tok_s": round(1 / step, 1), "tok_s_range": [round(1 / max(steps[q]), 1), round(1 / min(steps[q]), 1)],
                          "step_ms": round(step * 1e3, 2), "bytes": nbytes, "floor_ms": round(floor * 1e3, 2),
-                         "x_floor": round(step / floor, 2)})
+                         "x_floor": round(step / floor, 2), "products_ms": round(statistics.median(products[q]), 2)})
         rows[1]["ratio_to_none"] = round(rows[1]["tok_s"] / rows[0]["tok_s"], 2)
         return rows
     finally:
@@ -135,11 +164,11 @@ def cpu_kind() -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| dtype | weights | threads | tok/s (range) | int8/none | step ms | bytes/step MB | floor ms | x floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dtype | weights | threads | tok/s (range) | int8/none | step ms | products alone ms | bytes/step MB "
+             "| floor ms | x floor |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['dtype']} | {r['quantization']} | {r['threads']} | {r['tok_s']} ({r['tok_s_range'][0]}-"
-                     f"{r['tok_s_range'][1]}) | {r.get('ratio_to_none', '')} | {r['step_ms']} | "
+                     f"{r['tok_s_range'][1]}) | {r.get('ratio_to_none', '')} | {r['step_ms']} | {r['products_ms']} | "
                      f"{r['bytes']['total'] / 1e6:.0f} | {r['floor_ms']} | {r['x_floor']} |")
     return "\n".join(lines)
 
