@@ -122,11 +122,13 @@ def products_ms(engine: Engine, repetitions: int = 5) -> float:
         torch.set_num_threads(before)
 
 
-def measure(dtype: str, tokens: int, repetitions: int, bandwidth: dict[int, float]) -> list[dict]:
+def measure(dtype: str, tokens: int, repetitions: int, bandwidth: dict[int, float],
+            small_step_threads: int | None = None) -> list[dict]:
     models = {q: load_model("default", dtype=dtype, device="cpu", quantization=q) for q in ("none", "int8")}
     engines = {}
     for q, lm in models.items():
-        engines[q] = Engine(lm, max_batch_size=1, max_waiting=4, max_model_len=1024)
+        engines[q] = Engine(lm, max_batch_size=1, max_waiting=4, max_model_len=1024,
+                            small_step_threads=small_step_threads)
         engines[q].start()
     try:
         ids = chat_prompt_ids(models["none"].tokenizer, [{"role": "user", "content": PROMPT}])
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--dtypes", default=None, help="comma-separated (default: this machine's default, then float32)")
+    parser.add_argument("--small-step-threads", type=int, help="the engine's threads for batch-1 steps (default: its own "
+                        "choice, PERSONA_CPU_SMALL_STEP_THREADS)")
     parser.add_argument("--out", default="tests/bench/floor.json")
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",") if args.dtypes else (["bfloat16", "float32"] if cpu_has_native_bf16() else ["float32"])
@@ -185,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         load = fh.read().split()[:3]  # the machine is shared: say how busy it was
     bandwidth = {t: round(read_bandwidth(t), 2) for t in (1, 2)}
     print(f"read bandwidth GB/s: {bandwidth}", flush=True)
-    rows = [row for dtype in dtypes for row in measure(dtype, args.tokens, args.repetitions, bandwidth)]
+    rows = [row for dtype in dtypes
+            for row in measure(dtype, args.tokens, args.repetitions, bandwidth, args.small_step_threads)]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_kind(), "cores": torch.get_num_threads(),
               "load_before": load, "bandwidth_gb_s": bandwidth, "tokens": args.tokens,
               "repetitions": args.repetitions, "rows": rows}
