@@ -91,7 +91,7 @@ bench-peers: install-vllm
 
 # Batch-1 decode, unquantized and --quantization int8, against the memory floor (bytes a step reads
 # / read bandwidth; not part of `make test`): tests/bench/floor.json, the table in docs/quantization.md.
-FLOOR_ARGS ?=
+FLOOR_ARGS ?= --page docs/quantization.md
 .PHONY: bench-floor
 bench-floor: install
 	$(PY) -m tests.bench.floor $(FLOOR_ARGS)

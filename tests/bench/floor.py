@@ -175,6 +175,21 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_page(page: Path, result: dict) -> None:
+    """Replace the block between the floor markers of ``page`` with ``result``'s table."""
+    text = page.read_text()
+    start, end = "<!-- floor:start -->", "<!-- floor:end -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    cpu = result["cpu"]
+    block = (f"Measured {result['date']} on {cpu['model']} ({', '.join(cpu['isa'])}; {result['cores']} cores, load average "
+             f"{' / '.join(result['load_before'])} before the run: a shared machine) by `make bench-floor`: batch-1 greedy "
+             f"decode of {result['tokens']} tokens, {result['repetitions']} repetitions interleaved, medians (range of the "
+             f"repetitions in brackets); read bandwidth {result['bandwidth_gb_s']['1']} GB/s with 1 thread, "
+             f"{result['bandwidth_gb_s']['2']} GB/s with 2.\n\n{table(result)}\n")
+    atomic_write_bytes(page, (head + start + "\n" + block + end + tail).encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128)
@@ -183,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-step-threads", type=int, help="the engine's threads for batch-1 steps (default: its own "
                         "choice, PERSONA_CPU_SMALL_STEP_THREADS)")
     parser.add_argument("--out", default="tests/bench/floor.json")
+    parser.add_argument("--page", help="rewrite the table between the floor markers of this docs page")
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",") if args.dtypes else (["bfloat16", "float32"] if cpu_has_native_bf16() else ["float32"])
     with open("/proc/loadavg") as fh:
@@ -194,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_kind(), "cores": torch.get_num_threads(),
               "load_before": load, "bandwidth_gb_s": bandwidth, "tokens": args.tokens,
               "repetitions": args.repetitions, "rows": rows}
+    result = json.loads(json.dumps(result))  # the bandwidth's keys as JSON has them
     atomic_write_bytes(Path(args.out), (json.dumps(result, indent=2) + "\n").encode())
+    if args.page:
+        write_page(Path(args.page), result)
     print(table(result))
     return 0
 
