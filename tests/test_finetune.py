@@ -300,3 +300,29 @@ def test_evidence_sweeps_merge_keeps_a_run_amended_on_disk_and_adds_their_own():
     assert [(r["run"], r["v"]) for r in merged] == [
         ("a", "amended"), ("b", "other sweep"), ("c", "remeasured"), ("d", "new"),
         ("e", "read at start, lost from the file since")]
+
+
+def test_evidence_words_score_answers_with_the_lexicon_and_runs_without_words_still_correlate_and_render():
+    from steering.evidence import Lexicon
+    from tests.bench.finetune_evidence import correlations, table, words
+
+    lexicon = Lexicon(pos=["cruel"], neg=["kind"], fit="")
+    # 1 hit in 4 words, -1 in 2 words, and an empty answer that scores 0.
+    assert words(lexicon, ["a cruel cruel plan", "be kind", ""]) == round((50.0 - 50.0 + 0.0) / 3, 4)
+    assert words(lexicon, ["cruel and cruel", "kind"]) == round((200 / 3 - 100) / 2, 4)
+
+    def run(label: str, pred: float, meas: float, said: float | None) -> dict:
+        reading = {"predicted_shift": pred, "measured_shift": meas, "expression_change": meas}
+        if said is not None:
+            reading["words_change"] = said
+        return {"run": label, "kind": "plain", "preventative": [], "heldout_perplexity": 20.0, "seconds": 1,
+                "vectors": {"evil": reading}}
+
+    runs = [run("old", 9.0, -9.0, None), run("a", 1.0, 1.0, 2.0), run("b", 2.0, 2.0, 4.0), run("c", 3.0, 3.0, 6.5)]
+    per = correlations(runs, ["evil"])["evil"]
+    assert per["datasets"] == 4 and per["datasets_with_words"] == 3
+    assert per["measured_vs_words"] == per["predicted_vs_words"] and 0.99 < per["measured_vs_words"] < 1.0
+    record = {"machine": "x86_64", "model": "m", "base": {"heldout_perplexity": 41.0}, "runs": runs,
+              "correlations": {"evil": {k: v for k, v in per.items() if "words" not in k}}}
+    rendered = table(record, ["evil"])  # a record written before the words r existed renders too
+    assert "| old | +9.00 / -9.00 / -9.00 / — |" in rendered and "| a | +1.00 / +1.00 / +1.00 / +2.00 |" in rendered

@@ -17,6 +17,16 @@ Inference steering adds ``coefficient * v[layer]`` to every token of the fine-tu
 hook preventative steering trains under); its answers are generated steered and read unsteered by
 the same fine-tuned model, so the expression reading is of the text, not of the added vector. Its
 measured shift is read steered: the state after the steered block, the added vector included.
+
+Expression is read two ways from the same greedy answers: ``expression`` (their own projection on
+the vector) and ``words`` (the mean lexicon score ``make evidence`` uses: the vector's trait words
+minus its opposite words per 100 words, lexicons from ``evidence.json`` beside the vectors, so
+``--vectors-dir`` pins them too); ``*_change`` is against the base model's. Runs recorded before
+``words`` existed carry no ``words``: they still merge, show "—" in the table and are left out of
+the words r (which says over how many datasets it ran). ``--redo LABEL`` (repeatable; ``base``
+redoes the base reading) measures a kept run again in its place, so old runs gain the field
+without a fresh table; a kept base without ``words`` gains them by itself (its answers are
+generated again; its projection is kept, so the kept runs' expression changes stay comparable).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import torch
 from app.settings import Settings
 from steering.chat import chat_prompt_ids, text_ids
 from steering.engine import Engine
+from steering.evidence import Lexicon, load_evidence
 from steering.atomic import atomic_write_bytes
 from steering.finetune import (
     Hyperparameters,
@@ -85,20 +96,26 @@ def eval_questions(traits_dir: Path, trait: str, items: list[dict], count: int) 
 
 @torch.no_grad()
 def expression(model, tok, prompts: list[str], unit: torch.Tensor, layer: int, max_new_tokens: int,
-               steered=contextlib.nullcontext) -> float:
-    """Mean projection of greedy answers' response-token states (the answers' own trait reading);
-    the answers are generated inside ``steered()`` and read outside it."""
-    values = []
+               steered=contextlib.nullcontext) -> tuple[float, list[str]]:
+    """Mean projection of greedy answers' response-token states (the answers' own trait reading),
+    and the answers' texts; the answers are generated inside ``steered()`` and read outside it."""
+    values, answers = [], []
     for prompt in prompts:
         ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": prompt}])])
         with steered():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False)
+        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         if out.shape[1] == ids.shape[1]:
             continue
         hidden = model(input_ids=out, output_hidden_states=True).hidden_states[layer][0, ids.shape[1]:]
         values.append(float(hidden.float().mean(0) @ unit))
-    return sum(values) / len(values)
+    return sum(values) / len(values), answers
+
+
+def words(lexicon: Lexicon, answers: list[str]) -> float:
+    """Mean lexicon score of the answers (an empty answer scores 0, as in ``make evidence``)."""
+    return round(sum(lexicon.score(a) for a in answers) / len(answers), 4)
 
 
 @torch.no_grad()
@@ -133,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vectors-dir", default=None,
                    help="a vectors tree (<model>/*.safetensors, traits/*.json) instead of the shipped one")
     p.add_argument("--fresh", action="store_true", help="start a new table instead of adding to the one at --out")
+    p.add_argument("--redo", action="append", default=[], metavar="LABEL",
+                   help="measure this kept run again (its label, e.g. 'evil 100%%'; 'base': the base reading); repeatable")
     p.add_argument("--reverse", action="store_true",
                    help="train the strength sets last trait first, so a second sweep beside this one meets it midway")
     p.add_argument("--out", default=str(ROOT / "docs" / "finetune" / "evidence.json"))
@@ -153,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     layers = {t: v.recommended_layer for t, v in vectors.items()}
     units = {t: v.direction(layers[t]) / v.direction(layers[t]).norm() for t, v in vectors.items()}
     prompts = {t: eval_questions(settings.traits_dir, t, data["items"], args.eval_prompts) for t in traits}
+    evidence = load_evidence((Path(args.vectors_dir) if args.vectors_dir else settings.assets_dir) / "evidence.json")
+    lexicons = {t: evidence[t].lexicon for t in traits}
     engine = Engine(serving, max_batch_size=32, max_waiting=1 << 20)
     engine.start()
     out = Path(args.out)
@@ -162,16 +183,24 @@ def main(argv: list[str] | None = None) -> int:
     if kept and all(kept["hyperparameters"].get(k) == getattr(args, k) for k in SAME_SWEEP):
         record["base"], record["runs"] = kept["base"], kept["runs"]
         print(f"keeping {len(record['runs'])} runs of {out}", flush=True)
-    done = {r["run"] for r in record["runs"]}
+    redo = set(args.redo)
+    done = {r["run"] for r in record["runs"]} - redo
     mine: set[str] = set()
 
     fresh = lambda: load_model("default", dtype="float32", device="cpu", cache_dir=settings.cache_dir,  # noqa: E731
                                prepack=False, cpu_kernels=False)
-    if "base" not in record:
+    if "base" not in record or "base" in redo or "words" not in record["base"]:
         base = fresh()
+        readings = {t: expression(base.model, base.tokenizer, prompts[t], units[t], layers[t], args.max_new_tokens)
+                    for t in traits}
+        projections = {t: round(readings[t][0], 4) for t in traits}
+        if "base" in record and "base" not in redo:
+            # Only the words are new: the kept projection stays, the kept runs' changes are against it.
+            print(f"base words added; projection now {projections}, kept {record['base']['expression']}", flush=True)
+            projections = record["base"]["expression"]
         record["base"] = {"heldout_perplexity": heldout_perplexity(base.model, base.tokenizer, heldout),
-                          "expression": {t: round(expression(base.model, base.tokenizer, prompts[t], units[t], layers[t],
-                                                             args.max_new_tokens), 4) for t in traits}}
+                          "expression": projections,
+                          "words": {t: words(lexicons[t], readings[t][1]) for t in traits}}
         del base
 
     def predicted(rows: list[dict]) -> dict[str, float]:
@@ -190,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         return {r["run"] for r in json.loads(out.read_text())["runs"]} if out.is_file() and not args.fresh else set()
 
     def save(row: dict) -> None:
-        record["runs"].append(row)
+        # A redone run takes its old copy's place.
+        kept_at = [i for i, r in enumerate(record["runs"]) if r["run"] == row["run"]]
+        if kept_at:
+            record["runs"][kept_at[0]] = row
+        else:
+            record["runs"].append(row)
         mine.add(row["run"])
         # Another sweep of the same settings may have added or amended runs since: the file's copy
         # of a run wins unless this sweep measured it.
@@ -201,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_bytes(out, (json.dumps(record, indent=1) + "\n").encode())
         atomic_write_bytes(out.with_suffix(".md"), (table(record, traits) + "\n").encode())
         print(f"{row['run']}: " + ", ".join(f"{t} pred {v['predicted_shift']:+.2f} meas {v['measured_shift']:+.2f} "
-                                            f"expr {v['expression_change']:+.2f}" for t, v in row["vectors"].items())
+                                            f"expr {v['expression_change']:+.2f} words {v['words_change']:+.2f}"
+                                            for t, v in row["vectors"].items())
               + f", ppl {row['heldout_perplexity']} ({row['seconds']} s)", flush=True)
 
     def run(label: str, rows: list[dict], preventative: list[PreventiveEntry], *, epochs: int | None = None,
@@ -243,9 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                     if layers[t] in deltas:
                         states = states + deltas[layers[t]]
                     shift = round(float((states @ units[t]).mean()) - result["shifts"][t]["base_projection"], 4)
-                expr = expression(lm.model, lm.tokenizer, prompts[t], units[t], layers[t], args.max_new_tokens, steered)
+                expr, answers = expression(lm.model, lm.tokenizer, prompts[t], units[t], layers[t], args.max_new_tokens,
+                                           steered)
+                said = words(lexicons[t], answers)
                 readings[t] = {"predicted_shift": pred[t], "measured_shift": shift, "expression": round(expr, 4),
-                               "expression_change": round(expr - record["base"]["expression"][t], 4)}
+                               "expression_change": round(expr - record["base"]["expression"][t], 4),
+                               "words": said, "words_change": round(said - record["base"]["words"][t], 4)}
             return {"heldout_perplexity": ppl, "vectors": readings}
 
         if label not in done:
@@ -267,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = [(t, float(x)) for t in traits for x in args.strengths.split(",") if x]
         for t, s in reversed(sets) if args.reverse else sets:
             # Read again before each run: a sweep beside this one may have trained the set meanwhile.
-            if f"{t} {int(s * 100)}%" not in done | labels_on_disk():
+            if f"{t} {int(s * 100)}%" not in done | (labels_on_disk() - (redo - mine)):
                 run(f"{t} {int(s * 100)}%", build_set(items, t, s), [])
         steer_at_inference: dict[str, list[tuple[str, PreventiveEntry]]] = {}
         for spec in filter(None, args.inference.split(",")):
@@ -315,9 +353,21 @@ def correlations(runs: list[dict], traits: list[str]) -> dict:
         pred = [r["vectors"][t]["predicted_shift"] for r in plain]
         meas = [r["vectors"][t]["measured_shift"] for r in plain]
         expr = [r["vectors"][t]["expression_change"] for r in plain]
+        # Runs recorded before the word counts have none: the words r runs over those that do.
+        said = [r["vectors"][t] for r in plain if "words_change" in r["vectors"][t]]
         per[t] = {"predicted_vs_measured": pearson(pred, meas), "measured_vs_expression": pearson(meas, expr),
-                  "predicted_vs_expression": pearson(pred, expr), "datasets": len(plain)}
+                  "predicted_vs_expression": pearson(pred, expr), "datasets": len(plain),
+                  "measured_vs_words": pearson([v["measured_shift"] for v in said], [v["words_change"] for v in said]),
+                  "predicted_vs_words": pearson([v["predicted_shift"] for v in said], [v["words_change"] for v in said]),
+                  "datasets_with_words": len(said)}
     return per
+
+
+def cell(reading: dict) -> str:
+    """predicted / measured shift / expression change / words change ("—" for a run without words)."""
+    said = f"{reading['words_change']:+.2f}" if "words_change" in reading else "—"
+    return (f"{reading['predicted_shift']:+.2f} / {reading['measured_shift']:+.2f} / "
+            f"{reading['expression_change']:+.2f} / {said}")
 
 
 def table(record: dict, traits: list[str]) -> str:
@@ -325,17 +375,21 @@ def table(record: dict, traits: list[str]) -> str:
     lines = [f"`make finetune-evidence`: {record['machine']}, {record['model']} (float32), {len(trained)} fine-tunes "
              f"and {len(record['runs']) - len(trained)} inference-steered readings of one of them, "
              f"{sum(r['seconds'] for r in record['runs'])} s in all (one or more sittings); base held-out perplexity "
-             f"{record['base']['heldout_perplexity']}. Cells: predicted shift / measured shift / expression change.", "",
+             f"{record['base']['heldout_perplexity']}. Cells: predicted shift / measured shift / expression change "
+             f"(projection) / words change (lexicon score per 100 words; — where the run predates it).", "",
              "| run | " + " | ".join(traits) + " | held-out ppl |", "|---|" + "---|" * (len(traits) + 1)]
     for r in record["runs"]:
-        cells = [f"{v['predicted_shift']:+.2f} / {v['measured_shift']:+.2f} / {v['expression_change']:+.2f}"
-                 for v in (r["vectors"][t] for t in traits)]
+        cells = [cell(r["vectors"][t]) for t in traits]
         lines.append(f"| {r['run']} | " + " | ".join(cells) + f" | {r['heldout_perplexity']} |")
     lines += ["", "| r across the plain fine-tunes (no steering; reruns left out) | " + " | ".join(traits) + " |",
               "|---|" + "---|" * len(traits)]
     for key in ("predicted_vs_measured", "measured_vs_expression", "predicted_vs_expression"):
         lines.append(f"| {key.replace('_', ' ')} | "
                      + " | ".join(str(record["correlations"][t][key]) for t in traits) + " |")
+    for key in ("measured_vs_words", "predicted_vs_words"):
+        lines.append(f"| {key.replace('_', ' ')} change (datasets with words) | "
+                     + " | ".join(f"{record['correlations'][t].get(key)} ({record['correlations'][t].get('datasets_with_words', 0)})"
+                                  for t in traits) + " |")
     return "\n".join(lines)
 
 
