@@ -9,7 +9,8 @@ What is not run, and why:
 
 - commands that start their own server process or load their own model (``make serve``,
   ``persona-server screen|assess|extract``): they do not call the local server;
-- nothing else. ``$ADMIN`` is set to the test server's admin key, ``@data.jsonl`` holds the
+- nothing else. The test server serves the shipped LoRA adapters (as the README's
+  ``PERSONA_LORA_MODULES=... make serve`` does), ``$ADMIN`` is set to the test server's admin key, ``@data.jsonl`` holds the
   first two samples of ``tests/data/screen_mixed.jsonl``, and ``JOB_ID`` is the id the job-creating command
   before it on the same page returned (its job is waited for before its output is read).
 """
@@ -29,6 +30,8 @@ import httpx
 import pytest
 import yaml
 
+from app.cli import shipped_lora_modules
+from app.settings import shipped_adapters
 from tests.conftest import make_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +155,9 @@ def test_the_readme_benchmark_rows_are_the_latest_bench_peers_rows():
 
 @pytest.fixture(scope="module")
 def readme_server(lm, tmp_path_factory):
-    with make_server(lm, tmp_path_factory.mktemp("readme"), admin_keys=[ADMIN_KEY]) as live:
+    # The shipped adapters are served, as the README's `PERSONA_LORA_MODULES=... make serve` serves one.
+    with make_server(lm, tmp_path_factory.mktemp("readme"), admin_keys=[ADMIN_KEY],
+                     lora_modules=shipped_lora_modules(sorted(shipped_adapters()))) as live:
         yield live
 
 
