@@ -51,14 +51,6 @@ def qrunner(qlm):
     engine.shutdown()
 
 
-@pytest.fixture(scope="module")
-def base_runner(lm):
-    engine = Engine(lm, max_batch_size=32, max_waiting=4096)
-    engine.start()
-    yield EngineRunner(engine)
-    engine.shutdown()
-
-
 def _layer(out: int, k: int, bias: bool, kernels) -> tuple[QuantLinear, torch.Tensor]:
     linear = torch.nn.Linear(k, out, bias=bias)
     return QuantLinear.of(linear, kernels), linear.weight.detach()
@@ -115,22 +107,22 @@ def test_every_linear_layer_is_int8_and_the_tied_embedding_keeps_its_weight(qlm,
     assert embedding.dtype == torch.float32 and torch.equal(embedding, lm.model.get_input_embeddings().weight)
 
 
-def test_greedy_answers_and_perplexity_stay_close(qlm, qrunner, base_runner):
+def test_greedy_answers_and_perplexity_stay_close(qlm, qrunner, runner):
     """The first 16 greedy tokens of the 64 evidence questions: equal to the unquantized model's on
     at least 45% (measured 52% in float32; bfloat16 against float32 gives 69%, see
     docs/quantization.md); perplexity of the 120 neutral prompts within 3%."""
     tok = qlm.tokenizer
     prompts = [chat_prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
-    base = asyncio.run(base_runner.generate(prompts, max_new_tokens=16))
+    base = asyncio.run(runner.generate(prompts, max_new_tokens=16))
     quantized = asyncio.run(qrunner.generate(prompts, max_new_tokens=16))
     assert sum(a == b for a, b in zip(base, quantized)) >= 0.45 * len(prompts)
     texts = [text_ids(tok, t) for t in NEUTRAL]
 
-    def perplexity(runner: EngineRunner) -> float:
-        rows = asyncio.run(runner.token_logprobs(texts, [1] * len(texts)))
+    def perplexity(on: EngineRunner) -> float:
+        rows = asyncio.run(on.token_logprobs(texts, [1] * len(texts)))
         return float(torch.tensor([v for row in rows for v in row]).mean().neg().exp())
 
-    assert abs(perplexity(qrunner) / perplexity(base_runner) - 1) <= 0.03
+    assert abs(perplexity(qrunner) / perplexity(runner) - 1) <= 0.03
 
 
 def test_steering_moves_the_projection_monotonically(qlm, qrunner):
@@ -142,7 +134,7 @@ def test_steering_moves_the_projection_monotonically(qlm, qrunner):
     assert projections == sorted(projections) and len(set(projections)) == 5, sweep
 
 
-def test_monitor_projections_stay_within_a_quarter_of_their_spread(qlm, qrunner, base_runner):
+def test_monitor_projections_stay_within_a_quarter_of_their_spread(qlm, qrunner, runner):
     """The last prompt token's projection on a shipped vector (what a monitor reads): each of 40
     prompts within 0.25 standard deviations (across the prompts) of its unquantized value
     (measured: 0.16 at most)."""
@@ -150,7 +142,7 @@ def test_monitor_projections_stay_within_a_quarter_of_their_spread(qlm, qrunner,
     layer = vector.recommended_layer
     unit = unit_rows(vector.directions)[layer]
     prompts = [chat_prompt_ids(qlm.tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS[:40]]
-    base = asyncio.run(base_runner.last_states(prompts, [layer])).reshape(len(prompts), -1) @ unit
+    base = asyncio.run(runner.last_states(prompts, [layer])).reshape(len(prompts), -1) @ unit
     quantized = asyncio.run(qrunner.last_states(prompts, [layer])).reshape(len(prompts), -1) @ unit
     assert float((quantized - base).abs().max()) <= 0.25 * float(base.std())
 
