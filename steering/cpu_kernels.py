@@ -52,7 +52,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_NAME = "persona_cpu_kernels_v3"
+_NAME = "persona_cpu_kernels_v4"
 _FUNCTIONS = ["linear", "linear_int8", "rms_norm", "silu_mul", "attention", "lora_add"]
 
 _SOURCE = r"""
@@ -104,6 +104,44 @@ inline float dot(const A* a, const B* b, int64_t k_total) {
   float total = lane_sum(acc);
   for (; k < k_total; ++k) total = total + f32(a[k]) * f32(b[k]);
   return total;
+}
+
+// e^x in 8 lanes: n = round(x / ln 2), r = x - n ln 2 in two parts, e^r by its Taylor series to
+// r^7 (|r| <= ln 2 / 2: within about 1 ulp of float32), times 2^n. x is clamped to
+// [-87.3, 88.3] first, so 2^n stays a normal number (below the clamp e^x is taken as ~1e-38
+// instead of 0). A fixed sequence of operations per lane: an element's value never depends on its
+// neighbours, and every CPU with AVX2 computes the same bits. It replaces glibc's scalar expf in
+// SiLU and the softmax, where expf took most of the time (SiLU over a 512-token prefill step:
+// 51 ms of it, 2026-12-06, AVX512-BF16 host).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// v[i] = exp8(v[i] - shift) for i < count; a tail shorter than 8 goes through the same lanes.
+inline void exp_shifted(float* v, int64_t count, float shift) {
+  const __m256 sv = _mm256_set1_ps(shift);
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(v + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(v + i), sv)));
+  if (i < count) {
+    float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = i; j < count; ++j) tail[j - i] = v[j];
+    _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), sv)));
+    for (int64_t j = i; j < count; ++j) v[j] = tail[j - i];
+  }
 }
 
 // out[r, c] = <x[r, :], w[c, :]> for an R x C tile: each of the R * C accumulators runs exactly
@@ -179,13 +217,22 @@ void linear_impl(const float* x, const W* w, const B* bias, const float* scale, 
 
 // The same for bfloat16 inputs and weights on CPUs with AVX512-BF16: each accumulator is one
 // chain of VDPBF16PS over 32-element steps (pairs of products into 16 float32 lanes), its lanes
-// summed by _mm512_reduce_add_ps, then the tail in order. One fixed sequence per element again;
+// summed by _mm512_reduce_add_ps, then the tail in order, then rounded to bfloat16 as a float32
+// result's .to(bfloat16) would be (nearest, ties to even). One fixed sequence per element again;
 // such a CPU takes this path for every bfloat16 product, so it is the only one it ever runs.
+//
+// A tile's first pass over its 4 weight rows also asks for the rows of the block kBf16Ahead
+// blocks further on, into L2: the weights stream from memory once per step, and the hardware
+// prefetchers follow 4 interleaved row streams poorly. Prefetching changes no number. Streaming
+// every layer of SmolLM2-135M as a decode step does (2 threads, AVX512-BF16 host, 2026-12-06),
+// 12 blocks ahead into L2 took a step's products from 14.3 to 10.7 ms at 1 row and from 41.8 to
+// 35.6 ms at 32 rows; 4 blocks ahead into L1 gained 7-9%, 32 into L2 15-26%.
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+constexpr int64_t kBf16Ahead = 12;
 
 template <int R, int C>
-BF16_TARGET inline void tile_bf16(const bf16* x, const bf16* w, int64_t k_total, float* out, int64_t ldo,
-                                  const bf16* bias) {
+BF16_TARGET inline void tile_bf16(const bf16* x, const bf16* w, int64_t k_total, bf16* out, int64_t ldo,
+                                  const bf16* bias, const bf16* ahead) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -193,6 +240,8 @@ BF16_TARGET inline void tile_bf16(const bf16* x, const bf16* w, int64_t k_total,
   for (; k + 32 <= k_total; k += 32) {
     __m512bh wv[C];
     for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * k_total + k);
+    if (ahead)
+      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(ahead + c * k_total + k), _MM_HINT_T1);
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * k_total + k);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
@@ -203,22 +252,22 @@ BF16_TARGET inline void tile_bf16(const bf16* x, const bf16* w, int64_t k_total,
       float total = _mm512_reduce_add_ps(acc[r][c]);
       for (int64_t j = k; j < k_total; ++j) total = total + f32(w[c * k_total + j]) * f32(x[r * k_total + j]);
       if (bias) total = total + f32(bias[c]);
-      out[r * ldo + c] = total;
+      out[r * ldo + c] = from_f32<bf16>(total);
     }
 }
 
 template <int C>
-BF16_TARGET inline void rows_tile_bf16(int R, const bf16* x, const bf16* w, int64_t k, float* out, int64_t ldo,
-                                       const bf16* bias) {
+BF16_TARGET inline void rows_tile_bf16(int R, const bf16* x, const bf16* w, int64_t k, bf16* out, int64_t ldo,
+                                       const bf16* bias, const bf16* ahead) {
   switch (R) {
-    case 4: tile_bf16<4, C>(x, w, k, out, ldo, bias); break;
-    case 3: tile_bf16<3, C>(x, w, k, out, ldo, bias); break;
-    case 2: tile_bf16<2, C>(x, w, k, out, ldo, bias); break;
-    default: tile_bf16<1, C>(x, w, k, out, ldo, bias); break;
+    case 4: tile_bf16<4, C>(x, w, k, out, ldo, bias, ahead); break;
+    case 3: tile_bf16<3, C>(x, w, k, out, ldo, bias, ahead); break;
+    case 2: tile_bf16<2, C>(x, w, k, out, ldo, bias, ahead); break;
+    default: tile_bf16<1, C>(x, w, k, out, ldo, bias, ahead); break;
   }
 }
 
-BF16_TARGET void linear_bf16(const bf16* x, const bf16* w, const bf16* bias, float* out, int64_t m_total,
+BF16_TARGET void linear_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* out, int64_t m_total,
                              int64_t n_total, int64_t k_total) {
   constexpr int cols_per_tile = 4;
   const int64_t blocks = (n_total + cols_per_tile - 1) / cols_per_tile;
@@ -233,12 +282,13 @@ BF16_TARGET void linear_bf16(const bf16* x, const bf16* w, const bf16* bias, flo
         const bf16* bb = bias ? bias + n : nullptr;
         for (int64_t m = m0; m < m1; m += kTileRows) {
           const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
-          float* o = out + m * n_total + n;
+          bf16* o = out + m * n_total + n;
           const bf16* xm = x + m * k_total;
-          if (cols == 4) rows_tile_bf16<4>(rows, xm, wb, k_total, o, n_total, bb);
-          else if (cols == 3) rows_tile_bf16<3>(rows, xm, wb, k_total, o, n_total, bb);
-          else if (cols == 2) rows_tile_bf16<2>(rows, xm, wb, k_total, o, n_total, bb);
-          else rows_tile_bf16<1>(rows, xm, wb, k_total, o, n_total, bb);
+          const bf16* ahead = m == m0 && b + kBf16Ahead < end ? wb + kBf16Ahead * cols_per_tile * k_total : nullptr;
+          if (cols == 4) rows_tile_bf16<4>(rows, xm, wb, k_total, o, n_total, bb, ahead);
+          else if (cols == 3) rows_tile_bf16<3>(rows, xm, wb, k_total, o, n_total, bb, ahead);
+          else if (cols == 2) rows_tile_bf16<2>(rows, xm, wb, k_total, o, n_total, bb, ahead);
+          else rows_tile_bf16<1>(rows, xm, wb, k_total, o, n_total, bb, ahead);
         }
       }
     }
@@ -425,12 +475,13 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) 
   TORCH_CHECK(!has_bias || (bias.numel() == weight.size(0) && bias.is_contiguous() &&
                             bias.scalar_type() == weight.scalar_type()));
   const int64_t m_total = x.size(0), n_total = weight.size(0), k_total = x.size(1);
-  auto out = torch::empty({m_total, n_total}, x.options().dtype(at::kFloat));
   if (kHasBf16 && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16) {
+    auto rounded = torch::empty({m_total, n_total}, x.options());
     linear_bf16(x.data_ptr<bf16>(), weight.data_ptr<bf16>(), has_bias ? bias.data_ptr<bf16>() : nullptr,
-                out.data_ptr<float>(), m_total, n_total, k_total);
-    return out.to(at::kBFloat16);
+                rounded.data_ptr<bf16>(), m_total, n_total, k_total);
+    return rounded;
   }
+  auto out = torch::empty({m_total, n_total}, x.options().dtype(at::kFloat));
   auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   if (weight.scalar_type() == at::kFloat) {
     linear_impl(xf.data_ptr<float>(), weight.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr,
@@ -504,12 +555,86 @@ void silu_mul_impl(const T* gate_up, T* out, int64_t m_total, int64_t inner) {
       const T* gate = gate_up + m * 2 * inner;
       const T* up = gate + inner;
       T* o = out + m * inner;
-      for (int64_t i = 0; i < inner; ++i) {
-        const float g = f32(gate[i]);
-        o[i] = from_f32<T>(f32(from_f32<T>(g / (1.0f + std::exp(-g)))) * f32(up[i]));
+      // silu(g) = g / (1 + e^-g) in float32, rounded to T, times up, rounded: HF's two operations.
+      float g[8], e[8];
+      for (int64_t i0 = 0; i0 < inner; i0 += 8) {
+        const int64_t count = std::min<int64_t>(8, inner - i0);
+        for (int64_t j = 0; j < 8; ++j) g[j] = j < count ? f32(gate[i0 + j]) : 0.0f;
+        const __m256 gv = _mm256_loadu_ps(g);
+        _mm256_storeu_ps(e, _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)))));
+        for (int64_t j = 0; j < count; ++j) o[i0 + j] = from_f32<T>(f32(from_f32<T>(e[j])) * f32(up[i0 + j]));
       }
     }
   });
+}
+
+// Scores of G query heads (float32, [G][D]) against n keys, for a head size D known at compile
+// time: the key row stays in registers across the group, and each score is dot()'s chain over D
+// (the query first, as there), its lane sum, the scale and the cap, so it equals the generic path.
+template <int D, int G, typename T>
+inline void scores_fixed(const float* qf, const T* keys, float* scores, int64_t n, float scale, float softcap) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* k = keys + j * D;
+    __m256 kr[D / 8];
+    for (int s = 0; s < D / 8; ++s) kr[s] = load8(k + 8 * s);
+    for (int h = 0; h < G; ++h) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int s = 0; s < D / 8; ++s) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qf + h * D + 8 * s), kr[s], acc);
+      float score = lane_sum(acc) * scale;
+      if (softcap > 0.0f) score = softcap * std::tanh(score / softcap);
+      scores[h * n + j] = score;
+    }
+  }
+}
+
+// The weighted values of G heads over n keys on CPUs with AVX-512: the G x D sums stay in
+// registers for the whole pass instead of going through memory at every key. Each element is
+// still acc = p * v + acc, key by key in position order, the generic path's operation; only the
+// number of lanes per instruction differs, which changes no element.
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+AVX512_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512_TARGET inline __m512 load16(const bf16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int D, int G, typename T>
+AVX512_TARGET void values_fixed(const float* probs, const T* values, float* acc_out, int64_t n) {
+  __m512 acc[G][D / 16];
+  for (int h = 0; h < G; ++h)
+    for (int s = 0; s < D / 16; ++s) acc[h][s] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = values + j * D;
+    __m512 vr[D / 16];
+    for (int s = 0; s < D / 16; ++s) vr[s] = load16(v + 16 * s);
+    for (int h = 0; h < G; ++h) {
+      const __m512 pv = _mm512_set1_ps(probs[h * n + j]);
+      for (int s = 0; s < D / 16; ++s) acc[h][s] = _mm512_fmadd_ps(pv, vr[s], acc[h][s]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int s = 0; s < D / 16; ++s) _mm512_storeu_ps(acc_out + h * D + 16 * s, acc[h][s]);
+}
+
+// The fixed-size paths above for the head sizes and groups they are built for; false elsewhere.
+template <typename T>
+bool scores_known(int64_t dim, int64_t group, const float* qf, const T* keys, float* scores, int64_t n, float scale,
+                  float softcap) {
+#define PERSONA_SCORES(D, G) if (dim == D && group == G) { scores_fixed<D, G>(qf, keys, scores, n, scale, softcap); return true; }
+  PERSONA_SCORES(64, 1) PERSONA_SCORES(64, 2) PERSONA_SCORES(64, 3) PERSONA_SCORES(64, 4)
+  PERSONA_SCORES(128, 1) PERSONA_SCORES(128, 2) PERSONA_SCORES(128, 4)
+#undef PERSONA_SCORES
+  return false;
+}
+
+template <typename T>
+bool values_known(int64_t dim, int64_t group, const float* probs, const T* values, float* acc, int64_t n) {
+  if (!kHasAvx512) return false;
+#define PERSONA_VALUES(D, G) if (dim == D && group == G) { values_fixed<D, G>(probs, values, acc, n); return true; }
+  PERSONA_VALUES(64, 1) PERSONA_VALUES(64, 2) PERSONA_VALUES(64, 3) PERSONA_VALUES(64, 4)
+  PERSONA_VALUES(128, 1) PERSONA_VALUES(128, 2)
+#undef PERSONA_VALUES
+  return false;
 }
 
 // One (token, KV head): the token's `group` query heads over the keys its window allows, in
@@ -528,37 +653,39 @@ void attend_one(const T* q, const T* keys, const T* values, T* out, int64_t firs
     qf[i] = f32(q[i]);
     acc[i] = 0.0f;
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const T* k = keys + (first + j) * dim;
-    for (int64_t d = 0; d < dim; ++d) row[d] = f32(k[d]);
-    for (int64_t h = 0; h < group; ++h) {
-      float s = dot(qf + h * dim, row, dim) * scale;
-      if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);
-      scores[h * n + j] = s;
+  if (!scores_known(dim, group, qf, keys + first * dim, scores, n, scale, softcap)) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* k = keys + (first + j) * dim;
+      for (int64_t d = 0; d < dim; ++d) row[d] = f32(k[d]);
+      for (int64_t h = 0; h < group; ++h) {
+        float s = dot(qf + h * dim, row, dim) * scale;
+        if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);
+        scores[h * n + j] = s;
+      }
     }
   }
   for (int64_t h = 0; h < group; ++h) {
     float* s = scores + h * n;
     float top = s[0];
     for (int64_t j = 1; j < n; ++j) top = std::max(top, s[j]);
+    exp_shifted(s, n, top);
     float sum = 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = std::exp(s[j] - top);
-      sum = sum + s[j];
-    }
+    for (int64_t j = 0; j < n; ++j) sum = sum + s[j];
     const float inv = 1.0f / sum;
     for (int64_t j = 0; j < n; ++j) s[j] = s[j] * inv;
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const T* v = values + (first + j) * dim;
-    for (int64_t d = 0; d < dim; ++d) row[d] = f32(v[d]);
-    for (int64_t h = 0; h < group; ++h) {
-      const float p = scores[h * n + j];
-      float* a = acc + h * dim;
-      const __m256 pv = _mm256_set1_ps(p);
-      int64_t d = 0;
-      for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + d), _mm256_loadu_ps(a + d)));
-      for (; d < dim; ++d) a[d] = a[d] + p * row[d];
+  if (!values_known(dim, group, scores, values + first * dim, acc, n)) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* v = values + (first + j) * dim;
+      for (int64_t d = 0; d < dim; ++d) row[d] = f32(v[d]);
+      for (int64_t h = 0; h < group; ++h) {
+        const float p = scores[h * n + j];
+        float* a = acc + h * dim;
+        const __m256 pv = _mm256_set1_ps(p);
+        int64_t d = 0;
+        for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + d), _mm256_loadu_ps(a + d)));
+        for (; d < dim; ++d) a[d] = a[d] + p * row[d];
+      }
     }
   }
   for (int64_t i = 0; i < group * dim; ++i) out[i] = from_f32<T>(acc[i]);
@@ -572,10 +699,15 @@ void attention_impl(const T* q, const T* keys, const T* values, const int64_t* s
   int64_t keys_read = 0;
   for (int64_t t = 0; t < tokens; ++t) keys_read += window > 0 ? std::min(window, positions[t] + 1) : positions[t] + 1;
   // Short contexts run in the calling thread: a parallel region would cost more than it saves.
-  const int64_t grain = keys_read * heads * dim < (int64_t{1} << 17) ? tokens * kv_heads : 1;
-  at::parallel_for(0, tokens * kv_heads, grain, [&](int64_t begin, int64_t end) {
+  // A prompt's later tokens read more keys: threads take the tasks in strides, not in runs, so
+  // each gets a share of the long ones (a 512-token chunk ran no faster on 2 threads than on 1).
+  const int64_t tasks = tokens * kv_heads;
+  const int64_t strides = std::max<int64_t>(1, std::min<int64_t>(tasks, at::get_num_threads()));
+  const int64_t grain = keys_read * heads * dim < (int64_t{1} << 17) ? strides : 1;
+  at::parallel_for(0, strides, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer;
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = 0; i < tasks; ++i) {
+      if (i % strides < begin || i % strides >= end) continue;
       const int64_t t = i / kv_heads, g = i % kv_heads;
       const int64_t last = positions[t];
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;

@@ -153,6 +153,51 @@ def test_the_kernels_give_each_row_the_same_bits_whatever_shares_its_call():
 
 
 @pytest.mark.skipif(not cpu_kernels.supported(), reason="no AVX2 or no C++ compiler here")
+def test_the_kernels_attention_and_exp_match_float64_for_every_head_size_and_thread_count():
+    """The attention kernel's fixed-size paths (head size 64 with groups 1-4, 128 with 1, 2 and 4)
+    and its generic path (32) against float64 softmax attention, with a window and a score cap;
+    each token's bits the same alone, among 300 tokens, and with 1 or 2 threads (threads take
+    tasks in strides). And the vectorised e^x in SiLU across the float32 range, ±100 included."""
+    kernel = cpu_kernels.load()
+    assert kernel is not None
+    generator = torch.Generator().manual_seed(3)
+    threads = torch.get_num_threads()
+    for dim, heads, kv_heads in ((64, 9, 3), (64, 4, 4), (128, 8, 4), (128, 8, 2), (32, 4, 2)):
+        group = heads // kv_heads
+        keys = torch.randn(2, kv_heads, 320, dim, generator=generator)
+        values = torch.randn(2, kv_heads, 320, dim, generator=generator)
+        query = torch.randn(300, heads, dim, generator=generator)
+        slots = torch.randint(0, 2, (300,), generator=generator)
+        positions = torch.randint(0, 320, (300,), generator=generator)
+        for window, cap in ((0, 0.0), (40, 0.0), (0, 20.0)):
+            got = kernel.attention(query, keys, values, slots, positions, 0.3, window, cap)
+            for t in (0, 7, 151, 299):
+                first = max(0, int(positions[t]) - window + 1) if window else 0
+                k = keys[slots[t], :, first:positions[t] + 1].double()
+                v = values[slots[t], :, first:positions[t] + 1].double()
+                for h in range(heads):
+                    scores = k[h // group] @ query[t, h].double() * 0.3
+                    if cap:
+                        scores = cap * torch.tanh(scores / cap)
+                    want = torch.softmax(scores, dim=-1) @ v[h // group]
+                    assert torch.allclose(got[t, h].double(), want, atol=1e-5), (dim, group, window, cap, t, h)
+                alone = kernel.attention(query[t:t + 1], keys, values, slots[t:t + 1], positions[t:t + 1], 0.3, window, cap)
+                assert torch.equal(alone, got[t:t + 1])
+            try:
+                torch.set_num_threads(1)
+                assert torch.equal(kernel.attention(query, keys, values, slots, positions, 0.3, window, cap), got)
+            finally:
+                torch.set_num_threads(threads)
+        bf = kernel.attention(query.bfloat16(), keys.bfloat16(), values.bfloat16(), slots, positions, 0.3, 0, 0.0)
+        assert torch.equal(kernel.attention(query[5:6].bfloat16(), keys.bfloat16(), values.bfloat16(), slots[5:6],
+                                            positions[5:6], 0.3, 0, 0.0), bf[5:6])
+    gate = torch.cat([torch.linspace(-100, 100, 4001), torch.linspace(-3, 3, 999)])
+    act = kernel.silu_mul(torch.cat([gate, torch.ones_like(gate)])[None])[0]
+    want = torch.nn.functional.silu(gate.double())
+    assert torch.allclose(act.double(), want, rtol=3e-7, atol=1e-30)
+
+
+@pytest.mark.skipif(not cpu_kernels.supported(), reason="no AVX2 or no C++ compiler here")
 def test_every_step_size_takes_the_kernel_on_every_linear_layer(lm):
     """Every linear layer of the shared model (and the fused decoder's concatenated ones) multiplies
     with steering.cpu_kernels whatever the number of rows, and the engine's norms and attention
