@@ -179,13 +179,14 @@ def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     total, heads, head_dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
+    if layout.kernels is not None and keys.device.type == "cpu":  # the kernel writes the cache itself
+        return layout.kernels.attention_stored(query.contiguous(), key.contiguous(), value.contiguous(), keys, values,
+                                               layout.slots, layout.positions,
+                                               scaling if scaling is not None else head_dim ** -0.5, window or 0,
+                                               softcap or 0.0)
     ready = layout.on(keys.device, keys.dtype)
     keys.view(-1, head_dim).index_copy_(0, ready.flat, key.reshape(-1, head_dim))
     values.view(-1, head_dim).index_copy_(0, ready.flat, value.reshape(-1, head_dim))
-    if layout.kernels is not None and keys.device.type == "cpu":
-        return layout.kernels.attention(query.contiguous(), keys, values, layout.slots, layout.positions,
-                                        scaling if scaling is not None else head_dim ** -0.5, window or 0,
-                                        softcap or 0.0)
     if softcap:
         raise NotImplementedError("attention logit soft-capping needs the CPU kernels (steering.cpu_kernels)")
     nd = layout.num_decode
