@@ -145,6 +145,25 @@ inline void exp_shifted(float* v, int64_t count, float shift) {
   }
 }
 
+// 8 floats rounded to bfloat16 as c10::BFloat16(float) rounds one (nearest, ties to even; NaN to
+// 0x7FC0), as 32-bit lanes holding the 16 bits.
+inline __m256i bf16_bits(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i near = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_blendv_epi8(near, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+// The value a T holds nearest to each lane (float32 lanes in, float32 lanes out).
+template <typename T> inline __m256 rounded(__m256 v);
+template <> inline __m256 rounded<float>(__m256 v) { return v; }
+template <> inline __m256 rounded<bf16>(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16)); }
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) {
+  const __m256i r = bf16_bits(v);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
 // out[r, c] = <x[r, :], w[c, :]> for an R x C tile: each of the R * C accumulators runs exactly
 // the chain of dot() (weight first, as there), so a product's value never depends on the tile
 // it was computed in, nor on how many rows the call had. A quantized weight's chain is then
@@ -544,9 +563,21 @@ void rms_norm_impl(const T* x, const T* w, T* out, int64_t m_total, int64_t k_to
       const float inv = 1.0f / std::sqrt(dot(row, row, k_total) / static_cast<float>(k_total) + eps);
       T* o = out + m * k_total;
       // HF's order: normalise in float32, round to the model's dtype, then the weight.
-      for (int64_t k = 0; k < k_total; ++k) o[k] = from_f32<T>(f32(w[k]) * f32(from_f32<T>(f32(row[k]) * inv)));
+      const __m256 iv = _mm256_set1_ps(inv);
+      int64_t k = 0;
+      for (; k + 8 <= k_total; k += 8) store8(o + k, _mm256_mul_ps(load8(w + k), rounded<T>(_mm256_mul_ps(load8(row + k), iv))));
+      for (; k < k_total; ++k) o[k] = from_f32<T>(f32(w[k]) * f32(from_f32<T>(f32(row[k]) * inv)));
     }
   });
+}
+
+// silu(g) = g / (1 + e^-g) in float32, rounded to T, times up, rounded: HF's two operations.
+template <typename T>
+inline void silu_mul8(const T* gate, const T* up, T* o) {
+  const __m256 g = load8(gate);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+  store8(o, _mm256_mul_ps(rounded<T>(silu), load8(up)));
 }
 
 template <typename T>
@@ -556,14 +587,16 @@ void silu_mul_impl(const T* gate_up, T* out, int64_t m_total, int64_t inner) {
       const T* gate = gate_up + m * 2 * inner;
       const T* up = gate + inner;
       T* o = out + m * inner;
-      // silu(g) = g / (1 + e^-g) in float32, rounded to T, times up, rounded: HF's two operations.
-      float g[8], e[8];
-      for (int64_t i0 = 0; i0 < inner; i0 += 8) {
-        const int64_t count = std::min<int64_t>(8, inner - i0);
-        for (int64_t j = 0; j < 8; ++j) g[j] = j < count ? f32(gate[i0 + j]) : 0.0f;
-        const __m256 gv = _mm256_loadu_ps(g);
-        _mm256_storeu_ps(e, _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)))));
-        for (int64_t j = 0; j < count; ++j) o[i0 + j] = from_f32<T>(f32(from_f32<T>(e[j])) * f32(up[i0 + j]));
+      int64_t i = 0;
+      for (; i + 8 <= inner; i += 8) silu_mul8(gate + i, up + i, o + i);
+      if (i < inner) {  // the tail through the same lanes, zero-padded
+        T g[8], u[8], r[8];
+        for (int64_t j = 0; j < 8; ++j) {
+          g[j] = i + j < inner ? gate[i + j] : from_f32<T>(0.0f);
+          u[j] = i + j < inner ? up[i + j] : from_f32<T>(0.0f);
+        }
+        silu_mul8(g, u, r);
+        for (int64_t j = 0; i + j < inner; ++j) o[i + j] = r[j];
       }
     }
   });
