@@ -86,7 +86,15 @@ $(VLLM_STAMP): $(STAMP)
 # results in tests/bench/peers.json and the bench-peers block of docs/benchmarks.md.
 PEERS_ARGS ?=
 
-bench-peers: install-vllm
+# llama.cpp for the batch-1 row (llama-cpp-python on the shipped GGUF): PyPI has only its source,
+# so pip builds llama.cpp here (cmake and a C++ compiler; several minutes on 2 cores, once).
+LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp
+
+$(LLAMA_CPP_STAMP): $(STAMP)
+	$(PIP) install --quiet 'llama-cpp-python==0.3.36'
+	touch $@
+
+bench-peers: install-vllm $(LLAMA_CPP_STAMP)
 	$(PY) -m tests.bench.peers --vllm-python $(PY) $(PEERS_ARGS)
 
 # Batch-1 decode, unquantized and --quantization int8, against the memory floor (bytes a step reads

