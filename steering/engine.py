@@ -580,7 +580,7 @@ class Engine:
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 32, max_waiting: int = 256,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512,
                  kv_cache_bytes: int | None = None, small_step_threads: int | None = None,
-                 small_step_tokens: int = 16, attention_horizon: float | None = None, fused: bool = True):
+                 small_step_tokens: int = 4, attention_horizon: float | None = None, fused: bool = True):
         self.lm = lm
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting

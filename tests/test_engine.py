@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from steering import cpu_kernels, kvcache
+from steering import engine as engine_module
 from steering.chat import chat_prompt_ids
 from steering.cpu_linear import PackedLinear, packing_available
 from steering.engine import (
@@ -634,6 +635,9 @@ def test_small_steps_keep_every_thread_in_float32_and_leave_one_in_bfloat16(lm):
     engine = Engine(dataclasses.replace(lm, dtype=torch.bfloat16), max_batch_size=2, max_model_len=64)
     try:
         assert engine.small_step_threads == max(1, threads - 1)
+        # 4 decoding rows keep a core for the event loop; 8 gained from every thread (docs/engine.md).
+        assert engine._threads_for(engine_module._Step([object()] * 4, [])) == engine.small_step_threads
+        assert engine._threads_for(engine_module._Step([object()] * 8, [])) == threads
     finally:
         engine.hooks.remove()
 
