@@ -1067,11 +1067,12 @@ class Engine:
 
 
 # How much slower attention runs than the linear layers per multiply-add, on CPU. Measured on the
-# development machine (2-core AVX512-BF16 CPU, SmolLM2-135M, bfloat16): 511-token chunks of a
-# 2,560-token prompt took 848, 943, 1,218 and 1,274 ms at 511-2,044 cached tokens; a least-squares
-# fit gives a horizon of 1,573 tokens against 3,072 by operation count, a slowdown of 1.95. On
-# CUDA none is assumed.
-CPU_ATTENTION_SLOWDOWN = 2.0
+# development machine (2-core AVX512-BF16 CPU, SmolLM2-135M, bfloat16, the CPU kernels as of
+# 2026-12-06, quiet machine): 511-token chunks of a 2,561-token prompt took 538, 747, 987, 1,201
+# and 1,429 ms (median of 3) at 0-2,044 cached tokens; a least-squares fit gives a horizon of 964
+# tokens against 3,072 by operation count, a slowdown of 3.2. (Before those kernels the same fit
+# gave 1.95: attention got faster, but the products faster still.) On CUDA none is assumed.
+CPU_ATTENTION_SLOWDOWN = 3.2
 
 
 def default_attention_horizon(config, device: torch.device) -> float:
