@@ -370,15 +370,20 @@ def render_block(results: dict) -> str:
                      f"{meta['cpus']} threads) | {med[LLAMA]['batch1_tok_s']:.1f} | - | - | - | - | - | - |")
     lines += ["", "| goal | target | " + " | ".join(names[n] for n in ours) + " |", "|---|---|" + "---|" * len(ours)]
     for g in results["goals"]:
-        cells = [_goal_cell(g[n]) if n in g else "-" for n in ours]
+        cells = [_goal_cell(g[n], g["target"]) if n in g else "-" for n in ours]
         lines.append(f"| {g['goal']} | {g['target']} | " + " | ".join(cells) + " |")
     lines.append(END)
     return "\n".join(lines)
 
 
-def _goal_cell(result: dict) -> str:
-    """``0.93 (not met; 0.91-0.95)``: the median ratio, the verdict, and the repetitions' spread."""
-    cell = f"{result['ratio']:.2f} ({'met' if result['met'] else 'not met'}"
+def _goal_cell(result: dict, target: str = "") -> str:
+    """``0.93 (not met; 0.91-0.95)``: the median ratio, the verdict, and the repetitions' spread.
+    A ratio that would print as its bound (0.9696 against >= 0.97) gets the digits that tell them apart."""
+    ratio, digits = result["ratio"], 2
+    bound = float(target.split()[-1]) if target else None
+    while bound is not None and digits < 4 and ratio != bound and f"{ratio:.{digits}f}" == f"{bound:.{digits}f}":
+        digits += 1
+    cell = f"{ratio:.{digits}f} ({'met' if result['met'] else 'not met'}"
     each = result.get("per_rep") or []
     if len(each) > 1:
         cell += f"; {min(each):.2f}-{max(each):.2f}"

@@ -231,3 +231,11 @@ def test_a_llama_cpp_batch1_run_gets_its_row_and_its_goal_per_repetition():
                "meta": {**results["meta"], "llama_cpp": "0.3.36"}}
     block = render_block(results)
     assert "| llama.cpp (llama-cpp-python 0.3.36" in block and "batch 1 vs llama.cpp" in block
+
+
+def test_a_goal_cell_never_prints_a_missed_ratio_as_its_bound():
+    from tests.bench.peers import _goal_cell
+
+    assert _goal_cell({"ratio": 0.9696, "met": False, "per_rep": [0.96, 0.97]}, ">= 0.97").startswith("0.9696 (not met")
+    assert _goal_cell({"ratio": 0.97, "met": True, "per_rep": []}, ">= 0.97") == "0.97 (met)"
+    assert _goal_cell({"ratio": 0.912, "met": False, "per_rep": [0.85, 0.92]}, ">= 1.0") == "0.91 (not met; 0.85-0.92)"
