@@ -250,6 +250,27 @@ void linear_impl(const float* x, const W* w, const B* bias, const float* scale, 
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 constexpr int64_t kBf16Ahead = 12;
 
+// The lane sums of a 4x4 tile's 16 accumulators, each by _mm512_reduce_add_ps's own tree (lane i
+// plus lane i+8, then i plus i+4, then i plus i+2, then the two left), but for all 16 at once,
+// with shuffles that pair accumulators. IEEE addition commutes, so each sum is bitwise
+// reduce_add's. Lane c * 4 + r holds accumulator [r][c].
+BF16_TARGET inline __m512 reduce16_bf16(const __m512 (&acc)[4][4]) {
+  __m512 s[8], t[4], u[2];
+  for (int i = 0; i < 8; ++i) {  // accumulators 2i, 2i+1: a[i] + a[i+8], eight each
+    const __m512 a = acc[(2 * i) / 4][(2 * i) % 4], b = acc[(2 * i + 1) / 4][(2 * i + 1) % 4];
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i)  // then i + (i+4): one quarter per accumulator, 4i .. 4i+3
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // then i + (i+2) within each quarter
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // and the last two: quarter q, place p holds accumulator 4p + q
+  return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 template <int R, int C>
 BF16_TARGET inline void tile_bf16(const bf16* x, const bf16* w, int64_t k_total, bf16* out, int64_t ldo,
                                   const bf16* bias, const bf16* ahead) {
@@ -265,6 +286,27 @@ BF16_TARGET inline void tile_bf16(const bf16* x, const bf16* w, int64_t k_total,
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * k_total + k);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
+    }
+  }
+  if constexpr (R == 4 && C == 4) {
+    if (k == k_total) {  // a full tile without a tail: its 16 sums, bias and rounding in one vector
+      // reduce16_bf16 puts accumulator [r][c] in lane c * 4 + r; row-major order is lane r * 4 + c.
+      __m512 total = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
+                                           reduce16_bf16(acc));
+      if (bias) {
+        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bias));  // bias[0..3], widened exactly
+        const __m128 b4 = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(raw), 16));
+        total = _mm512_add_ps(total, _mm512_broadcast_f32x4(b4));
+      }
+      const __m512i bits = _mm512_castps_si512(total);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      __m512i near = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+      near = _mm512_mask_mov_epi32(near, _mm512_cmp_ps_mask(total, total, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+      const __m256i packed = _mm512_cvtepi32_epi16(near);
+      alignas(32) uint64_t rows[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(rows), packed);
+      for (int r = 0; r < R; ++r) std::memcpy(out + r * ldo, &rows[r], 8);
+      return;
     }
   }
   for (int r = 0; r < R; ++r)
