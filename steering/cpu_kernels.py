@@ -298,11 +298,10 @@ BF16_TARGET inline void tile_bf16(const bf16* x, const bf16* w, int64_t k_total,
         const __m128 b4 = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(raw), 16));
         total = _mm512_add_ps(total, _mm512_broadcast_f32x4(b4));
       }
-      const __m512i bits = _mm512_castps_si512(total);
-      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-      __m512i near = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-      near = _mm512_mask_mov_epi32(near, _mm512_cmp_ps_mask(total, total, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-      const __m256i packed = _mm512_cvtepi32_epi16(near);
+      // Rows 0-1 in the low half, 2-3 in the high one, each rounded as store8 rounds; packed in row order.
+      const __m256i low = bf16_bits(_mm512_castps512_ps256(total));
+      const __m256i high = bf16_bits(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(total), 1)));
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xD8);
       alignas(32) uint64_t rows[4];
       _mm256_store_si256(reinterpret_cast<__m256i*>(rows), packed);
       for (int r = 0; r < R; ++r) std::memcpy(out + r * ldo, &rows[r], 8);
